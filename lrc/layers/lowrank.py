@@ -1,0 +1,438 @@
+"""Factorized layers in matrix format: ``W = U S Vᵀ`` (plus a frozen base in adapter mode).
+
+Gradient convention (the one the geometric optimizers need, see DESIGN.md step 1):
+after a backward pass
+
+* ``U.grad`` holds ``G_K = ∇W·V`` (n×r), the gradient of the K-step (``K = U S``),
+* ``V.grad`` holds ``G_L = ∇Wᵀ·U`` (m×r), the gradient of the L-step (``L = V Sᵀ``),
+* ``S.grad`` holds ``Uᵀ·∇W·V`` (r×r), the gradient of the coefficient,
+
+where ``∇W`` is the gradient with respect to the dense weight; ``∇W`` itself is never
+formed. These are *not* ``∂L/∂U = G_K Sᵀ``: they stay informative when ``S`` is
+singular. Use :class:`lrc.LowRankAdam` / :class:`lrc.LowRankSGD` to train these layers;
+a plain ``torch.optim`` optimizer would follow the K/L gradients without the geometry.
+
+With ``layer.fused = True`` (set by a ``mode="fused"`` optimizer) the backward pass also
+forms the augmented bases and the coefficient gradient at the augmented basis from the
+same batch, so that one forward/backward serves the whole step.
+"""
+
+from __future__ import annotations
+
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+from ..linalg import augment_basis, sign_fixed_svd, truncation_rank
+
+__all__ = ["LowRankMatrixModule", "LowRankLinear", "LowRankConv2d"]
+
+
+class _FactorizedProduct(torch.autograd.Function):
+    """``y = (x ↦ project on V) → S → U`` with the K/L/S gradients of the module doc."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, U: Tensor, S: Tensor, V: Tensor, layer: "LowRankMatrixModule") -> Tensor:
+        z = layer._project_input(x, V)
+        y = layer._expand_output(z, U @ S)
+        ctx.save_for_backward(x, z, U, S, V)
+        ctx.layer = layer
+        device = x.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):  # as in the forward pass
+            return _FactorizedProduct._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g: Tensor):
+        x, z, U, S, V = ctx.saved_tensors
+        layer: LowRankMatrixModule = ctx.layer
+        gu = layer._project_output(g, U)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = layer._input_grad(x, layer._project_output_coeff(gu, S), V)
+        _, need_U, need_S, need_V, _ = ctx.needs_input_grad
+        fused = layer.fused and need_U and need_V
+        G_K = layer._contract(g, z).to(U.dtype) if need_U else None
+        G_L = layer._input_weight_grad(x, gu, U.shape[1]).to(V.dtype) if need_V else None
+        grad_S = layer._contract(gu, z).to(S.dtype) if need_S or fused else None
+        if fused:
+            layer._record_fused(x, g, z, gu, G_K, G_L, grad_S, U, V)
+        return grad_x, G_K, grad_S, G_L, None
+
+
+class LowRankMatrixModule(nn.Module):
+    """Shared machinery of matrix-format factorized layers (``W`` seen as n×m).
+
+    Subclasses give the batch products (``_project_input`` etc.) and the dense
+    counterpart. Attributes: ``U`` (n×r), ``S`` (r×r), ``V`` (m×r) parameters, ``bias``,
+    ``base_weight`` (adapter mode only: frozen dense weight, n×m view), property
+    ``rank``. :meth:`set_factors` is the one place where a rank changes.
+    """
+
+    def _init_factors(self, n: int, m: int, rank: int, bias: bool, adapter: bool, factory: dict) -> None:
+        if not isinstance(rank, int) or rank < 1 or rank > min(n, m):
+            raise ValueError(
+                f"rank must be an integer in [1, {min(n, m)}] for a {n}×{m} weight, got {rank!r}"
+            )
+        self.out_dim, self.in_dim = n, m
+        self.U = nn.Parameter(torch.empty(n, rank, **factory))
+        self.S = nn.Parameter(torch.empty(rank, rank, **factory))
+        self.V = nn.Parameter(torch.empty(m, rank, **factory))
+        self.bias = nn.Parameter(torch.empty(n, **factory)) if bias else None
+        self.base_weight = (
+            nn.Parameter(torch.empty(self._dense_shape(), **factory), requires_grad=False) if adapter else None
+        )
+        self.fused = False
+        self._fused_grads: tuple[Tensor, Tensor, Tensor] | None = None
+        self._backward_count = 0
+
+    # ---- factors -----------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.S.shape[0]
+
+    @property
+    def adapter(self) -> bool:
+        return self.base_weight is not None
+
+    def factor_parameters(self) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:
+        """``(U, S, V)``: the parameters the low-rank optimizers update together."""
+        return self.U, self.S, self.V
+
+    @torch.no_grad()
+    def set_factors(self, U: Tensor, S: Tensor, V: Tensor) -> None:
+        """Replace the factors (any rank); parameters keep their identity, grads are dropped."""
+        for p, value in zip(self.factor_parameters(), (U, S, V)):
+            value = value.to(dtype=p.dtype, device=p.device)
+            if value.shape != p.shape:
+                # Autograd caches a leaf's shape in its gradient accumulator for as long as any
+                # graph that used it is alive (e.g. the last step's loss). Assigning data of
+                # another dtype is the public way to make it drop that accumulator.
+                p.data = value.new_empty(0, dtype=torch.float16 if value.dtype != torch.float16 else torch.float32)
+            p.data = value
+            p.grad = None
+        self.clear_fused_grads()
+
+    def clear_fused_grads(self) -> None:
+        self._fused_grads = None
+        self._backward_count = 0
+
+    def low_rank_weight(self) -> Tensor:
+        """``U S Vᵀ`` as an n×m matrix."""
+        return self.U @ self.S @ self.V.mT
+
+    def matrix_weight(self) -> Tensor:
+        """The effective dense weight as an n×m matrix (adapter base included)."""
+        w = self.low_rank_weight()
+        if self.base_weight is not None:
+            w = w + self.base_weight.reshape(w.shape)
+        return w
+
+    def dense_weight(self) -> Tensor:
+        """The effective weight in the shape of the dense layer's ``weight``."""
+        return self.matrix_weight().reshape(self._dense_shape())
+
+    def num_dense_parameters(self) -> int:
+        """Parameters of the dense layer this one replaces."""
+        return self.out_dim * self.in_dim + (self.out_dim if self.bias is not None else 0)
+
+    @torch.no_grad()
+    def _init_from_matrix(self, W: Tensor, bias: Tensor | None) -> None:
+        """Truncated SVD of an n×m matrix into the factors (S = 0 in adapter mode)."""
+        P, sigma, R = sign_fixed_svd(W.to(torch.promote_types(W.dtype, torch.float32)))
+        r = self.rank
+        S = torch.diag(sigma[:r])
+        if self.base_weight is not None:
+            self.base_weight.copy_(W.reshape(self.base_weight.shape))
+            S = torch.zeros_like(S)
+        self.set_factors(P[:, :r], S, R[:, :r])
+        if bias is not None and self.bias is not None:
+            self.bias.copy_(bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint may hold another rank than this module: take its shapes.
+        shapes = [state_dict.get(prefix + name) for name in ("U", "S", "V")]
+        if all(isinstance(t, Tensor) for t in shapes) and shapes[1].shape[0] != self.rank:
+            self.set_factors(*(torch.empty(t.shape, dtype=t.dtype) for t in shapes))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ---- forward -----------------------------------------------------------------------
+    def _low_rank_forward(self, x: Tensor) -> Tensor:
+        return _FactorizedProduct.apply(x, self.U, self.S, self.V, self)
+
+    # ---- fused backward -----------------------------------------------------------------
+    @torch.no_grad()
+    def _record_fused(self, x, g, z, gu, G_K, G_L, grad_S, U, V) -> None:
+        """From one batch: ``Ũ, Ṽ`` and ``G_S = Ûᵀ ∇W V̂`` (blocks), kept for ``step()``."""
+        self._backward_count += 1
+        if self._backward_count > 1:
+            self._fused_grads = None  # the optimizer reports the error at step()
+            return
+        with torch.autocast(x.device.type, enabled=False):  # orthogonality needs full precision
+            Ut = augment_basis(U, G_K)
+            Vt = augment_basis(V, G_L)
+        r, a, b = grad_S.shape[0], Ut.shape[1], Vt.shape[1]
+        G_S = grad_S.new_zeros(r + a, r + b)
+        G_S[:r, :r] = grad_S
+        zvt = self._project_input(x, Vt) if b else None
+        if b:
+            G_S[:r, r:] = self._contract(gu, zvt)
+        if a:
+            gut = self._project_output(g, Ut)
+            G_S[r:, :r] = self._contract(gut, z)
+            if b:
+                G_S[r:, r:] = self._contract(gut, zvt)
+        self._fused_grads = (Ut, Vt, G_S)
+
+    # ---- subclass interface -------------------------------------------------------------
+    def _dense_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _project_input(self, x: Tensor, V: Tensor) -> Tensor:  # x ↦ "x V"
+        raise NotImplementedError
+
+    def _expand_output(self, z: Tensor, A: Tensor) -> Tensor:  # z ↦ "z Aᵀ", A n×r
+        raise NotImplementedError
+
+    def _project_output(self, g: Tensor, U: Tensor) -> Tensor:  # g ↦ "g U"
+        raise NotImplementedError
+
+    def _project_output_coeff(self, gu: Tensor, S: Tensor) -> Tensor:  # gu ↦ "gu S"
+        raise NotImplementedError
+
+    def _input_grad(self, x: Tensor, gz: Tensor, V: Tensor) -> Tensor:  # ∂L/∂x from ∂L/∂z
+        raise NotImplementedError
+
+    def _contract(self, a: Tensor, b: Tensor) -> Tensor:  # Σ_batch,positions a ⊗ b
+        raise NotImplementedError
+
+    def _input_weight_grad(self, x: Tensor, gu: Tensor, r: int) -> Tensor:  # ∇Wᵀ U, m×r
+        raise NotImplementedError
+
+
+class LowRankLinear(LowRankMatrixModule):
+    """``nn.Linear`` with ``W = U S Vᵀ`` (``U``: out×r, ``V``: in×r).
+
+    Args:
+        in_features, out_features, bias: as :class:`torch.nn.Linear`.
+        rank: initial rank, ``1 ≤ rank ≤ min(in, out)``.
+        adapter: keep a frozen dense ``base_weight`` and learn ``U S Vᵀ`` on top
+            (``S`` starts at zero), for fine-tuning.
+
+    Use :meth:`from_linear` to factorize a trained layer and :meth:`to_dense` to merge back.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 adapter: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_factors(out_features, in_features, rank, bias, adapter, {"device": device, "dtype": dtype})
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The truncated SVD of ``nn.Linear``'s default initialisation."""
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          device=self.U.device, dtype=self.U.dtype)
+        self._init_from_matrix(dense.weight, dense.bias)
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, rank: int | None = None, tau: float | None = None,
+                    adapter: bool = False) -> "LowRankLinear":
+        """Factorize ``layer`` by truncated SVD, at ``rank`` or by tolerance ``tau`` (or both:
+        ``rank`` then caps the rank chosen by ``tau``). Same device and dtype."""
+        W = layer.weight.detach()
+        r = initial_rank(W, rank, tau)
+        new = cls(layer.in_features, layer.out_features, r, bias=layer.bias is not None,
+                  adapter=adapter, device=W.device, dtype=W.dtype)
+        new._init_from_matrix(W, None if layer.bias is None else layer.bias.detach())
+        return new
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` with the same outputs."""
+        W = self.dense_weight().detach()
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=W.device, dtype=W.dtype)
+        with torch.no_grad():
+            out.weight.copy_(W)
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self._low_rank_forward(x)
+        if self.base_weight is not None:
+            y = y + F.linear(x, self.base_weight)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bias={self.bias is not None}" + (", adapter=True" if self.adapter else ""))
+
+    def _dense_shape(self):
+        return (self.out_features, self.in_features)
+
+    def _project_input(self, x, V):
+        return x @ V
+
+    def _expand_output(self, z, A):
+        return z @ A.mT
+
+    def _project_output(self, g, U):
+        return g @ U
+
+    def _project_output_coeff(self, gu, S):
+        return gu @ S
+
+    def _input_grad(self, x, gz, V):
+        return gz @ V.mT
+
+    def _contract(self, a, b):
+        rows = math.prod(a.shape[:-1])
+        return a.reshape(rows, a.shape[-1]).mT @ b.reshape(rows, b.shape[-1])
+
+    def _input_weight_grad(self, x, gu, r):
+        return self._contract(x, gu)
+
+
+class LowRankConv2d(LowRankMatrixModule):
+    """``nn.Conv2d`` with its kernel, seen as ``out × (in·kh·kw)``, factorized as ``U S Vᵀ``.
+
+    The forward pass is a convolution with ``r`` filters (the columns of ``V``) followed by
+    ``U S`` as a 1×1 convolution. Stride, padding, dilation and bias of the original are
+    kept; ``groups ≠ 1`` and non-zero padding modes are refused.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 adapter: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        if groups != 1:
+            raise ValueError(f"LowRankConv2d supports groups=1 only (got groups={groups}); "
+                             "exclude grouped/depthwise convolutions from factorization")
+        if padding_mode != "zeros":
+            raise ValueError(f"LowRankConv2d supports padding_mode='zeros' only (got {padding_mode!r})")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride, self.dilation = _pair(stride), _pair(dilation)
+        self.padding = _conv_padding(padding, self.kernel_size, self.stride, self.dilation)
+        kh, kw = self.kernel_size
+        self._init_factors(out_channels, in_channels * kh * kw, rank, bias, adapter,
+                           {"device": device, "dtype": dtype})
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The truncated SVD of ``nn.Conv2d``'s default initialisation."""
+        dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, bias=self.bias is not None,
+                          device=self.U.device, dtype=self.U.dtype)
+        self._init_from_matrix(dense.weight.reshape(self.out_channels, -1), dense.bias)
+
+    @classmethod
+    def from_conv(cls, layer: nn.Conv2d, rank: int | None = None, tau: float | None = None,
+                  adapter: bool = False) -> "LowRankConv2d":
+        """Factorize ``layer`` by truncated SVD of its ``out × (in·kh·kw)`` kernel matrix."""
+        W = layer.weight.detach().reshape(layer.out_channels, -1)
+        r = initial_rank(W, rank, tau)
+        new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, r, stride=layer.stride,
+                  padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                  bias=layer.bias is not None, padding_mode=layer.padding_mode, adapter=adapter,
+                  device=W.device, dtype=W.dtype)
+        new._init_from_matrix(W, None if layer.bias is None else layer.bias.detach())
+        return new
+
+    def to_dense(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` with the same outputs."""
+        W = self.dense_weight().detach()
+        out = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                        padding=self.padding, dilation=self.dilation, bias=self.bias is not None,
+                        device=W.device, dtype=W.dtype)
+        with torch.no_grad():
+            out.weight.copy_(W)
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self._low_rank_forward(x)
+        if self.base_weight is not None:
+            y = y + F.conv2d(x, self.base_weight, None, self.stride, self.padding, self.dilation)
+        return y if self.bias is None else y + self.bias[:, None, None]
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"bias={self.bias is not None}" + (", adapter=True" if self.adapter else ""))
+
+    def _dense_shape(self):
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
+    def _filters(self, V: Tensor) -> Tensor:
+        return V.mT.reshape(V.shape[1], self.in_channels, *self.kernel_size)
+
+    def _project_input(self, x, V):
+        return F.conv2d(x, self._filters(V).to(x.dtype), None, self.stride, self.padding, self.dilation)
+
+    def _expand_output(self, z, A):
+        return F.conv2d(z, A[:, :, None, None].to(z.dtype))
+
+    def _project_output(self, g, U):
+        return F.conv2d(g, U.mT[:, :, None, None].to(g.dtype))
+
+    def _project_output_coeff(self, gu, S):
+        return F.conv2d(gu, S.mT[:, :, None, None].to(gu.dtype))
+
+    def _input_grad(self, x, gz, V):
+        return conv2d_input(x.shape, self._filters(V).to(gz.dtype), gz, self.stride, self.padding, self.dilation)
+
+    def _contract(self, a, b):
+        return a.transpose(0, 1).flatten(1) @ b.transpose(0, 1).flatten(1).mT
+
+    def _input_weight_grad(self, x, gu, r):
+        w = conv2d_weight(x, (r, self.in_channels, *self.kernel_size), gu.to(x.dtype), self.stride,
+                          self.padding, self.dilation)
+        return w.reshape(r, -1).mT
+
+
+def initial_rank(W: Tensor, rank: int | None, tau: float | None) -> int:
+    """Rank for an SVD initialisation of the n×m matrix ``W``: ``rank``, or the τ-rule, or
+    the smaller of both. Raises ``ValueError`` for a rank the matrix cannot hold."""
+    n, m = W.shape
+    if rank is None and tau is None:
+        raise ValueError("give a rank, a tolerance tau, or both")
+    if rank is not None and (not isinstance(rank, int) or rank < 1 or rank > min(n, m)):
+        raise ValueError(f"rank must be an integer in [1, {min(n, m)}] for a {n}×{m} weight, got {rank!r}")
+    if tau is None:
+        return rank
+    if not 0.0 < tau < 1.0:
+        raise ValueError(f"tau must lie in (0, 1), got {tau!r}")
+    sigma = torch.linalg.svdvals(W.to(torch.promote_types(W.dtype, torch.float32)))
+    return truncation_rank(sigma, tau, 1, rank)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _conv_padding(padding, kernel_size, stride, dilation) -> tuple[int, int]:
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        if stride != (1, 1):
+            raise ValueError("padding='same' needs stride 1")
+        total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+        if any(t % 2 for t in total):
+            raise ValueError("padding='same' with an even kernel pads asymmetrically; give integer padding")
+        return tuple(t // 2 for t in total)
+    return _pair(padding)
+
+

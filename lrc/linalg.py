@@ -1,0 +1,115 @@
+"""Pure functions on factors: basis augmentation, truncation, moment rotation.
+
+Everything here works on plain tensors, holds no state and is differentiable-agnostic
+(callers run it under ``torch.no_grad()``). Conventions follow DESIGN.md: a weight is
+``W = U S Vᵀ`` with ``U`` (n×r) and ``V`` (m×r) orthonormal, ``S`` (r×r).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "augment_basis",
+    "pad_block",
+    "sign_fixed_svd",
+    "truncation_rank",
+    "truncate",
+    "rotate_first_moment",
+    "rotate_second_moment",
+    "SECOND_MOMENT_RULES",
+]
+
+SECOND_MOMENT_RULES = ("paper", "squared")
+
+
+def augment_basis(U: Tensor, G: Tensor) -> Tensor:
+    """New orthonormal directions ``Ũ`` that extend ``U`` towards ``G``.
+
+    Returns ``Ũ`` (n×k) with orthonormal columns, orthogonal to ``U``, such that
+    ``span([U | Ũ]) ⊇ span(G)`` whenever ``(I − UUᵀ)G`` has full column rank.
+    ``k = min(G.shape[1], n − r)``: the augmented basis ``[U | Ũ]`` never exceeds
+    the dimension ``n``.
+
+    ``Ũ`` is the Q factor of ``(I − UUᵀ)G`` (projected twice, "twice is enough")
+    taken from the Householder QR of ``[U | (I − UUᵀ)G]``. Householder's Q is
+    orthogonal whatever the rank of its input, so a zero or rank-deficient
+    gradient still gives orthonormal directions orthogonal to ``U`` (they carry no
+    gradient and the truncation drops them) and never a NaN. Signs are fixed so
+    that the corresponding diagonal of ``R`` is non-negative: the result does not
+    depend on the LAPACK/cuSOLVER sign convention.
+    """
+    n, r = U.shape
+    k = min(G.shape[1], n - r)
+    if k <= 0:
+        return U.new_zeros(n, 0)
+    P = G - U @ (U.mT @ G)
+    P = P - U @ (U.mT @ P)
+    Q, R = torch.linalg.qr(torch.cat([U, P], dim=1))
+    d = torch.diagonal(R[r:, r:])[:k]
+    sign = torch.where(d < 0, -1.0, 1.0).to(Q.dtype)
+    return Q[:, r : r + k] * sign
+
+
+def pad_block(A: Tensor, rows: int, cols: int) -> Tensor:
+    """``diag(A, 0)``: ``A`` in the top-left corner of a zero ``rows×cols`` matrix."""
+    out = A.new_zeros(rows, cols)
+    out[: A.shape[0], : A.shape[1]] = A
+    return out
+
+
+def sign_fixed_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``A = P diag(σ) Rᵀ`` with a machine-independent sign per pair.
+
+    Each singular pair is signed so that the largest-magnitude entry of its column
+    of ``P`` is positive. Returns ``(P, σ, R)`` (note ``R``, not ``Rᵀ``).
+    """
+    P, sigma, Rh = torch.linalg.svd(A, full_matrices=False)
+    idx = P.abs().argmax(dim=0, keepdim=True)
+    sign = torch.where(torch.gather(P, 0, idx) < 0, -1.0, 1.0).to(P.dtype)
+    return P * sign, sigma, Rh.mT * sign
+
+
+def truncation_rank(sigma: Tensor, tau: float, min_rank: int = 1, max_rank: int | None = None) -> int:
+    """Smallest ``r₁`` with ``‖σ[r₁:]‖₂ ≤ τ‖σ‖₂``, clipped to ``[min_rank, max_rank]``.
+
+    ``sigma`` holds singular values in descending order; ``τ = 0`` keeps every
+    non-zero one. The result never exceeds ``len(sigma)``. Reads one integer
+    from the device (the only host synchronisation of a step).
+    """
+    sq = sigma.double() ** 2
+    tail = torch.flip(torch.cumsum(torch.flip(sq, (0,)), 0), (0,)).sqrt()
+    threshold = tau * tail[0] if len(sigma) else 0.0
+    rank = int((tail > threshold).sum())
+    upper = len(sigma) if max_rank is None else min(max_rank, len(sigma))
+    return max(min(rank, upper), min(min_rank, upper))
+
+
+def truncate(
+    S_hat: Tensor, tau: float, min_rank: int = 1, max_rank: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Truncated, sign-fixed SVD of ``Ŝ``: returns ``(P₁, σ₁, R₁)`` at the rank of
+    :func:`truncation_rank`, so that ``Ŝ ≈ P₁ diag(σ₁) R₁ᵀ``."""
+    P, sigma, R = sign_fixed_svd(S_hat)
+    r1 = truncation_rank(sigma, tau, min_rank, max_rank)
+    return P[:, :r1], sigma[:r1], R[:, :r1]
+
+
+def rotate_first_moment(M: Tensor, P1: Tensor, R1: Tensor) -> Tensor:
+    """First moment (or momentum) in the new coefficient basis: ``P₁ᵀ M R₁``."""
+    return P1.mT @ M @ R1
+
+
+def rotate_second_moment(Q: Tensor, P1: Tensor, R1: Tensor, rule: str = "paper") -> Tensor:
+    """Element-wise second moment in the new coefficient basis.
+
+    ``"paper"``: ``(P₁ᵀ √Q R₁)²`` (the paper's choice); ``"squared"``:
+    ``(P₁∘P₁)ᵀ Q (R₁∘R₁)``, the variance of a linear map of independent entries.
+    Both keep ``Q`` non-negative.
+    """
+    if rule == "paper":
+        return (P1.mT @ Q.sqrt() @ R1).square()
+    if rule == "squared":
+        return P1.square().mT @ Q @ R1.square()
+    raise ValueError(f"second_moment must be one of {SECOND_MOMENT_RULES}, got {rule!r}")

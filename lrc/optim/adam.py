@@ -1,0 +1,78 @@
+"""Low-rank Adam/AdamW: Algorithm 2 of Schotthöfer, Klein, Kusch (2025)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .base import LowRankOptimizer
+from .functional import adamw_update_
+
+__all__ = ["LowRankAdam"]
+
+
+class LowRankAdam(LowRankOptimizer):
+    r"""Geometric low-rank Adam with decoupled weight decay (Algorithm 2 of "A geometric
+    framework for momentum-based optimizers for low-rank training", Schotthöfer, Klein,
+    Kusch, 2025), rank-adaptive through the tolerance ``tau``.
+
+    For every factorized layer (``W = U S Vᵀ``, first/second moments ``M``, ``Q`` of ``S``):
+
+    .. code-block:: text
+
+        G_K = ∇W V,  G_L = ∇Wᵀ U                              (U.grad, V.grad)
+        Û = [U | orth((I − UUᵀ) G_K)],  V̂ = [V | orth((I − VVᵀ) G_L)]
+        S̄, M̄, Q̄ = diag(S, 0), diag(M, 0), diag(Q, 0)
+        G_S = Ûᵀ ∇W V̂                                           (mode: fused | two_pass | parallel)
+        M̂ = β₁ M̄ + (1 − β₁) G_S,   Q̂ = β₂ Q̄ + (1 − β₂) G_S²
+        Ŝ = S̄ − lr·wd·S̄ − lr · (M̂ / (1 − β₁ᵗ)) / (√(Q̂ / (1 − β₂ᵗ)) + ε)
+        P Σ Rᵀ = svd(Ŝ);  r₁ = min{k : ‖σ_{k+1:}‖ ≤ τ ‖Ŝ‖_F}, clipped to [min_rank, max_rank]
+        U, S, V ← Û P₁, Σ₁, V̂ R₁;   M ← P₁ᵀ M̂ R₁;   Q ← (P₁ᵀ √Q̂ R₁)²   (second_moment="paper")
+                                                    Q ← (P₁∘P₁)ᵀ Q̂ (R₁∘R₁) (second_moment="squared")
+
+    Every other trainable parameter of the model (biases, norms, layers left dense) gets
+    the ``torch.optim.AdamW`` update with the same hyperparameters in the same ``step()``.
+
+    Args:
+        model: the model holding :class:`~lrc.LowRankLinear` / :class:`~lrc.LowRankConv2d` layers.
+        lr (float): learning rate. Default: ``1e-3``.
+        betas (tuple[float, float]): ``(β₁, β₂)``. Default: ``(0.9, 0.999)``.
+        eps (float): added to the denominator. Default: ``1e-8``.
+        weight_decay (float): decoupled weight decay, as AdamW. Default: ``0``.
+        tau (float): truncation tolerance in ``[0, 1)``; ``0`` turns truncation off. Default: ``0.1``.
+        min_rank (int): lowest rank a layer is truncated to. Default: ``1``.
+        max_rank (int | None): highest rank a layer may grow to (``None``: the layer's own
+            bound). Default: ``None``.
+        mode (str): how ``G_S`` is obtained: ``"fused"`` (one forward/backward, exact; no
+            gradient accumulation), ``"two_pass"`` (the paper as written, a second
+            forward/backward through ``step(closure)``), ``"parallel"`` (one pass, the
+            new-new block of ``G_S`` set to zero; accumulates). Default: ``"fused"``.
+        second_moment (str): ``"paper"`` or ``"squared"``, see above. Default: ``"paper"``.
+
+    The gradient fields of factorized layers are consumed (set to ``None``) by ``step()``,
+    because a rank change changes their shapes.
+    """
+
+    _state_keys = ("exp_avg", "exp_avg_sq")
+    _second_moment_keys = ("exp_avg_sq",)
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, tau: float = 0.1, min_rank: int = 1,
+                 max_rank: int | None = None, mode: str = "fused", second_moment: str = "paper") -> None:
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid lr: {lr!r} (must be ≥ 0)")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid eps: {eps!r} (must be ≥ 0)")
+        for i, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid betas[{i}]: {beta!r} (must lie in [0, 1))")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be ≥ 0)")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(model, defaults, mode=mode, tau=tau, min_rank=min_rank, max_rank=max_rank,
+                         second_moment=second_moment)
+
+    def _update_(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        adamw_update_(param, grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()),
+                      lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                      weight_decay=group["weight_decay"])

@@ -1,0 +1,213 @@
+"""What the geometric low-rank optimizers share: gathering factors, the three ways to get
+the coefficient gradient, augmentation, truncation and carrying the state to the new bases.
+
+A subclass supplies the update of one tensor (``_update_``), the state it needs
+(``_state_keys``) and which state entries are second moments (``_second_moment_keys``).
+The same ``_update_`` runs on dense parameters and on the augmented coefficient ``S̄``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ..layers import LowRankMatrixModule
+from ..linalg import (
+    SECOND_MOMENT_RULES,
+    augment_basis,
+    pad_block,
+    rotate_first_moment,
+    rotate_second_moment,
+    truncate,
+)
+
+__all__ = ["LowRankOptimizer", "MODES"]
+
+MODES = ("fused", "two_pass", "parallel")
+
+
+class LowRankOptimizer(Optimizer):
+    """Base class of :class:`~lrc.LowRankAdam` and :class:`~lrc.LowRankSGD`."""
+
+    _state_keys: tuple[str, ...] = ()
+    _second_moment_keys: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, defaults: dict, *, mode: str, tau: float, min_rank: int,
+                 max_rank: int | None, second_moment: str = "paper") -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not 0.0 <= tau < 1.0:
+            raise ValueError(f"Invalid tau: {tau!r} (must lie in [0, 1); 0 turns truncation off)")
+        if not isinstance(min_rank, int) or min_rank < 1:
+            raise ValueError(f"Invalid min_rank: {min_rank!r} (must be an integer ≥ 1)")
+        if max_rank is not None and (not isinstance(max_rank, int) or max_rank < min_rank):
+            raise ValueError(f"Invalid max_rank: {max_rank!r} (must be an integer ≥ min_rank={min_rank})")
+        if second_moment not in SECOND_MOMENT_RULES:
+            raise ValueError(f"Invalid second_moment: {second_moment!r} (one of {SECOND_MOMENT_RULES})")
+        self.mode = mode
+        self.second_moment = second_moment
+        self._layers: dict[Tensor, LowRankMatrixModule] = {}  # S parameter -> its layer
+        factor_ids: set[int] = set()
+        for module in model.modules():
+            if isinstance(module, LowRankMatrixModule):
+                self._layers[module.S] = module
+                factor_ids.update(id(p) for p in module.factor_parameters())
+                module.fused = mode == "fused"
+                module.clear_fused_grads()
+        self._bases = {p for layer in self._layers.values() for p in (layer.U, layer.V)}
+        lowrank = [p for layer in self._layers.values() for p in layer.factor_parameters()]
+        dense = [p for p in model.parameters() if p.requires_grad and id(p) not in factor_ids]
+        groups = [g for g in ({"params": lowrank}, {"params": dense}) if g["params"]]
+        if not groups:
+            raise ValueError("the model has no trainable parameters")
+        super().__init__(groups, dict(defaults, tau=tau, min_rank=min_rank, max_rank=max_rank))
+
+    # ---- hooks for subclasses ---------------------------------------------------------
+    def _update_(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+        raise NotImplementedError
+
+    # ---- public -----------------------------------------------------------------------
+    @property
+    def layers(self) -> list[LowRankMatrixModule]:
+        """The factorized layers this optimizer trains."""
+        return list(self._layers.values())
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for layer in self._layers.values():
+            layer.clear_fused_grads()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None):
+        """One step. ``closure`` (re-evaluates the model, returns the loss) is required in
+        ``mode="two_pass"``, which calls it twice; otherwise it is optional."""
+        loss = None
+        if self.mode == "two_pass":
+            if closure is None:
+                raise RuntimeError("mode='two_pass' needs a closure: opt.step(closure), where closure "
+                                   "zeroes the grads, runs forward and backward and returns the loss")
+            with torch.enable_grad():
+                loss = closure()
+            coefficient_grads = self._second_pass(closure)
+        else:
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            coefficient_grads = self._fused_grads() if self.mode == "fused" else self._parallel_grads()
+
+        for group in self.param_groups:
+            for p in group["params"]:
+                layer = self._layers.get(p)
+                if layer is not None:
+                    if layer in coefficient_grads:
+                        self._step_layer(layer, *coefficient_grads[layer], group)
+                elif p.grad is not None and p not in self._bases:
+                    self._step_dense(p, group)
+        for layer in self._layers.values():
+            for p in layer.factor_parameters():
+                p.grad = None  # consumed; shapes may have changed
+            layer.clear_fused_grads()
+        return loss
+
+    # ---- the coefficient gradient G_S, three ways ----------------------------------------
+    def _fused_grads(self) -> dict:
+        out = {}
+        for layer in self._layers.values():
+            if layer._backward_count > 1:
+                raise RuntimeError(
+                    f"mode='fused' needs exactly one backward pass per step, but {layer._backward_count} "
+                    "reached this step (gradient accumulation?). Call zero_grad() between passes, or use "
+                    "mode='two_pass' or mode='parallel', which accumulate.")
+            if layer._fused_grads is None or layer.S.grad is None:
+                continue
+            Ut, Vt, G_S = layer._fused_grads
+            # Scalar rescaling of the grads after backward (clipping, loss-scale unscaling)
+            # reaches G_S through its top-left block, which is S.grad as the backward wrote it.
+            top = G_S[: layer.rank, : layer.rank]
+            denom = (top * top).sum()
+            scale = torch.where(denom > 0, (layer.S.grad * top).sum() / denom.clamp_min(torch.finfo(denom.dtype).tiny), 1.0)
+            out[layer] = (Ut, Vt, G_S * scale)
+        return out
+
+    def _parallel_grads(self) -> dict:
+        out = {}
+        for layer in self._layers.values():
+            U, _, V = layer.factor_parameters()
+            if U.grad is None or V.grad is None:
+                continue
+            G_K, G_L = U.grad, V.grad
+            Ut, Vt = augment_basis(U, G_K), augment_basis(V, G_L)
+            r = layer.rank
+            G_S = pad_block(torch.cat([U, Ut], 1).mT @ G_K, r + Ut.shape[1], r + Vt.shape[1])
+            G_S[:r, r:] = (Vt.mT @ G_L).mT
+            out[layer] = (Ut, Vt, G_S)
+        return out
+
+    def _second_pass(self, closure) -> dict:
+        """The paper as written: evaluate the gradient of the coefficient at ``Û S̄ V̂ᵀ``."""
+        bases, saved = {}, {}
+        for layer in self._layers.values():
+            U, S, V = layer.factor_parameters()
+            if U.grad is None or V.grad is None:
+                continue
+            Ut, Vt = augment_basis(U, U.grad), augment_basis(V, V.grad)
+            bases[layer] = (Ut, Vt)
+            saved[layer] = (U.detach().clone(), S.detach().clone(), V.detach().clone())
+            a, b = layer.rank + Ut.shape[1], layer.rank + Vt.shape[1]
+            layer.set_factors(torch.cat([U, Ut], 1), pad_block(S, a, b), torch.cat([V, Vt], 1))
+        dense_grads = {p: p.grad for group in self.param_groups for p in group["params"]
+                       if p not in self._layers and p not in self._bases}
+        for p in dense_grads:
+            p.grad = None
+        for layer in bases:  # only ∂L/∂S is needed at the augmented weights
+            layer.U.requires_grad_(False)
+            layer.V.requires_grad_(False)
+        try:
+            with torch.enable_grad():
+                closure()
+            out = {layer: (*bases[layer], layer.S.grad) for layer in bases if layer.S.grad is not None}
+        finally:
+            for layer, factors in saved.items():
+                layer.set_factors(*factors)
+                layer.U.requires_grad_(True)
+                layer.V.requires_grad_(True)
+            for p, g in dense_grads.items():
+                p.grad = g
+        return out
+
+    # ---- updates --------------------------------------------------------------------------
+    def _step_dense(self, p: Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            for key in self._state_keys:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        self._update_(p, p.grad, state, group)
+
+    def _step_layer(self, layer: LowRankMatrixModule, Ut: Tensor, Vt: Tensor, G_S: Tensor, group: dict) -> None:
+        """Steps 3–7 of DESIGN.md for one layer; the one place where its rank changes."""
+        U, S, V = layer.factor_parameters()
+        a, b = S.shape[0] + Ut.shape[1], S.shape[1] + Vt.shape[1]
+        state = self.state[S]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            for key in self._state_keys:
+                state[key] = torch.zeros_like(S)
+        state["step"] += 1
+        S_bar = pad_block(S, a, b)
+        padded = {"step": state["step"], **{k: pad_block(state[k], a, b) for k in self._state_keys}}
+        self._update_(S_bar, G_S.to(S_bar.dtype), padded, group)
+        max_rank = group["max_rank"]
+        P1, sigma, R1 = truncate(S_bar, group["tau"], group["min_rank"], max_rank)
+        for key in self._state_keys:
+            if key in self._second_moment_keys:
+                state[key] = rotate_second_moment(padded[key], P1, R1, self.second_moment)
+            else:
+                state[key] = rotate_first_moment(padded[key], P1, R1)
+        layer.set_factors(torch.cat([U, Ut], 1) @ P1, torch.diag(sigma), torch.cat([V, Vt], 1) @ R1)

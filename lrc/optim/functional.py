@@ -1,0 +1,41 @@
+"""Single-tensor update rules, shared by dense parameters and low-rank coefficients.
+
+Each function updates ``param`` and its state tensors in place, exactly as the matching
+``torch.optim`` class does for one tensor (same operation order), so that the dense
+parameters of a model and the coefficient ``S̄`` of a factorized layer follow one code path.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+__all__ = ["adamw_update_", "heavy_ball_update_"]
+
+
+def adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, *,
+                  lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """AdamW (decoupled weight decay), step number ``step ≥ 1``; as ``torch.optim.AdamW``."""
+    if weight_decay:
+        param.mul_(1.0 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+def heavy_ball_update_(param: Tensor, grad: Tensor, momentum_buffer: Tensor, *, lr: float, momentum: float,
+                       weight_decay: float, nesterov: bool) -> None:
+    """Heavy ball as ``torch.optim.SGD(momentum=…, dampening=0)`` (buffer starts at zero).
+
+    ``b ← μ b + (g + wd·p)``, ``p ← p − lr·b`` (Nesterov: ``p ← p − lr·(g + μ b)``), which is
+    Polyak's ``p_{k+1} = p_k − λ∇f(p_k) + γ(p_k − p_{k−1})`` with ``λ = lr``, ``γ = momentum``.
+    """
+    if weight_decay:
+        grad = grad.add(param, alpha=weight_decay)
+    momentum_buffer.mul_(momentum).add_(grad)
+    direction = grad.add(momentum_buffer, alpha=momentum) if nesterov else momentum_buffer
+    param.add_(direction, alpha=-lr)

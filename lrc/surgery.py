@@ -1,0 +1,171 @@
+"""Model surgery: replace dense layers by factorized ones in place, and merge them back."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from torch import nn
+
+from .layers import LowRankConv2d, LowRankLinear, LowRankMatrixModule, initial_rank
+
+__all__ = ["factorize", "densify", "compression_ratio", "count_parameters", "FactorizeReport", "LayerReport"]
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    rank: int
+    params_before: int
+    params_after: int
+
+
+@dataclass
+class FactorizeReport:
+    """What :func:`factorize` did: replaced layers, skipped layers with the reason, and
+    include patterns that matched no layer."""
+
+    replaced: list[LayerReport] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+
+    @property
+    def params_before(self) -> int:
+        return sum(r.params_before for r in self.replaced)
+
+    @property
+    def params_after(self) -> int:
+        return sum(r.params_after for r in self.replaced)
+
+    def __str__(self) -> str:
+        lines = [f"{'layer':<32} {'kind':<14} {'shape':<20} {'rank':>5} {'params':>12} {'→':^3} {'after':>10}"]
+        for r in self.replaced:
+            lines.append(f"{r.name:<32} {r.kind:<14} {'×'.join(map(str, r.shape)):<20} {r.rank:>5} "
+                         f"{r.params_before:>12,} {'→':^3} {r.params_after:>10,}")
+        for name, why in self.skipped:
+            lines.append(f"{name:<32} kept dense: {why}")
+        for pattern in self.unmatched:
+            lines.append(f"pattern {pattern!r} matched no layer")
+        return "\n".join(lines)
+
+
+def _linear_candidate(module, rank, tau, adapter):
+    if type(module) is nn.Linear:
+        return LowRankLinear.from_linear(module, rank=rank, tau=tau, adapter=adapter)
+    return None
+
+
+def _conv_candidate(module, rank, tau, adapter):
+    if type(module) is nn.Conv2d:
+        if module.groups != 1:
+            raise _Skip(f"groups={module.groups} (grouped convolutions are not factorized)")
+        if module.padding_mode != "zeros":
+            raise _Skip(f"padding_mode={module.padding_mode!r}")
+        return LowRankConv2d.from_conv(module, rank=rank, tau=tau, adapter=adapter)
+    return None
+
+
+_DISPATCH: tuple[Callable, ...] = (_linear_candidate, _conv_candidate)
+_FACTORIZABLE = (nn.Linear, nn.Conv2d)  # exact types: subclasses (e.g. attention's out_proj) stay dense
+
+
+class _Skip(Exception):
+    pass
+
+
+def factorize(model: nn.Module, rank: int | None = None, tau: float | None = None, *,
+              include: Sequence[str] | None = None, exclude: Sequence[str] = (),
+              adapter: bool = False) -> FactorizeReport:
+    """Replace ``nn.Linear`` and ``nn.Conv2d`` layers of ``model`` in place by
+    :class:`~lrc.LowRankLinear` / :class:`~lrc.LowRankConv2d` (truncated-SVD initialisation).
+
+    Args:
+        model: modified in place; new layers keep each original's device and dtype.
+        rank: initial rank per layer (capped at each layer's own bound), and/or
+        tau: truncation tolerance in (0, 1): the rank keeps ``‖σ_tail‖ ≤ τ‖W‖_F`` (capped by ``rank``).
+        include: glob patterns on module names (``"features.*"``, ``"classifier.0"``); default: all.
+        exclude: glob patterns of modules to keep dense (e.g. the first conv and the head).
+        adapter: keep the dense weights frozen and add a trainable ``U S Vᵀ`` (``S = 0``).
+
+    Layers whose factorization would not save parameters are kept dense (unless
+    ``adapter``); the report says which and why.
+    """
+    if rank is None and tau is None:
+        raise ValueError("factorize needs a rank, a tolerance tau, or both")
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if tau is not None and not 0.0 < tau < 1.0:
+        raise ValueError(f"tau must lie in (0, 1), got {tau!r}")
+    report = FactorizeReport()
+    matched: set[str] = set()
+    targets = []
+    for name, module in model.named_modules():
+        if not name or type(module) not in _FACTORIZABLE:
+            continue
+        if include is not None:
+            hits = [p for p in include if fnmatch.fnmatchcase(name, p)]
+            if not hits:
+                continue
+            matched.update(hits)
+        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            report.skipped.append((name, "excluded"))
+            continue
+        targets.append((name, module))
+    if include is not None:
+        report.unmatched = [p for p in include if p not in matched]
+
+    for name, module in targets:
+        weight = module.weight.detach()
+        n, m = weight.shape[0], weight.numel() // weight.shape[0]
+        layer_rank = None if rank is None else min(rank, n, m)
+        try:
+            new = next(x for x in (d(module, layer_rank, tau, adapter) for d in _DISPATCH) if x is not None)
+        except _Skip as why:
+            report.skipped.append((name, str(why)))
+            continue
+        before = sum(p.numel() for p in module.parameters())
+        after = sum(p.numel() for p in new.parameters())
+        if after >= before and not adapter:
+            report.skipped.append((name, f"rank {new.rank} would not save parameters ({after:,} ≥ {before:,})"))
+            continue
+        _set_submodule(model, name, new)
+        report.replaced.append(LayerReport(name, type(new).__name__, tuple(weight.shape), new.rank, before, after))
+    return report
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Replace every factorized layer of ``model`` (in place) by its dense equivalent."""
+    for name, module in list(model.named_modules()):
+        if name and isinstance(module, LowRankMatrixModule):
+            _set_submodule(model, name, module.to_dense())
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def dense_parameters(model: nn.Module) -> int:
+    """Parameters of ``model`` with every factorized layer counted as the dense layer it replaces."""
+    total = 0
+    factorized_ids: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, LowRankMatrixModule):
+            total += module.num_dense_parameters()
+            factorized_ids.update(id(p) for p in module.parameters())
+    return total + sum(p.numel() for p in model.parameters() if id(p) not in factorized_ids)
+
+
+def compression_ratio(model: nn.Module) -> float:
+    """``(1 − params(model) / params(dense model)) × 100``, over all parameters (the paper's c.r.)."""
+    return (1.0 - count_parameters(model) / dense_parameters(model)) * 100.0
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+

@@ -1,0 +1,125 @@
+import pytest
+import torch
+
+from lrc.linalg import (
+    augment_basis,
+    pad_block,
+    rotate_first_moment,
+    rotate_second_moment,
+    sign_fixed_svd,
+    truncate,
+    truncation_rank,
+)
+
+f64 = torch.float64
+
+
+def orthonormal(n, r):
+    return torch.linalg.qr(torch.randn(n, r, dtype=f64)).Q
+
+
+def test_augment_basis_is_orthonormal_orthogonal_and_spans_the_gradient():
+    U, G = orthonormal(50, 6), torch.randn(50, 6, dtype=f64)
+    Ut = augment_basis(U, G)
+    assert Ut.shape == (50, 6)
+    Uh = torch.cat([U, Ut], 1)
+    assert torch.allclose(Uh.T @ Uh, torch.eye(12, dtype=f64), atol=1e-12)
+    # span([U | Ũ]) contains G exactly
+    assert (G - Uh @ (Uh.T @ G)).norm() < 1e-12 * G.norm()
+
+
+def test_augment_basis_sign_convention_is_qr_with_nonnegative_diagonal():
+    U, G = orthonormal(30, 4), torch.randn(30, 4, dtype=f64)
+    P = G - U @ (U.T @ G)
+    Q, R = torch.linalg.qr(P)
+    Q = Q * torch.sign(torch.diagonal(R))
+    assert torch.allclose(augment_basis(U, G), Q, atol=1e-12)
+    assert torch.allclose(augment_basis(U, -G), -Q, atol=1e-12)  # the convention, not LAPACK, decides
+
+
+@pytest.mark.parametrize("n, r, k", [(10, 6, 4), (12, 6, 6), (6, 6, 0)])
+def test_augment_basis_width_is_capped_at_the_dimension(n, r, k):
+    U = orthonormal(n, r)
+    Ut = augment_basis(U, torch.randn(n, r, dtype=f64))
+    assert Ut.shape == (n, k)
+    if k:
+        assert torch.allclose(U.T @ Ut, torch.zeros(r, k, dtype=f64), atol=1e-12)
+
+
+@pytest.mark.parametrize("G_kind", ["zero", "rank1", "in_span"])
+@pytest.mark.parametrize("U_kind", ["random", "identity"])
+def test_augment_basis_rank_deficient_gradient_gives_no_nan(G_kind, U_kind):
+    n, r = 20, 5
+    U = orthonormal(n, r) if U_kind == "random" else torch.eye(n, r, dtype=f64)
+    G = {"zero": torch.zeros(n, r, dtype=f64),
+         "rank1": torch.randn(n, 1, dtype=f64) @ torch.randn(1, r, dtype=f64),
+         "in_span": U @ torch.randn(r, r, dtype=f64)}[G_kind]
+    Ut = augment_basis(U, G)
+    Uh = torch.cat([U, Ut], 1)
+    assert torch.isfinite(Ut).all()
+    assert torch.allclose(Uh.T @ Uh, torch.eye(2 * r, dtype=f64), atol=1e-12)
+    assert (G - Uh @ (Uh.T @ G)).norm() <= 1e-12 * max(G.norm().item(), 1.0)
+
+
+def test_pad_block():
+    A = torch.arange(6.0).reshape(2, 3)
+    B = pad_block(A, 4, 5)
+    assert B.shape == (4, 5) and torch.equal(B[:2, :3], A) and B.sum() == A.sum()
+
+
+@pytest.mark.parametrize("tau, expected", [
+    # sigma = [4, 2, 1, 0.5]; ‖σ‖ = sqrt(21.25) = 4.6098; tails: [4.6098, 2.2913, 1.1180, 0.5, 0]
+    (0.0, 4), (0.05, 4), (0.109, 3), (0.25, 2), (0.49, 2), (0.5, 1), (0.99, 1),
+])
+def test_truncation_rank_on_hand_made_singular_values(tau, expected):
+    sigma = torch.tensor([4.0, 2.0, 1.0, 0.5], dtype=f64)
+    assert truncation_rank(sigma, tau) == expected
+
+
+def test_truncation_rank_clipping_and_zeros():
+    sigma = torch.tensor([4.0, 2.0, 1.0, 0.5], dtype=f64)
+    assert truncation_rank(sigma, 0.9, min_rank=3) == 3
+    assert truncation_rank(sigma, 0.0, max_rank=2) == 2
+    assert truncation_rank(sigma, 0.0, min_rank=9) == 4  # never above len(sigma)
+    assert truncation_rank(torch.tensor([3.0, 1.0, 0.0, 0.0], dtype=f64), 0.0) == 2  # τ=0 drops exact zeros
+    assert truncation_rank(torch.zeros(3, dtype=f64), 0.1) == 1  # all zero: min_rank
+
+
+def test_sign_fixed_svd_reconstructs_and_fixes_signs():
+    A = torch.randn(7, 5, dtype=f64)
+    P, s, R = sign_fixed_svd(A)
+    assert torch.allclose(P @ torch.diag(s) @ R.T, A, atol=1e-12)
+    idx = P.abs().argmax(0)
+    assert (P[idx, torch.arange(5)] > 0).all()
+    P2, s2, R2 = sign_fixed_svd(-A)  # same singular vectors up to the pair sign: fixed identically
+    assert torch.allclose(P2, P, atol=1e-12) and torch.allclose(R2, -R, atol=1e-12)
+
+
+def test_truncate_keeps_the_leading_pairs():
+    P0 = orthonormal(6, 6)
+    R0 = orthonormal(6, 6)
+    sigma = torch.tensor([5.0, 3.0, 1.0, 1e-3, 1e-4, 0.0], dtype=f64)
+    A = P0 @ torch.diag(sigma) @ R0.T
+    P1, s1, R1 = truncate(A, tau=0.01)
+    assert s1.shape == (3,)
+    assert torch.allclose(s1, sigma[:3], atol=1e-12)
+    best = P0[:, :3] @ torch.diag(sigma[:3]) @ R0[:, :3].T
+    assert torch.allclose(P1 @ torch.diag(s1) @ R1.T, best, atol=1e-12)
+
+
+def test_moment_rotations():
+    M, Q = torch.randn(6, 5, dtype=f64), torch.rand(6, 5, dtype=f64)
+    P1, R1 = orthonormal(6, 3), orthonormal(5, 3)
+    assert torch.allclose(rotate_first_moment(M, P1, R1), P1.T @ M @ R1)
+    paper = rotate_second_moment(Q, P1, R1, "paper")
+    assert torch.allclose(paper, (P1.T @ Q.sqrt() @ R1) ** 2)
+    squared = rotate_second_moment(Q, P1, R1, "squared")
+    expected = torch.einsum("ai,bj,ab->ij", P1**2, R1**2, Q)
+    assert torch.allclose(squared, expected)
+    assert (paper >= 0).all() and (squared >= 0).all()
+    # identity rotation leaves both unchanged
+    I6, I5 = torch.eye(6, dtype=f64), torch.eye(5, dtype=f64)
+    assert torch.allclose(rotate_second_moment(Q, I6, I5, "paper"), Q)
+    assert torch.allclose(rotate_second_moment(Q, I6, I5, "squared"), Q)
+    with pytest.raises(ValueError, match="second_moment"):
+        rotate_second_moment(Q, P1, R1, "cubic")

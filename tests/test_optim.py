@@ -1,0 +1,390 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrc import LowRankAdam, LowRankConv2d, LowRankLinear, LowRankSGD
+
+from .conftest import rel
+
+f64 = torch.float64
+
+
+# ---- toy models ----------------------------------------------------------------------------
+def mlp(rank=8):
+    torch.manual_seed(1)
+    model = nn.Sequential(LowRankLinear(20, 40, min(rank, 20), dtype=f64), nn.ReLU(),
+                          LowRankLinear(40, 40, rank, dtype=f64), nn.ReLU(), nn.Linear(40, 5, dtype=f64))
+    return model, torch.randn(64, 20, dtype=f64), torch.randint(0, 5, (64,))
+
+
+def convnet(rank=4):
+    torch.manual_seed(1)
+    model = nn.Sequential(LowRankConv2d(3, 12, 3, min(rank, 12), padding=1, dtype=f64), nn.ReLU(),
+                          LowRankConv2d(12, 16, 3, rank, stride=2, dtype=f64), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(16 * 3 * 3, 5, dtype=f64))
+    return model, torch.randn(16, 3, 8, 8, dtype=f64), torch.randint(0, 5, (16,))
+
+
+MODELS = {"mlp": mlp, "conv": convnet}
+
+
+def weights(model):
+    return torch.cat([(m.matrix_weight() if hasattr(m, "matrix_weight") else m.weight).detach().flatten()
+                      for m in model if hasattr(m, "weight") or hasattr(m, "matrix_weight")]
+                     + [m.bias.detach() for m in model if getattr(m, "bias", None) is not None])
+
+
+def ranks(model):
+    return [m.rank for m in model if hasattr(m, "rank")]
+
+
+def train(model, x, y, opt, steps):
+    history = []
+    for _ in range(steps):
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        if opt.mode == "two_pass":
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
+        history.append(ranks(model))
+    return history
+
+
+def run(make, mode, steps, opt_cls=LowRankAdam, nudge=0.0, **kw):
+    model, x, y = make()
+    if nudge:
+        with torch.no_grad():
+            next(m for m in model if hasattr(m, "S")).S.add_(nudge)
+    kw = {"lr": 1e-2, "tau": 0.1, **kw}
+    opt = opt_cls(model, mode=mode, **kw)
+    history = train(model, x, y, opt, steps)
+    return weights(model), history
+
+
+# ---- exactness -------------------------------------------------------------------------------
+@pytest.mark.parametrize("opt_cls", [LowRankAdam, LowRankSGD])
+@pytest.mark.parametrize("make", MODELS.values(), ids=MODELS.keys())
+def test_fused_equals_two_pass_after_one_step(make, opt_cls):
+    w_two, _ = run(make, "two_pass", 1, opt_cls)
+    w_fused, _ = run(make, "fused", 1, opt_cls)
+    assert rel(w_fused, w_two) < 1e-10
+
+
+# Algorithm 2 amplifies rounding, the paper's second-moment rotation most: there, a nudge of
+# 1e-15 moves a 20-step run by 1e-10 at lr=1e-3 on the MLP but by 1e-6..1e-1 at lr ≥ 3e-3
+# or on the conv net once its ranks move (Q cancels towards zero while M does not, see
+# DESIGN.md). Each case below is one where that floor sits far below the tolerance.
+EXACT_CASES = [
+    ("mlp", LowRankAdam, {"lr": 1e-3, "second_moment": "paper"}, 20),
+    ("mlp", LowRankAdam, {"lr": 5e-2, "second_moment": "squared"}, 8),
+    ("conv", LowRankAdam, {"lr": 5e-2, "second_moment": "squared"}, 4),
+    ("mlp", LowRankSGD, {"lr": 0.2}, 20),
+    ("conv", LowRankSGD, {"lr": 0.2}, 12),
+]
+
+
+@pytest.mark.parametrize("name, opt_cls, kw, rank", EXACT_CASES)
+def test_fused_equals_two_pass_after_20_steps_with_the_same_rank_history(name, opt_cls, kw, rank):
+    def make():
+        return MODELS[name](rank)
+
+    w_two, h_two = run(make, "two_pass", 20, opt_cls, **kw)
+    w_fused, h_fused = run(make, "fused", 20, opt_cls, **kw)
+    assert h_fused == h_two
+    assert len({tuple(h) for h in h_two}) > 1, "the ranks should move in this test"
+    # The floor: rounding-level noise (S nudged by 1e-15) moves a two_pass run this much...
+    w_nudged, _ = run(make, "two_pass", 20, opt_cls, nudge=1e-15, **kw)
+    floor = rel(w_nudged, w_two)
+    # ...and a real difference (the parallel integrator drops one block of G_S) this much.
+    w_parallel, _ = run(make, "parallel", 20, opt_cls, **kw)
+    real = rel(w_parallel, w_two)
+    tol = 1e-6
+    assert floor < tol / 10 and real > tol * 100, (floor, real)
+    assert rel(w_fused, w_two) < tol
+
+
+def test_full_rank_low_rank_sgd_is_dense_sgd_with_momentum():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)).to(f64)
+    model = copy.deepcopy(dense)
+    model[0] = LowRankLinear.from_linear(dense[0], rank=8)
+    model[2] = LowRankLinear.from_linear(dense[2], rank=8)
+    x, y = torch.randn(32, 8, dtype=f64), torch.randn(32, 8, dtype=f64)
+    ref = torch.optim.SGD(dense.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    opt = LowRankSGD(model, lr=0.1, momentum=0.9, weight_decay=1e-3, tau=0.0)
+    for _ in range(15):
+        for m, o in ((dense, ref), (model, opt)):
+            o.zero_grad()
+            F.mse_loss(m(x), y).backward()
+            o.step()
+        assert rel(model[0].matrix_weight().detach(), dense[0].weight.detach()) < 1e-12
+        assert rel(model[2].matrix_weight().detach(), dense[2].weight.detach()) < 1e-12
+        assert rel(model[2].bias.detach(), dense[2].bias.detach()) < 1e-12
+    assert model[0].rank == 8
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_first_low_rank_adam_step_from_identity_bases_is_adamw(weight_decay):
+    dense = nn.Linear(6, 6).to(f64)
+    model = nn.Sequential(LowRankLinear(6, 6, rank=6, dtype=f64))
+    model[0].set_factors(torch.eye(6, dtype=f64), dense.weight.detach().clone(), torch.eye(6, dtype=f64))
+    with torch.no_grad():
+        model[0].bias.copy_(dense.bias)
+    x, y = torch.randn(10, 6, dtype=f64), torch.randn(10, 6, dtype=f64)
+    ref = torch.optim.AdamW(dense.parameters(), lr=0.01, weight_decay=weight_decay)
+    opt = LowRankAdam(model, lr=0.01, weight_decay=weight_decay, tau=0.0)
+    for m, o in ((dense, ref), (model, opt)):
+        o.zero_grad()
+        F.mse_loss(m(x), y).backward()
+        o.step()
+    assert rel(model[0].matrix_weight().detach(), dense.weight.detach()) < 1e-12
+    assert rel(model[0].bias.detach(), dense.bias.detach()) < 1e-12
+
+
+# ---- the paper's central claim ----------------------------------------------------------------
+def test_low_rank_heavy_ball_converges_where_heavy_ball_on_factors_stalls():
+    """min ½‖W − A‖² over rank-4 W, with A's leading singular values spanning 10² (plus a tail):
+    the geometric heavy ball reaches the Eckart–Young optimum; heavy ball on U, S, V stalls."""
+    torch.manual_seed(0)
+    n, r, steps = 30, 4, 300
+    Q1, Q2 = (torch.linalg.qr(torch.randn(n, n, dtype=f64)).Q for _ in range(2))
+    sigma = torch.cat([torch.logspace(0, -2, r, dtype=f64), 1e-3 * torch.rand(n - r, dtype=f64)])
+    A = Q1 @ torch.diag(sigma) @ Q2.T
+    optimum = 0.5 * (sigma[r:] ** 2).sum()
+
+    def gap(W):
+        return (0.5 * ((W - A) ** 2).sum() - optimum).abs().item()
+
+    def projected_grad(W):
+        U, _, Vh = torch.linalg.svd(W)
+        U, V, G = U[:, :r], Vh[:r].T, W - A
+        return (U @ (U.T @ G) + (G @ V) @ V.T - U @ (U.T @ G @ V) @ V.T).norm().item()
+
+    layer = LowRankLinear(n, n, rank=r, bias=False, dtype=f64)
+    U0, S0, V0 = (p.detach().clone() for p in layer.factor_parameters())
+    W0 = layer.matrix_weight().detach()
+    model = nn.Sequential(layer)
+    opt = LowRankSGD(model, lr=0.5, momentum=0.5, tau=0.0, min_rank=r, max_rank=r)
+    eye = torch.eye(n, dtype=f64)
+    for _ in range(steps):
+        opt.zero_grad()
+        (0.5 * ((model(eye) - A.T) ** 2).sum()).backward()  # model(I) = Wᵀ
+        opt.step()
+    W = layer.matrix_weight().detach()
+    assert layer.rank == r
+    assert gap(W) <= 1e-8 * gap(W0)
+    assert projected_grad(W) <= 1e-8 * projected_grad(W0)
+
+    best_naive = float("inf")
+    for lr in (0.05, 0.1, 0.2, 0.5):  # heavy ball on the factors, at its best step size
+        U, S, V = (t.clone().requires_grad_() for t in (U0, S0, V0))
+        naive = torch.optim.SGD([U, S, V], lr=lr, momentum=0.5)
+        for _ in range(steps):
+            naive.zero_grad()
+            (0.5 * ((U @ S @ V.T - A) ** 2).sum()).backward()
+            naive.step()
+        best_naive = min(best_naive, gap((U @ S @ V.T).detach()))
+    assert best_naive > 1e-4 * gap(W0)
+
+
+# ---- state, schedulers, errors -----------------------------------------------------------------
+@pytest.mark.parametrize("opt_cls, mode, kw", [(LowRankAdam, "fused", {"lr": 3e-3}),
+                                              (LowRankAdam, "parallel", {"lr": 5e-2, "second_moment": "squared"}),
+                                              (LowRankSGD, "fused", {"lr": 0.1})])
+def test_state_dict_round_trip_across_rank_changes(opt_cls, mode, kw, tmp_path):
+    model, x, y = mlp(20)
+    opt = opt_cls(model, tau=0.1, mode=mode, **kw)
+    history = train(model, x, y, opt, 5)
+    assert history[-1] != [20, 20], "ranks should have changed"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+
+    fresh, _, _ = mlp(8)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    fresh.load_state_dict(ckpt["model"])
+    fresh_opt = opt_cls(fresh, tau=0.1, mode=mode, **kw)
+    fresh_opt.load_state_dict(ckpt["opt"])
+    assert ranks(fresh) == history[-1]
+    assert torch.equal(weights(fresh), weights(model))
+    h_model = train(model, x, y, opt, 5)
+    h_fresh = train(fresh, x, y, fresh_opt, 5)
+    # BLAS may round differently for another allocation of the same values: not bitwise
+    assert h_fresh == h_model
+    assert rel(weights(fresh), weights(model)) < 1e-10
+
+
+def test_lr_scheduler_and_param_groups():
+    model, x, y = mlp()
+    opt = LowRankAdam(model, lr=1e-2)
+    assert len(opt.param_groups) == 2  # factors, then the other parameters
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.0)
+    assert all(g["lr"] == 0.0 for g in opt.param_groups)
+    before = weights(model)
+    train(model, x, y, opt, 2)
+    assert rel(weights(model), before) < 1e-12  # lr 0: W = U S Vᵀ unchanged (bases may rotate)
+    sched.step()
+
+
+def test_rank_adapts_and_respects_bounds():
+    model, x, y = mlp(rank=8)
+    opt = LowRankAdam(model, lr=1e-2, tau=0.5, min_rank=3, max_rank=6)
+    train(model, x, y, opt, 5)
+    assert all(3 <= r <= 6 for r in ranks(model))
+    model, x, y = mlp(rank=8)
+    opt = LowRankAdam(model, lr=1e-2, tau=0.0, max_rank=12)
+    train(model, x, y, opt, 2)
+    assert ranks(model) == [12, 12]  # no truncation: the rank grows to max_rank
+
+
+@pytest.mark.parametrize("mode", ["fused", "two_pass", "parallel"])
+def test_factors_stay_orthonormal(mode):
+    model, x, y = convnet()
+    opt = LowRankAdam(model, lr=5e-2, tau=0.05, mode=mode)
+    train(model, x, y, opt, 8)
+    for layer in opt.layers:
+        for B in (layer.U, layer.V):
+            assert torch.allclose(B.T @ B, torch.eye(B.shape[1], dtype=f64), atol=1e-12)
+
+
+def test_fused_with_two_backward_passes_is_an_error():
+    model, x, y = mlp()
+    opt = LowRankAdam(model)
+    F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="exactly one backward pass per step.*two_pass"):
+        opt.step()
+    opt.zero_grad()  # clears it: the next step works
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def test_two_pass_needs_a_closure():
+    model, _, _ = mlp()
+    with pytest.raises(RuntimeError, match="needs a closure"):
+        LowRankAdam(model, mode="two_pass").step()
+
+
+def test_accumulation_in_two_pass_and_parallel_modes():
+    """Two half-batches accumulated give the step of the whole batch."""
+    for mode in ("two_pass", "parallel"):
+        a, x, y = mlp()
+        b = copy.deepcopy(a)
+        oa, ob = LowRankAdam(a, lr=1e-2, mode=mode), LowRankAdam(b, lr=1e-2, mode=mode)
+
+        def whole():
+            oa.zero_grad()
+            loss = F.cross_entropy(a(x), y)
+            loss.backward()
+            return loss
+
+        def halves():
+            ob.zero_grad()
+            for xs, ys in ((x[:32], y[:32]), (x[32:], y[32:])):
+                (0.5 * F.cross_entropy(b(xs), ys)).backward()
+
+        for _ in range(3):
+            if mode == "two_pass":
+                oa.step(whole)
+                ob.step(halves)
+            else:
+                whole(), oa.step(), halves(), ob.step()
+        assert rel(weights(b), weights(a)) < 1e-10
+
+
+def test_fused_sees_scalar_rescaling_of_gradients():
+    """Clipping or unscaling after backward (a scalar factor on ∇W) reaches the fused G_S."""
+    a, x, y = mlp()
+    b = copy.deepcopy(a)
+    oa, ob = LowRankSGD(a, lr=0.1, mode="two_pass"), LowRankSGD(b, lr=0.1)
+
+    def half_loss():
+        oa.zero_grad()
+        loss = 0.5 * F.cross_entropy(a(x), y)
+        loss.backward()
+        return loss
+
+    oa.step(half_loss)
+    F.cross_entropy(b(x), y).backward()
+    for p in b.parameters():
+        if p.grad is not None:
+            p.grad.mul_(0.5)
+    ob.step()
+    assert rel(weights(b), weights(a)) < 1e-10
+
+
+def test_second_moment_options_differ_and_stay_finite():
+    w_paper, _ = run(mlp, "fused", 10, second_moment="paper")
+    w_sq, _ = run(mlp, "fused", 10, second_moment="squared")
+    assert torch.isfinite(w_sq).all() and rel(w_sq, w_paper) > 1e-6
+
+
+@pytest.mark.parametrize("cls, kwargs, name", [
+    (LowRankAdam, {"lr": -1.0}, "lr"),
+    (LowRankAdam, {"tau": 1.0}, "tau"),
+    (LowRankAdam, {"tau": -0.1}, "tau"),
+    (LowRankAdam, {"betas": (1.0, 0.999)}, "betas"),
+    (LowRankAdam, {"betas": (0.9, -0.1)}, "betas"),
+    (LowRankAdam, {"eps": -1e-8}, "eps"),
+    (LowRankAdam, {"weight_decay": -1.0}, "weight_decay"),
+    (LowRankAdam, {"min_rank": 5, "max_rank": 4}, "max_rank"),
+    (LowRankAdam, {"min_rank": 0}, "min_rank"),
+    (LowRankAdam, {"mode": "magic"}, "mode"),
+    (LowRankAdam, {"second_moment": "cubic"}, "second_moment"),
+    (LowRankSGD, {"lr": -0.1}, "lr"),
+    (LowRankSGD, {"momentum": 1.0}, "momentum"),
+    (LowRankSGD, {"tau": 2.0}, "tau"),
+])
+def test_bad_hyperparameters_name_the_argument(cls, kwargs, name):
+    model, _, _ = mlp()
+    with pytest.raises(ValueError, match=name):
+        cls(model, **kwargs)
+
+
+def test_float32_and_conv_layers_train():
+    torch.manual_seed(0)
+    model = nn.Sequential(LowRankConv2d(3, 8, 3, rank=3, padding=1), nn.ReLU(), nn.Flatten(),
+                          LowRankLinear(8 * 6 * 6, 4, rank=2))
+    x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 4, (8,))
+    opt = LowRankAdam(model, lr=1e-2)
+    first = F.cross_entropy(model(x), y).item()
+    for _ in range(30):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert F.cross_entropy(model(x), y).item() < first * 0.5
+    assert model[0].U.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["fused", "two_pass"])
+def test_cuda_matches_cpu(mode):
+    w_cpu, h_cpu = run(convnet, mode, 5)
+    model, x, y = convnet()
+    model, x, y = model.cuda(), x.cuda(), y.cuda()
+    opt = LowRankAdam(model, lr=1e-2, tau=0.1, mode=mode)
+    h = train(model, x, y, opt, 5)
+    assert model[0].U.is_cuda and h == h_cpu
+    assert rel(weights(model).cpu(), w_cpu) < 1e-8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_autocast_trains():
+    model, x, y = convnet()
+    model, x, y = model.float().cuda(), x.float().cuda(), y.cuda()
+    opt = LowRankAdam(model, lr=1e-2, tau=0.1)
+    for _ in range(5):
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    assert torch.isfinite(weights(model)).all()
+    for layer in opt.layers:
+        assert torch.allclose(layer.U.T @ layer.U, torch.eye(layer.rank, device="cuda"), atol=1e-5)

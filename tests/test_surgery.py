@@ -1,0 +1,84 @@
+import pytest
+import torch
+from torch import nn
+
+from lrc import LowRankConv2d, LowRankLinear, compression_ratio, count_parameters, densify, factorize
+
+f64 = torch.float64
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2),
+                                      nn.ReLU(), nn.Conv2d(32, 32, 3, groups=4), nn.AdaptiveAvgPool2d(1))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def test_factorize_replaces_in_place_and_reports():
+    model = SmallNet().to(f64)
+    x = torch.randn(2, 3, 16, 16, dtype=f64)
+    before = count_parameters(model)
+    report = factorize(model, rank=4)
+    names = [r.name for r in report.replaced]
+    assert names == ["features.0", "features.2", "classifier.1", "classifier.3"]
+    assert isinstance(model.features[2], LowRankConv2d) and isinstance(model.classifier[1], LowRankLinear)
+    assert model.features[2].U.dtype == f64 and model.features[2].stride == (2, 2)
+    skipped = dict(report.skipped)
+    assert "groups=4" in skipped["features.4"]
+    r = report.replaced[1]
+    assert (r.shape, r.rank, r.params_before, r.params_after) == ((32, 16, 3, 3), 4, 32 * 144 + 32,
+                                                                   4 * (32 + 144 + 4) + 32)
+    assert count_parameters(model) == before - report.params_before + report.params_after
+    assert model(x).shape == (2, 10)
+    assert "features.2" in str(report)
+
+
+def test_factorize_include_exclude_and_skip_when_nothing_is_saved():
+    model = SmallNet()
+    report = factorize(model, rank=16, include=["classifier.*", "nothing.*"], exclude=["classifier.3"])
+    assert [r.name for r in report.replaced] == ["classifier.1"]
+    assert ("classifier.3", "excluded") in report.skipped
+    assert report.unmatched == ["nothing.*"]
+    assert type(model.features[0]) is nn.Conv2d
+    report = factorize(SmallNet(), rank=30, include=["classifier.1"])
+    assert not report.replaced and "would not save" in report.skipped[0][1]
+
+
+def test_factorize_full_rank_keeps_outputs_and_densify_restores_them():
+    model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 8)).to(f64)
+    x = torch.randn(3, 8, dtype=f64)
+    y = model(x)
+    report = factorize(model, rank=6, adapter=True)
+    assert len(report.replaced) == 2
+    assert torch.allclose(model(x), y, atol=1e-12)
+    densify(model)
+    assert [type(m) for m in model] == [nn.Linear, nn.Tanh, nn.Linear]
+    assert torch.allclose(model(x), y, atol=1e-12)
+
+
+def test_compression_ratio_is_exact():
+    model = nn.Sequential(nn.Linear(100, 50), nn.ReLU(), nn.Linear(50, 10))
+    dense = 100 * 50 + 50 + 50 * 10 + 10
+    factorize(model, rank=5, include=["0"])
+    compressed = 5 * (100 + 50 + 5) + 50 + 50 * 10 + 10
+    assert compression_ratio(model) == pytest.approx((1 - compressed / dense) * 100, abs=1e-12)
+    assert compression_ratio(nn.Linear(3, 3)) == 0.0
+
+
+@pytest.mark.parametrize("kwargs, match", [({}, "rank, a tolerance"), ({"rank": 0}, "positive integer"),
+                                           ({"tau": 1.0}, r"\(0, 1\)"), ({"tau": 0.0}, r"\(0, 1\)")])
+def test_factorize_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        factorize(SmallNet(), **kwargs)
+
+
+def test_factorize_by_tau_picks_rank_per_layer():
+    model = nn.Sequential(nn.Linear(40, 40, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(40, 3) @ torch.randn(3, 40) + 1e-6 * torch.randn(40, 40))
+    report = factorize(model, tau=0.01)
+    assert report.replaced[0].rank == 3
