@@ -123,3 +123,21 @@ def test_moment_rotations():
     assert torch.allclose(rotate_second_moment(Q, I6, I5, "squared"), Q)
     with pytest.raises(ValueError, match="second_moment"):
         rotate_second_moment(Q, P1, R1, "cubic")
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("cond", [1.0, 1e3, 1e8, 1e14])
+def test_augment_basis_stays_orthonormal_for_ill_conditioned_gradients(dtype, tol, cond):
+    """Well-conditioned gradients take the Cholesky-QR path on the CPU, ill-conditioned ones
+    fall back to Householder: both give an orthonormal extension orthogonal to U."""
+    n, r = 300, 10
+    U = orthonormal(n, r).to(dtype)
+    sigma = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), r, dtype=f64)
+    G = (orthonormal(n, r) @ torch.diag(sigma) @ orthonormal(r, r).T).to(dtype)
+    Ut = augment_basis(U, G)
+    Uh = torch.cat([U, Ut], 1).double()
+    assert torch.isfinite(Ut).all()
+    assert (Uh.T @ Uh - torch.eye(2 * r, dtype=f64)).abs().max() < tol
+    # the leading directions of G are inside the augmented span
+    lead = G[:, :1].double()
+    assert (lead - Uh @ (Uh.T @ lead)).norm() < 10 * tol * lead.norm()

@@ -178,8 +178,8 @@ class LowRankMatrixModule(nn.Module):
             self._fused_grads = None  # the optimizer reports the error at step()
             return
         with torch.autocast(x.device.type, enabled=False):  # orthogonality needs full precision
-            Ut = augment_basis(U, G_K)
-            Vt = augment_basis(V, G_L)
+            Ut = augment_basis(U, G_K, grad_S)  # Uᵀ G_K = Uᵀ ∇W V = grad_S
+            Vt = augment_basis(V, G_L, grad_S.mT)
         r, a, b = grad_S.shape[0], Ut.shape[1], Vt.shape[1]
         G_S = grad_S.new_zeros(r + a, r + b)
         G_S[:r, :r] = grad_S
