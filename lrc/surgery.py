@@ -131,7 +131,7 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
         if after >= before and not adapter:
             report.skipped.append((name, f"rank {new.rank} would not save parameters ({after:,} ≥ {before:,})"))
             continue
-        _set_submodule(model, name, new)
+        replace_module(model, name, new)
         report.replaced.append(LayerReport(name, type(new).__name__, tuple(weight.shape), new.rank, before, after))
     return report
 
@@ -140,7 +140,7 @@ def densify(model: nn.Module) -> nn.Module:
     """Replace every factorized layer of ``model`` (in place) by its dense equivalent."""
     for name, module in list(model.named_modules()):
         if name and isinstance(module, LowRankMatrixModule):
-            _set_submodule(model, name, module.to_dense())
+            replace_module(model, name, module.to_dense())
     return model
 
 
@@ -164,7 +164,8 @@ def compression_ratio(model: nn.Module) -> float:
     return (1.0 - count_parameters(model) / dense_parameters(model)) * 100.0
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted module path ``name`` of ``model``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)

@@ -1,13 +1,24 @@
-"""The ``lrc`` command. Thin: parses, calls the library, prints."""
+"""The ``lrc`` command. Thin: parses, calls the library, prints.
+
+Exit status: 0 on success, 1 on a runtime failure, 2 on bad usage or input. Errors are one
+line on stderr (set ``LRC_DEBUG=1`` for the traceback).
+"""
 
 from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 
 from .. import __version__
 
 app = typer.Typer(help="Compress neural networks by dynamical low-rank training.", no_args_is_help=True,
-                  add_completion=False)
+                  add_completion=False, pretty_exceptions_enable=False)
 
 
 def _version(value: bool) -> None:
@@ -22,5 +33,240 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Compress neural networks by dynamical low-rank training."""
 
 
+def friendly_errors(fn):
+    """Turn the library's errors into one line and an exit status."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from ..data import DataError
+        from ..io import CheckpointError
+        from ..train import TrainingStopped
+
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except TrainingStopped as e:
+            typer.echo(str(e), err=True)
+            raise typer.Exit(e.exit_code) from None
+        except (ValueError, DataError, CheckpointError, FileNotFoundError) as e:
+            if os.environ.get("LRC_DEBUG"):
+                raise
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except BrokenPipeError:  # `lrc info … | head`: stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+        except Exception as e:  # a bug or an environment failure: still one line
+            if os.environ.get("LRC_DEBUG"):
+                raise
+            typer.echo(f"error: {type(e).__name__}: {e} (LRC_DEBUG=1 shows the traceback)", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.command("presets")
+@friendly_errors
+def presets_cmd() -> None:
+    """List the shipped presets, one line each.
+
+    Example: lrc presets
+    """
+    from ..presets import list_presets
+
+    for name, desc in list_presets().items():
+        typer.echo(f"{name:<24} {desc}")
+
+
+@app.command("train")
+@friendly_errors
+def train_cmd(
+    preset: str = typer.Option("digits-mlp", "--preset", "-p", help="Preset name (`lrc presets`) or a YAML file."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory [default: runs/PRESET]."),
+    epochs: Optional[int] = typer.Option(None, help="Number of epochs."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate."),
+    tau: Optional[float] = typer.Option(None, help="Truncation tolerance τ in (0, 1)."),
+    method: Optional[str] = typer.Option(None, help="lowrank-adam, lowrank-sgd or dense."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the data set lies."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Dense checkpoint (.pt/.pth/.safetensors) to start from."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Resume the run in this directory."),
+    set_: List[str] = typer.Option([], "--set", help="Override any preset field: section.key=value."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Factorize and train a model with the geometric low-rank optimizers.
+
+    Example: lrc train --preset digits-mlp --epochs 5 --set optimizer.lr=1e-3
+    """
+    from ..presets import apply_override, load_preset
+    from ..train import train
+
+    if resume is not None:
+        result = train({}, resume, resume=True, progress=not quiet)
+    else:
+        cfg = load_preset(preset)
+        for option, key, value in (("--epochs", "train.epochs", epochs), ("--lr", "optimizer.lr", lr),
+                                   ("--tau", "optimizer.tau", tau), ("--method", "optimizer.method", method),
+                                   ("--device", "train.device", device), ("--seed", "train.seed", seed),
+                                   ("--data-dir", "data.data_dir", str(data_dir) if data_dir else None),
+                                   ("--checkpoint", "model.checkpoint", str(checkpoint) if checkpoint else None)):
+            if value is not None:
+                cfg = apply_override(cfg, f"{key}={json.dumps(value)}", f"{option} {value}")
+        for assignment in set_:
+            cfg = apply_override(cfg, assignment)
+        if tau is not None and cfg["factorize"]["tau"] is None and cfg["factorize"]["rank"] is None:
+            cfg = apply_override(cfg, f"factorize.tau={tau}")
+        cfg["_preset"] = Path(preset).stem
+        result = train(cfg, out or Path("runs") / Path(preset).stem, progress=not quiet)
+    m = result.metrics
+    typer.echo(f"test accuracy {100 * m['test_accuracy']:.2f}%  c.r. {m['compression_ratio']:.1f}%  "
+               f"ranks {m['ranks']}")
+    typer.echo(f"wrote {result.model_path}")
+
+
+@app.command("factorize")
+@friendly_errors
+def factorize_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Factorized model to write (.safetensors)."),
+    preset: str = typer.Option("digits-mlp", "--preset", "-p", help="Takes the model and factorize settings."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Dense weights (.pt/.pth/.safetensors)."),
+    rank: Optional[int] = typer.Option(None, help="Initial rank per layer."),
+    tau: Optional[float] = typer.Option(None, help="Truncation tolerance τ in (0, 1) for the initial ranks."),
+    include: List[str] = typer.Option([], "--include", help="Glob of layer names to factorize (repeatable)."),
+    exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Glob of layers kept dense (repeatable)."),
+    set_: List[str] = typer.Option([], "--set", help="Override any preset field: section.key=value."),
+) -> None:
+    """Replace a model's dense layers by factorized ones (truncated SVD) and write it.
+
+    The first conv and the classifier head stay dense by default (the preset's exclude list).
+
+    Example: lrc factorize --preset lenet5-fashion-mnist --checkpoint lenet5.pt --tau 0.05 --out lenet5-lr.safetensors
+    """
+    from ..io import load_weights, read_checkpoint, save_model
+    from ..models import build_model
+    from ..presets import apply_override, load_preset
+    from ..surgery import compression_ratio, factorize
+
+    cfg = load_preset(preset)
+    for assignment in set_:
+        cfg = apply_override(cfg, assignment)
+    fac = cfg["factorize"]
+    if rank is not None or tau is not None:
+        fac = dict(fac, rank=rank, tau=tau)
+    if tau is not None and not 0.0 < tau < 1.0:
+        raise ValueError(f"--tau {tau}: must lie in (0, 1)")
+    arch = {"name": cfg["model"]["name"], "args": dict(cfg["model"]["args"])}
+    model = build_model(arch["name"], **arch["args"])
+    if checkpoint:
+        load_weights(model, read_checkpoint(checkpoint), str(checkpoint))
+    report = factorize(model, rank=fac["rank"], tau=fac["tau"], include=include or fac["include"],
+                       exclude=fac["exclude"] if exclude is None else exclude)
+    if not report.replaced:
+        raise ValueError("no layer was factorized: every candidate was excluded or would not save parameters "
+                         "at this rank (a rank must be below what a layer allows)")
+    typer.echo(str(report))
+    typer.echo(f"c.r. {compression_ratio(model):.1f}%")
+    save_model(out, model, arch, {"source": str(checkpoint) if checkpoint else "random init"})
+    typer.echo(f"wrote {out}")
+
+
+@app.command("evaluate")
+@friendly_errors
+def evaluate_cmd(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="A compressed .safetensors written by lrc."),
+    data: Optional[str] = typer.Option(None, help="Data set [default: the one it was trained on]."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    device: str = typer.Option("auto"),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Rebuild a model from its file alone and report accuracy, loss, parameters, c.r., ranks, FLOPs.
+
+    Example: lrc evaluate runs/digits-mlp/model.safetensors --json
+    """
+    from ..data import build_data
+    from ..evaluate import evaluate
+    from ..io import load_model
+    from ..train import resolve_device
+
+    dev = resolve_device(device)
+    model, meta = load_model(model_path, dev)
+    name = data or meta["summary"].get("data")
+    if not name:
+        raise ValueError(f"{model_path} does not record its data set; pass --data NAME")
+    _, test = build_data(name, data_dir).loaders(batch_size, 0, batch_size)
+    result = evaluate(model, test, dev)
+    result.update(model=str(model_path), architecture=meta["architecture"], data=name)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"{model_path}: {meta['architecture']['name']} on {name}")
+    typer.echo(f"  top-1 {100 * result['top1']:.2f}%" + (f"  top-5 {100 * result['top5']:.2f}%" if "top5" in result else "")
+               + f"  loss {result['loss']:.4f}  ({result['samples']} samples)")
+    typer.echo(f"  parameters {result['params']:,}  c.r. {result['compression_ratio']:.1f}%  "
+               f"FLOPs/sample {result['flops_per_sample']:,}")
+    for layer, rank in result["ranks"].items():
+        typer.echo(f"  {layer:<28} rank {rank}")
+
+
+@app.command("export")
+@friendly_errors
+def export_cmd(
+    source: Path = typer.Argument(..., metavar="RUN_DIR|MODEL", help="A run directory or a compressed model."),
+    out: Path = typer.Option(..., "--out", "-o", help="File to write (.safetensors; .pt for --dense also)."),
+    dtype: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
+    dense: bool = typer.Option(False, "--dense", help="Merge into a plain state dict of the original architecture."),
+) -> None:
+    """Write the compressed model (or, with --dense, a plain state dict that loads strict
+    into the original architecture).
+
+    Example: lrc export runs/digits-mlp --out digits.safetensors --dtype bf16
+    """
+    import torch
+
+    from ..io import load_model, save_dense, save_model
+
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise ValueError(f"--dtype {dtype!r}: choose fp32, fp16 or bf16")
+    path = source / "model.safetensors" if source.is_dir() else source
+    model, meta = load_model(path)
+    if dense:
+        save_dense(out, model, dtypes[dtype])
+    else:
+        save_model(out, model, meta["architecture"], meta["summary"], dtypes[dtype])
+    typer.echo(f"wrote {out} ({out.stat().st_size:,} bytes)")
+
+
+@app.command("info")
+@friendly_errors
+def info_cmd(path: Path = typer.Argument(..., metavar="FILE", help="A compressed .safetensors written by lrc.")) -> None:
+    """Print what a compressed model file holds, without a data set.
+
+    Example: lrc info runs/digits-mlp/model.safetensors
+    """
+    from ..io import load_model
+
+    model, meta = load_model(path)
+    from ..surgery import compression_ratio, count_parameters
+
+    arch = meta["architecture"]
+    typer.echo(f"{path}: {meta['format']}, {arch['name']} {json.dumps(arch.get('args', {}))}")
+    typer.echo(f"  parameters {count_parameters(model):,}  c.r. {compression_ratio(model):.1f}%")
+    for layer, spec in meta["layers"].items():
+        typer.echo(f"  {layer:<28} {spec['kind']:<14} rank {spec['rank']}")
+    for key, value in meta["summary"].items():
+        typer.echo(f"  {key}: {value}")
+
+
 def main() -> None:
-    app()
+    app(prog_name="lrc")
+
+
+if __name__ == "__main__":  # python -m lrc.cli
+    sys.exit(main())

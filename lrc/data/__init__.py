@@ -1,0 +1,153 @@
+"""Registry of data sets: ``build_data(name, data_dir, batch_size, seed)`` → train/test loaders.
+
+``digits`` (scikit-learn's 8×8 handwritten digits, shipped with the package) needs no
+download and is the built-in default. The others read torchvision's formats from
+``data_dir``; a missing data set is a :class:`DataError` saying where to put it.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+__all__ = ["DATASETS", "DataError", "Data", "build_data"]
+
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+class DataError(RuntimeError):
+    """A data set cannot be found or read; the message says what to do."""
+
+
+@dataclass
+class Data:
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    def loaders(self, batch_size: int, seed: int, eval_batch_size: int | None = None,
+                workers: int = 0) -> tuple[DataLoader, DataLoader]:
+        g = torch.Generator().manual_seed(seed)
+        train = DataLoader(self.train, batch_size=batch_size, shuffle=True, generator=g, num_workers=workers,
+                           drop_last=False)
+        test = DataLoader(self.test, batch_size=eval_batch_size or max(batch_size, 256), num_workers=workers)
+        return train, test
+
+
+DATASETS: dict[str, Callable[..., Data]] = {}
+
+
+def register_data(name: str):
+    def wrap(fn):
+        DATASETS[name] = fn
+        return fn
+    return wrap
+
+
+def build_data(name: str, data_dir: str | Path | None = None, seed: int = 0) -> Data:
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name](Path(data_dir) if data_dir else None, seed)
+
+
+@register_data("digits")
+def digits(data_dir: Path | None, seed: int) -> Data:
+    """scikit-learn's 1,797 8×8 digits, a fixed seeded 80/20 split, scaled to [0, 1] and
+    standardised with the training mean/std."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("the digits data set comes with scikit-learn: pip install scikit-learn") from None
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))  # split fixed across runs
+    cut = int(0.8 * len(x))
+    tr, te = perm[:cut], perm[cut:]
+    mean, std = x[tr].mean(), x[tr].std()
+    x = (x - mean) / std
+    return Data(TensorDataset(x[tr], y[tr]), TensorDataset(x[te], y[te]), 10, (1, 8, 8))
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_idx(dirs: list[Path], stem: str) -> Path | None:
+    for d in dirs:
+        for sub in ("", "raw", "FashionMNIST/raw", "MNIST/raw"):
+            for suffix in ("", ".gz"):
+                p = d / sub / f"{stem}{suffix}"
+                if p.is_file():
+                    return p
+    return None
+
+
+def _mnist_like(name: str, data_dir: Path | None, mean: float, std: float, extra_dirs: list[Path]) -> Data:
+    dirs = ([data_dir] if data_dir else []) + extra_dirs
+    files = {k: _find_idx(dirs, f"{k}-ubyte") for k in
+             ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")}
+    missing = [k for k, v in files.items() if v is None]
+    if missing:
+        where = ", ".join(str(d) for d in dirs) or "(no --data-dir given)"
+        raise DataError(f"{name} not found in {where}: put the four IDX files ({', '.join(missing)}-ubyte[.gz]) "
+                        f"there, e.g. with torchvision.datasets.{'FashionMNIST' if 'fashion' in name else 'MNIST'}"
+                        f"(DIR, download=True), and pass --data-dir DIR")
+
+    def load(images, labels):
+        x = torch.tensor(_read_idx(files[images]).copy(), dtype=torch.float32).unsqueeze(1) / 255.0
+        return TensorDataset((x - mean) / std, torch.tensor(_read_idx(files[labels]).copy(), dtype=torch.long))
+
+    return Data(load("train-images-idx3", "train-labels-idx1"), load("t10k-images-idx3", "t10k-labels-idx1"),
+                10, (1, 28, 28))
+
+
+@register_data("fashion-mnist")
+def fashion_mnist(data_dir: Path | None, seed: int) -> Data:
+    """Fashion-MNIST from IDX files in ``data_dir`` or, without download, in
+    /usr/share/datasets/fashion-mnist (Debian's package ``dataset-fashion-mnist``)."""
+    return _mnist_like("fashion-mnist", data_dir, 0.2860, 0.3530, [FASHION_MNIST_SYSTEM_DIR])
+
+
+@register_data("mnist")
+def mnist(data_dir: Path | None, seed: int) -> Data:
+    return _mnist_like("mnist", data_dir, 0.1307, 0.3081, [])
+
+
+def _cifar(name: str, cls_name: str, num_classes: int, mean, std):
+    def build(data_dir: Path | None, seed: int) -> Data:
+        import torchvision
+        from torchvision import transforms as T
+
+        if data_dir is None:
+            raise DataError(f"{name} needs --data-dir DIR holding torchvision's {cls_name} files "
+                            f"(torchvision.datasets.{cls_name}(DIR, download=True) fetches them)")
+        norm = T.Normalize(mean, std)
+        train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        test_tf = T.Compose([T.ToTensor(), norm])
+        cls = getattr(torchvision.datasets, cls_name)
+        try:
+            train = cls(str(data_dir), train=True, transform=train_tf, download=False)
+            test = cls(str(data_dir), train=False, transform=test_tf, download=False)
+        except RuntimeError as e:
+            raise DataError(f"{name} not found in {data_dir} ({e}); torchvision.datasets.{cls_name}"
+                            f"({str(data_dir)!r}, download=True) fetches it") from None
+        return Data(train, test, num_classes, (3, 32, 32))
+
+    return build
+
+
+register_data("cifar10")(_cifar("cifar10", "CIFAR10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
+register_data("cifar100")(_cifar("cifar100", "CIFAR100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)))

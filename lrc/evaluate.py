@@ -1,0 +1,78 @@
+"""Evaluation: accuracy (top-1, top-5), loss, parameters, compression ratio, FLOPs per sample."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .layers import LowRankConv2d, LowRankLinear, LowRankMatrixModule
+from .surgery import compression_ratio, count_parameters
+
+__all__ = ["evaluate", "layer_ranks", "flops_per_sample"]
+
+
+def layer_ranks(model: nn.Module) -> dict[str, int]:
+    return {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankMatrixModule)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu", bf16: bool = False) -> dict:
+    """Mean loss and accuracy over ``loader``; top-5 when there are more than 5 classes."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    total, loss_sum, top1, top5, classes = 0, 0.0, 0, 0, 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+            out = model(x).float()
+        classes = out.shape[1]
+        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+        top = out.topk(min(5, classes), dim=1).indices
+        top1 += (top[:, 0] == y).sum().item()
+        top5 += (top == y[:, None]).any(1).sum().item()
+        total += y.numel()
+    model.train(was_training)
+    sample = next(iter(loader))[0][:1].to(device)
+    result = {"loss": loss_sum / max(total, 1), "top1": top1 / max(total, 1), "samples": total,
+              "params": count_parameters(model), "compression_ratio": compression_ratio(model),
+              "flops_per_sample": flops_per_sample(model, sample), "ranks": layer_ranks(model)}
+    if classes > 5:
+        result["top5"] = top5 / max(total, 1)
+    return result
+
+
+@torch.no_grad()
+def flops_per_sample(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-adds ×2 of the linear and convolutional layers for one input sample."""
+    counts: list[int] = []
+
+    def hook(module, inputs, output):
+        positions = output[0].numel() // output.shape[1] if output.dim() > 2 else 1
+        if isinstance(module, LowRankLinear):
+            macs = module.rank * (module.in_features + module.out_features + module.rank)
+        elif isinstance(module, LowRankConv2d):
+            macs = positions * module.rank * (module.in_dim + module.out_dim + module.rank)
+        elif isinstance(module, nn.Linear):
+            macs = module.in_features * module.out_features
+        elif isinstance(module, nn.Conv2d):
+            macs = positions * module.weight.numel()
+        else:
+            return
+        if getattr(module, "base_weight", None) is not None:
+            macs += positions * module.base_weight.numel()
+        counts.append(2 * macs)
+
+    kinds = (nn.Linear, nn.Conv2d, LowRankMatrixModule)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    was_training = model.training
+    model.eval()
+    try:
+        model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return int(sum(counts))

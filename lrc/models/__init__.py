@@ -1,0 +1,80 @@
+"""Registry of architectures: ``build_model(name, **args)``.
+
+Each entry builds the *dense* architecture; ``lrc.factorize`` makes it low-rank. The
+registry name and its arguments are what a compressed file records, so that ``lrc`` can
+rebuild the model from the file alone.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+__all__ = ["MODELS", "build_model", "register_model"]
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str):
+    def wrap(fn):
+        MODELS[name] = fn
+        return fn
+    return wrap
+
+
+def build_model(name: str, **args) -> nn.Module:
+    """Build the dense architecture ``name`` with ``args``; ``ValueError`` names the choices."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
+    try:
+        return MODELS[name](**args)
+    except TypeError as e:
+        raise ValueError(f"bad arguments for model {name!r}: {e}") from None
+
+
+@register_model("mlp")
+def mlp(in_features: int = 784, hidden: list[int] = (500, 500), num_classes: int = 10) -> nn.Module:
+    """Fully connected ReLU network on flattened inputs."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 as in the DLRT papers: conv 1→20 5×5, conv 20→50 5×5, FC 800→500, FC 500→10."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(800, 500), nn.ReLU(), nn.Linear(500, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+@register_model("lenet5")
+def lenet5(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    return LeNet5(num_classes, in_channels)
+
+
+def _torchvision(name: str):
+    def build(num_classes: int = 1000, **kwargs) -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes, **kwargs)
+
+    build.__name__ = name
+    build.__doc__ = f"``torchvision.models.{name}`` (randomly initialised; load weights with a checkpoint)."
+    return build
+
+
+for _name in ("vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "vit_b_16"):
+    register_model(_name)(_torchvision(_name))

@@ -1,0 +1,174 @@
+"""Presets: YAML run configurations, validated against one schema, with ``key=value`` overrides.
+
+A configuration is a nested mapping whose sections and keys are those of :data:`DEFAULTS`;
+a preset gives any subset of them. ``--set optimizer.lr=3e-4`` overrides one value (parsed
+as YAML, so ``[1, 2]``, ``null`` and ``true`` work).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["DEFAULTS", "PresetError", "PRESET_DIR", "list_presets", "load_preset", "resolve_config",
+           "apply_override"]
+
+def _preset_dir() -> Path:
+    """presets/ of a source checkout (editable installs), else the copy a wheel carries."""
+    source = Path(__file__).resolve().parent.parent / "presets"
+    return source if source.is_dir() else Path(__file__).resolve().parent / "_presets"
+
+
+PRESET_DIR = _preset_dir()
+
+METHODS = ("lowrank-adam", "lowrank-sgd", "dense")
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {"name": "mlp", "args": {}, "checkpoint": None},
+    "data": {"name": "digits", "data_dir": None, "batch_size": 64, "eval_batch_size": None, "workers": 0},
+    "factorize": {"rank": None, "tau": None, "include": None, "exclude": [], "conv_format": "matrix"},
+    "optimizer": {"method": "lowrank-adam", "lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999],
+                  "momentum": 0.9, "tau": 0.1, "min_rank": 1, "max_rank": None, "mode": "fused",
+                  "second_moment": "paper"},
+    "train": {"epochs": 10, "seed": 0, "device": "auto", "bf16": False, "grad_clip": None,
+              "schedule": "cosine", "warmup_epochs": 0.0},
+}
+
+# keys that default to None but take a number
+_FLOAT_OR_NONE = {"tau", "grad_clip"}
+
+# keys whose value may be a mapping (everything else must be a scalar or a list)
+_MAPPING_KEYS = {("model", "args")}
+
+
+class PresetError(ValueError):
+    """A preset or override is unknown or invalid; the message says which and what to do."""
+
+
+def list_presets() -> dict[str, str]:
+    """``{name: one-line description}`` of the shipped presets (the YAML's first comment
+    line after the command header)."""
+    out = {}
+    for path in sorted(PRESET_DIR.glob("*.yaml")):
+        desc = ""
+        for line in path.read_text().splitlines():
+            if line.startswith("#") and not line.lstrip("# ").startswith("lrc "):
+                desc = line.lstrip("# ").strip()
+                break
+        out[path.stem] = desc
+    return out
+
+
+def load_preset(name_or_path: str) -> dict:
+    """A shipped preset by name, or a YAML file by path, merged over :data:`DEFAULTS`."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise PresetError(f"unknown preset {name_or_path!r}; `lrc presets` lists them "
+                              f"({', '.join(list_presets()) or 'none found in ' + str(PRESET_DIR)})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise PresetError(f"{path}: not valid YAML ({e})") from None
+    return resolve_config(data, source=str(path))
+
+
+def resolve_config(data: dict, source: str = "config") -> dict:
+    """Merge ``data`` over :data:`DEFAULTS` and validate every key and value."""
+    if not isinstance(data, dict):
+        raise PresetError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    cfg = copy.deepcopy(DEFAULTS)
+    for section, values in data.items():
+        if section not in cfg:
+            raise PresetError(f"{source}: unknown section {section!r} (sections: {', '.join(cfg)})")
+        if not isinstance(values, dict):
+            raise PresetError(f"{source}: section {section!r} must be a mapping")
+        for key, value in values.items():
+            _set_checked(cfg, section, key, value, source)
+    validate(cfg, source)
+    return cfg
+
+
+def apply_override(cfg: dict, assignment: str, source: str | None = None) -> dict:
+    """Apply one ``section.key=value`` (value parsed as YAML) to a resolved config;
+    ``source`` names it in error messages (default ``--set section.key=value``)."""
+    if "=" not in assignment:
+        raise PresetError(f"--set {assignment!r}: expected section.key=value, e.g. optimizer.lr=3e-4")
+    source = source or f"--set {assignment}"
+    dotted, raw = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    cfg = copy.deepcopy(cfg)
+    if len(parts) == 3 and (parts[0], parts[1]) in _MAPPING_KEYS:
+        cfg[parts[0]][parts[1]][parts[2]] = value
+    elif len(parts) == 2:
+        _set_checked(cfg, parts[0], parts[1], value, source)
+    else:
+        raise PresetError(f"--set {assignment!r}: unknown key {dotted!r} (use section.key, e.g. train.epochs)")
+    validate(cfg, source)
+    return cfg
+
+
+def _set_checked(cfg: dict, section: str, key: str, value: Any, source: str) -> None:
+    if section not in cfg:
+        raise PresetError(f"{source}: unknown section {section!r} (sections: {', '.join(cfg)})")
+    if key not in cfg[section]:
+        raise PresetError(f"{source}: unknown key {section}.{key} (keys: {', '.join(cfg[section])})")
+    default = DEFAULTS[section][key]
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float) or key in _FLOAT_OR_NONE:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+            value is None and key in _FLOAT_OR_NONE)
+        value = float(value) if ok and value is not None else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, dict):
+        ok = isinstance(value, dict)
+    elif isinstance(default, list):
+        ok = isinstance(value, list)
+    else:  # None default: any scalar or list
+        ok = not isinstance(value, dict)
+    if not ok:
+        raise PresetError(f"{source}: {section}.{key} = {value!r} has the wrong type "
+                          f"(expected {type(default).__name__ if default is not None else 'a value'})")
+    cfg[section][key] = value
+
+
+def validate(cfg: dict, source: str) -> None:
+    """Cross-field checks with one clear message each."""
+    opt, fac, train = cfg["optimizer"], cfg["factorize"], cfg["train"]
+    if opt["method"] not in METHODS:
+        raise PresetError(f"{source}: optimizer.method {opt['method']!r} is not one of {', '.join(METHODS)}")
+    if not (0.0 < opt["tau"] < 1.0):
+        raise PresetError(f"{source}: optimizer.tau = {opt['tau']} must lie in (0, 1)")
+    if fac["tau"] is not None and not (isinstance(fac["tau"], (int, float)) and 0.0 < fac["tau"] < 1.0):
+        raise PresetError(f"{source}: factorize.tau = {fac['tau']} must lie in (0, 1)")
+    if fac["rank"] is not None and not (isinstance(fac["rank"], int) and fac["rank"] >= 1):
+        raise PresetError(f"{source}: factorize.rank = {fac['rank']!r} must be a positive integer")
+    if opt["method"] != "dense" and fac["rank"] is None and fac["tau"] is None:
+        raise PresetError(f"{source}: method {opt['method']} needs factorize.rank or factorize.tau")
+    if fac["conv_format"] != "matrix":
+        raise PresetError(f"{source}: factorize.conv_format {fac['conv_format']!r}: only 'matrix' is available")
+    if opt["lr"] < 0:
+        raise PresetError(f"{source}: optimizer.lr = {opt['lr']} must be ≥ 0")
+    if train["epochs"] < 1:
+        raise PresetError(f"{source}: train.epochs = {train['epochs']} must be ≥ 1")
+    if train["device"] not in ("auto", "cpu", "cuda") and not str(train["device"]).startswith("cuda:"):
+        raise PresetError(f"{source}: train.device {train['device']!r} must be auto, cpu or cuda")
+    if train["schedule"] not in ("cosine", "constant"):
+        raise PresetError(f"{source}: train.schedule {train['schedule']!r} must be cosine or constant")
+    if cfg["data"]["batch_size"] < 1:
+        raise PresetError(f"{source}: data.batch_size must be ≥ 1")

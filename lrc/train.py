@@ -1,0 +1,311 @@
+"""The training loop behind ``lrc train``: one run directory per run.
+
+    RUN/config.yaml        the resolved configuration
+    RUN/metrics.jsonl|csv  one row per epoch: loss, accuracy, ranks, c.r., lr, time
+    RUN/state.pt           training state for --resume (written atomically, every epoch
+                           and on SIGINT/SIGTERM; kept as the last good state on NaN)
+    RUN/model.safetensors  the compressed model (lrc format), written at the end
+
+Resuming continues at the exact batch where the state was written: the data order of an
+epoch is a function of (seed, epoch), and the RNG states are restored, so on the CPU a
+resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from .data import build_data
+from .evaluate import evaluate, layer_ranks
+from .io import is_lrc_file, load_model, load_state, load_weights, read_checkpoint, save_model, save_state
+from .layers import LowRankMatrixModule
+from .models import build_model
+from .optim import LowRankAdam, LowRankSGD
+from .surgery import compression_ratio, factorize
+
+__all__ = ["TrainingStopped", "RunResult", "train", "resolve_device"]
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped before its end (interrupt or non-finite loss); the state is saved."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    model_path: Path
+    metrics: dict
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but CUDA is not available here; use --device cpu")
+    return torch.device(name)
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation that depends only on (seed, epoch), started at ``start`` samples in."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g)[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+def build_run(cfg: dict, device: torch.device):
+    """Model (dense, from checkpoint, factorized), optimizer and architecture record."""
+    arch = {"name": cfg["model"]["name"], "args": dict(cfg["model"]["args"])}
+    path = cfg["model"]["checkpoint"]
+    fac, opt_cfg = cfg["factorize"], cfg["optimizer"]
+    report = None
+    if path and is_lrc_file(path):  # already factorized: continue from it
+        model, meta = load_model(path)
+        arch = meta["architecture"]
+        if opt_cfg["method"] == "dense":
+            raise ValueError(f"{path} is a factorized model; train it with a low-rank method, or export it "
+                             "with `lrc export --dense` first")
+    else:
+        model = build_model(arch["name"], **arch["args"])
+        if path:
+            load_weights(model, read_checkpoint(path), str(path))
+    if opt_cfg["method"] != "dense" and not any(isinstance(m, LowRankMatrixModule) for m in model.modules()):
+        report = factorize(model, rank=fac["rank"], tau=fac["tau"], include=fac["include"], exclude=fac["exclude"])
+        if not report.replaced:
+            raise ValueError("factorize replaced no layer: check factorize.rank/include/exclude "
+                             "(a rank must be below what a layer allows to save parameters)")
+    model.to(device)
+    common = dict(lr=opt_cfg["lr"], weight_decay=opt_cfg["weight_decay"])
+    if opt_cfg["method"] == "dense":
+        opt = torch.optim.AdamW(model.parameters(), betas=tuple(opt_cfg["betas"]), **common)
+    else:
+        lowrank = dict(tau=opt_cfg["tau"], min_rank=opt_cfg["min_rank"], max_rank=opt_cfg["max_rank"],
+                       mode=opt_cfg["mode"])
+        if opt_cfg["method"] == "lowrank-adam":
+            opt = LowRankAdam(model, betas=tuple(opt_cfg["betas"]), second_moment=opt_cfg["second_moment"],
+                              **common, **lowrank)
+        else:
+            opt = LowRankSGD(model, momentum=opt_cfg["momentum"], **common, **lowrank)
+    return model, opt, arch, report
+
+
+def _schedule(cfg: dict, steps_per_epoch: int):
+    total = cfg["train"]["epochs"] * steps_per_epoch
+    warmup = int(cfg["train"]["warmup_epochs"] * steps_per_epoch)
+    cosine = cfg["train"]["schedule"] == "cosine"
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if not cosine:
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _rng_state() -> dict:
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Interrupts:
+    """Turns SIGINT/SIGTERM into a flag checked between batches."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: dict, run_dir: str | Path, resume: bool = False, progress: bool = True,
+          max_steps: int | None = None) -> RunResult:
+    """Run (or resume) the configured training in ``run_dir``; ``max_steps`` stops early
+    with a saved state, as an interrupt would (for tests)."""
+    run_dir = Path(run_dir)
+    state_path = run_dir / "state.pt"
+    if resume:
+        saved = load_state(state_path)
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    elif state_path.exists():
+        raise ValueError(f"{run_dir} already holds a run; resume it with --resume or choose another --out")
+    tcfg = cfg["train"]
+    device = resolve_device(tcfg["device"])
+    torch.manual_seed(tcfg["seed"])
+    random.seed(tcfg["seed"])
+    np.random.seed(tcfg["seed"])
+
+    data = build_data(cfg["data"]["name"], cfg["data"]["data_dir"], tcfg["seed"])
+    model, opt, arch, report = build_run(cfg, device)
+    sampler = EpochSampler(len(data.train), tcfg["seed"])
+    train_loader = DataLoader(data.train, batch_size=cfg["data"]["batch_size"], sampler=sampler,
+                              num_workers=cfg["data"]["workers"])
+    _, test_loader = data.loaders(cfg["data"]["batch_size"], tcfg["seed"], cfg["data"]["eval_batch_size"],
+                                  cfg["data"]["workers"])
+    steps_per_epoch = math.ceil(len(data.train) / cfg["data"]["batch_size"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, steps_per_epoch))
+
+    epoch, batch_done, step = 0, 0, 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        _set_rng_state(saved["rng"])
+        epoch, batch_done, step = int(saved["epoch"]), int(saved["batch"]), int(saved["step"])
+        epoch_sums = saved["epoch_sums"].tolist()
+    else:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        for name in ("metrics.jsonl", "metrics.csv"):
+            (run_dir / name).unlink(missing_ok=True)
+        epoch_sums = [0.0, 0.0, 0.0]  # loss·n, correct, n
+
+    def snapshot(epoch_, batch_, step_, sums) -> dict:
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": _rng_state(), "epoch": epoch_, "batch": batch_, "step": step_,
+                "epoch_sums": torch.tensor(sums, dtype=torch.float64)}
+
+    use_bf16 = tcfg["bf16"] and device.type == "cuda"
+    last = {}
+    with _Interrupts() as interrupts:
+        while epoch < tcfg["epochs"]:
+            model.train()
+            sampler.set_position(epoch, batch_done * cfg["data"]["batch_size"])
+            started = time.perf_counter()
+            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{tcfg['epochs']}", disable=not progress,
+                       leave=False, initial=batch_done, total=steps_per_epoch)
+            good = snapshot(epoch, batch_done, step, epoch_sums)  # the last good state
+            for x, y in bar:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                opt.zero_grad()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    out = model(x)
+                    loss = F.cross_entropy(out, y)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    save_state(state_path, good)
+                    raise TrainingStopped(
+                        f"loss became {loss_value} at epoch {epoch + 1}, batch {batch_done + 1}; stopped. The last "
+                        f"good state is in {state_path}. Try a lower --lr or --set train.grad_clip=1.0", 1)
+                loss.backward()
+                if tcfg["grad_clip"]:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip"])
+                opt.step()
+                sched.step()
+                step += 1
+                batch_done += 1
+                n = y.numel()
+                epoch_sums[0] += loss_value * n
+                epoch_sums[1] += (out.argmax(1) == y).sum().item()
+                epoch_sums[2] += n
+                if progress and batch_done % 10 == 0:
+                    bar.set_postfix(loss=f"{epoch_sums[0] / epoch_sums[2]:.3f}",
+                                    acc=f"{epoch_sums[1] / epoch_sums[2]:.3f}",
+                                    rank=f"{_mean_rank(model):.1f}", cr=f"{compression_ratio(model):.1f}%")
+                if interrupts.signal is not None or (max_steps is not None and step >= max_steps):
+                    bar.close()
+                    save_state(state_path, snapshot(epoch, batch_done, step, epoch_sums))
+                    why = "interrupted" if interrupts.signal is not None else f"stopped after {step} steps"
+                    code = 128 + interrupts.signal if interrupts.signal is not None else 0
+                    raise TrainingStopped(f"{why}; the state is saved: lrc train --resume {run_dir}", code)
+            bar.close()
+            ev = evaluate(model, test_loader, device, bf16=use_bf16)
+            last = {"epoch": epoch + 1, "train_loss": epoch_sums[0] / max(epoch_sums[2], 1),
+                    "train_accuracy": epoch_sums[1] / max(epoch_sums[2], 1), "test_loss": ev["loss"],
+                    "test_accuracy": ev["top1"], "compression_ratio": compression_ratio(model),
+                    "params": ev["params"], "lr": opt.param_groups[0]["lr"],
+                    "time_s": time.perf_counter() - started, "ranks": layer_ranks(model)}
+            if "top5" in ev:
+                last["test_top5"] = ev["top5"]
+            _append_metrics(run_dir, last)
+            if progress:
+                tqdm.write(f"epoch {epoch + 1}: train loss {last['train_loss']:.4f}, test accuracy "
+                           f"{100 * last['test_accuracy']:.2f}%, c.r. {last['compression_ratio']:.1f}%")
+            epoch, batch_done, epoch_sums = epoch + 1, 0, [0.0, 0.0, 0.0]
+            save_state(state_path, snapshot(epoch, 0, step, epoch_sums))
+
+    if not last:  # resumed a finished run
+        ev = evaluate(model, test_loader, device, bf16=use_bf16)
+        last = {"test_accuracy": ev["top1"], "test_loss": ev["loss"], "compression_ratio": compression_ratio(model),
+                "ranks": layer_ranks(model)}
+    model_path = run_dir / "model.safetensors"
+    summary = {k: last[k] for k in ("test_accuracy", "test_loss", "compression_ratio") if k in last}
+    summary.update(preset=cfg.get("_preset"), data=cfg["data"]["name"], epochs=tcfg["epochs"],
+                   method=cfg["optimizer"]["method"])
+    save_model(model_path, model, arch, summary)
+    return RunResult(run_dir, model_path, last)
+
+
+def _mean_rank(model: nn.Module) -> float:
+    ranks = [m.rank for m in model.modules() if isinstance(m, LowRankMatrixModule)]
+    return sum(ranks) / len(ranks) if ranks else 0.0
+
+
+def _append_metrics(run_dir: Path, row: dict) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    flat = {k: v for k, v in row.items() if k != "ranks"}
+    flat["ranks"] = " ".join(f"{k}:{v}" for k, v in row["ranks"].items())
+    path = run_dir / "metrics.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(flat))
+        if new:
+            w.writeheader()
+        w.writerow(flat)

@@ -1,0 +1,182 @@
+"""End-to-end: the ``lrc`` command through its real entry point, on the built-in digits data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lrc.io import load_model
+from lrc.models import build_model
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+LRC = [sys.executable, "-m", "lrc"]
+
+
+def lrc(*args, check=True, timeout=300):
+    proc = subprocess.run([*LRC, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lrc {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    proc = lrc("train", "--preset", "digits-mlp", "--epochs", "3", "--out", out, "--quiet")
+    assert "test accuracy" in proc.stdout and "c.r." in proc.stdout
+    return out
+
+
+def test_train_writes_the_run_directory(run_dir):
+    assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "metrics.jsonl", "metrics.csv", "state.pt",
+                                                   "model.safetensors"}
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    last = rows[-1]
+    assert last["test_accuracy"] > 0.8  # three epochs on digits
+    assert set(last["ranks"]) == {"1", "3"} and 60 < last["compression_ratio"] < 70
+    assert last["lr"] < rows[0]["lr"]  # cosine schedule
+    csv_lines = (run_dir / "metrics.csv").read_text().splitlines()
+    assert len(csv_lines) == 4 and "test_accuracy" in csv_lines[0]
+
+
+def test_evaluate_rebuilds_the_model_from_the_file_alone(run_dir):
+    out = json.loads(lrc("evaluate", run_dir / "model.safetensors", "--json", "--device", "cpu").stdout)
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert out["top1"] == pytest.approx(last["test_accuracy"])
+    assert out["compression_ratio"] == pytest.approx(last["compression_ratio"])
+    assert out["ranks"] == last["ranks"] and out["samples"] == 360 and "top5" in out
+    # 2·(r·(64+256+r) + r·(256+256+r) + 256·10) multiply-adds for the two rank-32 layers and the head
+    assert out["flops_per_sample"] == 2 * (32 * (64 + 256 + 32) + 32 * (256 + 256 + 32) + 256 * 10)
+
+
+def test_info_reads_the_file_without_data(run_dir):
+    out = lrc("info", run_dir / "model.safetensors").stdout
+    assert "mlp" in out and "LowRankLinear" in out and "rank 32" in out and "test_accuracy" in out
+
+
+def test_export_dense_loads_strict_into_the_original_architecture(run_dir, tmp_path):
+    lrc("export", run_dir, "--dense", "--out", tmp_path / "dense.pt")
+    dense = build_model("mlp", in_features=64, hidden=[256, 256], num_classes=10)
+    dense.load_state_dict(torch.load(tmp_path / "dense.pt", weights_only=True), strict=True)
+    model, _ = load_model(run_dir / "model.safetensors")
+    x = torch.randn(5, 1, 8, 8)
+    assert torch.allclose(dense(x), model(x), atol=1e-5)
+
+
+def test_export_bf16_halves_the_file(run_dir, tmp_path):
+    lrc("export", run_dir / "model.safetensors", "--dtype", "bf16", "--out", tmp_path / "m.safetensors")
+    tensors = load_file(tmp_path / "m.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+    assert "1.U" in tensors and "1.S" in tensors and "1.V" in tensors
+    size = (tmp_path / "m.safetensors").stat().st_size
+    assert size < 0.6 * (run_dir / "model.safetensors").stat().st_size
+    model, meta = load_model(tmp_path / "m.safetensors")
+    assert meta["layers"]["1"]["rank"] == 32
+
+
+def test_presets_lists_every_shipped_preset():
+    out = lrc("presets").stdout
+    for name in ("digits-mlp", "mlp-fashion-mnist", "lenet5-fashion-mnist"):
+        assert name in out
+
+
+def test_version_and_help():
+    from lrc import __version__
+
+    assert lrc("--version").stdout.strip() == f"lrc {__version__}"
+    for cmd in ("train", "evaluate", "export", "info", "presets"):
+        assert "Example: lrc" in lrc(cmd, "--help").stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
+    (["train", "--set", "optimizer.bogus=1"], "unknown key optimizer.bogus"),
+    (["train", "--set", "epochs=3"], "unknown key 'epochs'"),
+    (["train", "--tau", "1.5"], "--tau 1.5: optimizer.tau = 1.5 must lie in (0, 1)"),
+    (["train", "--set", "factorize.rank=1000", "--out", "{tmp}/r"], "replaced no layer"),
+    (["train", "--preset", "mlp-fashion-mnist", "--data-dir", "{tmp}", "--out", "{tmp}/f"], "fashion-mnist not found"),
+    (["evaluate", "{tmp}/missing.safetensors"], "no such file"),
+    (["evaluate", "{tmp}/garbage.safetensors"], "not a readable safetensors file"),
+    (["train", "--checkpoint", "{tmp}/garbage.pt", "--out", "{tmp}/g"], "cannot read it as a checkpoint"),
+    (["train", "--checkpoint", "{tmp}/other.pt", "--out", "{tmp}/o"], "does not fit the architecture (missing: 1.weight"),
+    (["export", "{tmp}/garbage.safetensors", "--out", "{tmp}/x.safetensors"], "not a readable"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
+    proc = lrc(*[a.replace("{tmp}", str(tmp_path)) for a in args], check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_nan_loss_stops_with_the_last_good_state(tmp_path):
+    out = tmp_path / "nan"
+    proc = lrc("train", "--out", out, "--quiet", "--lr", "1e12", "--set", "optimizer.method=dense",
+               "--set", "train.schedule=constant", check=False)
+    assert proc.returncode == 1
+    assert "loss became nan" in proc.stderr and "last good state" in proc.stderr and "Traceback" not in proc.stderr
+    assert (out / "state.pt").exists() and not (out / "model.safetensors").exists()
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_sigint_leaves_a_resumable_state_and_resume_finishes(tmp_path):
+    out = tmp_path / "int"
+    proc = subprocess.Popen([*LRC, "train", "--out", str(out), "--quiet", "--epochs", "200"], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "lrc train --resume" in err and "Traceback" not in err
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert 1 <= state["epoch"] < 200
+    assert not (out / "model.safetensors").exists()
+    (out / "config.yaml").write_text((out / "config.yaml").read_text().replace("epochs: 200", "epochs: 3"))
+    done = lrc("train", "--resume", out, "--quiet")
+    assert "test accuracy" in done.stdout and (out / "model.safetensors").exists()
+
+
+def test_python_api_resume_mid_epoch_matches_an_uninterrupted_run(tmp_path):
+    from lrc.presets import apply_override, load_preset
+    from lrc.train import TrainingStopped, train
+
+    cfg = apply_override(load_preset("digits-mlp"), "train.epochs=2")
+    full = train(cfg, tmp_path / "full", progress=False)
+    with pytest.raises(TrainingStopped):
+        train(cfg, tmp_path / "cut", progress=False, max_steps=30)  # mid-epoch 2 (23 steps per epoch)
+    resumed = train({}, tmp_path / "cut", resume=True, progress=False)
+    a, b = load_file(full.model_path), load_file(resumed.model_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+    assert resumed.metrics["ranks"] == full.metrics["ranks"]
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(cfg, tmp_path / "full", progress=False)
+
+
+def test_factorize_then_train_from_the_factorized_file(tmp_path):
+    out = lrc("factorize", "--rank", "8", "--out", tmp_path / "f.safetensors").stdout
+    assert "256×256" in out and "kept dense: excluded" in out and "c.r. 88.4%" in out
+    lrc("train", "--checkpoint", tmp_path / "f.safetensors", "--epochs", "1", "--quiet", "--out", tmp_path / "run")
+    model, meta = load_model(tmp_path / "run" / "model.safetensors")
+    assert meta["layers"]["3"]["rank"] <= 8  # started from the file's rank-8 factors
+
+
+def test_dense_method_trains_a_dense_model(tmp_path):
+    lrc("train", "--method", "dense", "--epochs", "1", "--quiet", "--out", tmp_path / "d")
+    model, meta = load_model(tmp_path / "d" / "model.safetensors")
+    assert meta["layers"] == {} and meta["summary"]["method"] == "dense"
