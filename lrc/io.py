@@ -144,7 +144,11 @@ def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a plain checkpoint (``.safetensors``, or ``.pt``/``.pth`` read with
-    ``weights_only=True``; a ``{"state_dict": …}`` or ``{"model": …}`` wrapper is unwrapped)."""
+    ``weights_only=True``; a ``{"state_dict": …}`` or ``{"model": …}`` wrapper is unwrapped),
+    or ``torchvision:WEIGHTS`` (e.g. ``torchvision:VGG16_Weights.IMAGENET1K_V1``), which
+    torchvision downloads into its cache when the network is there."""
+    if str(path).startswith("torchvision:"):
+        return _torchvision_weights(str(path).split(":", 1)[1])
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -161,6 +165,20 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: holds no state dict of tensors")
     return obj
+
+
+def _torchvision_weights(name: str) -> dict[str, torch.Tensor]:
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_weight(name)
+    except (ValueError, KeyError, AttributeError):
+        raise CheckpointError(f"torchvision:{name}: unknown weights name (e.g. torchvision:VGG16_Weights.IMAGENET1K_V1)") from None
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as e:  # no network, or a broken download
+        raise CheckpointError(f"torchvision:{name}: could not download the weights ({_first_line(e)}); "
+                              "download them where the network is and pass the .pth file") from None
 
 
 def save_dense(path: str | Path, model: nn.Module, dtype: torch.dtype | None = None) -> None:

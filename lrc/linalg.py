@@ -15,6 +15,8 @@ __all__ = [
     "pad_block",
     "sign_fixed_svd",
     "truncation_rank",
+    "untruncated_rank",
+    "clip_rank",
     "truncate",
     "rotate_first_moment",
     "rotate_second_moment",
@@ -94,27 +96,41 @@ def sign_fixed_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD ``A = P diag(σ) Rᵀ`` with a machine-independent sign per pair.
 
     Each singular pair is signed so that the largest-magnitude entry of its column
-    of ``P`` is positive. Returns ``(P, σ, R)`` (note ``R``, not ``Rᵀ``).
+    of ``P`` is positive. Returns ``(P, σ, R)`` (note ``R``, not ``Rᵀ``). Works on a
+    batch ``(..., m, n)`` as well.
     """
     P, sigma, Rh = torch.linalg.svd(A, full_matrices=False)
-    idx = P.abs().argmax(dim=0, keepdim=True)
-    sign = torch.where(torch.gather(P, 0, idx) < 0, -1.0, 1.0).to(P.dtype)
+    idx = P.abs().argmax(dim=-2, keepdim=True)
+    sign = torch.where(torch.gather(P, -2, idx) < 0, -1.0, 1.0).to(P.dtype)
     return P * sign, sigma, Rh.mT * sign
 
 
-def truncation_rank(sigma: Tensor, tau: float, min_rank: int = 1, max_rank: int | None = None) -> int:
-    """Smallest ``r₁`` with ``‖σ[r₁:]‖₂ ≤ τ‖σ‖₂``, clipped to ``[min_rank, max_rank]``.
+def untruncated_rank(sigma: Tensor, tau: float | Tensor) -> Tensor:
+    """Smallest ``r₁`` with ``‖σ[r₁:]‖₂ ≤ τ‖σ‖₂``, on the device (no synchronisation).
 
-    ``sigma`` holds singular values in descending order; ``τ = 0`` keeps every
-    non-zero one. The result never exceeds ``len(sigma)``. Reads one integer
-    from the device (the only host synchronisation of a step).
+    ``sigma`` holds singular values in descending order along its last dimension
+    (a batch is fine; ``tau`` may then be a tensor of one tolerance per row). ``τ = 0``
+    keeps every non-zero value.
     """
     sq = sigma.double() ** 2
-    tail = torch.flip(torch.cumsum(torch.flip(sq, (0,)), 0), (0,)).sqrt()
-    threshold = tau * tail[0] if len(sigma) else 0.0
-    rank = int((tail > threshold).sum())
-    upper = len(sigma) if max_rank is None else min(max_rank, len(sigma))
+    tail = torch.flip(torch.cumsum(torch.flip(sq, (-1,)), -1), (-1,)).sqrt()
+    tau = torch.as_tensor(tau, dtype=tail.dtype, device=tail.device)
+    threshold = tau * tail[..., :1].squeeze(-1)
+    return (tail > threshold.unsqueeze(-1)).sum(-1)
+
+
+def clip_rank(rank: int, size: int, min_rank: int = 1, max_rank: int | None = None) -> int:
+    """``rank`` clipped to ``[min_rank, max_rank]`` and never above ``size``."""
+    upper = size if max_rank is None else min(max_rank, size)
     return max(min(rank, upper), min(min_rank, upper))
+
+
+def truncation_rank(sigma: Tensor, tau: float, min_rank: int = 1, max_rank: int | None = None) -> int:
+    """:func:`untruncated_rank` of one vector of singular values, read from the device
+    and clipped by :func:`clip_rank`."""
+    if len(sigma) == 0:
+        return 0
+    return clip_rank(int(untruncated_rank(sigma, tau)), len(sigma), min_rank, max_rank)
 
 
 def truncate(

@@ -141,3 +141,16 @@ def test_augment_basis_stays_orthonormal_for_ill_conditioned_gradients(dtype, to
     # the leading directions of G are inside the augmented span
     lead = G[:, :1].double()
     assert (lead - Uh @ (Uh.T @ lead)).norm() < 10 * tol * lead.norm()
+
+
+def test_batched_svd_and_ranks_match_the_single_ones():
+    from lrc.linalg import clip_rank, untruncated_rank
+
+    A = torch.randn(3, 6, 5, dtype=f64)
+    P, s, R = sign_fixed_svd(A)
+    for i in range(3):
+        Pi, si, Ri = sign_fixed_svd(A[i])
+        assert torch.allclose(P[i], Pi, atol=1e-12) and torch.allclose(s[i], si) and torch.allclose(R[i], Ri, atol=1e-12)
+    sigma = torch.tensor([[4.0, 2.0, 1.0, 0.5], [4.0, 2.0, 1.0, 0.5]], dtype=f64)
+    assert untruncated_rank(sigma, torch.tensor([0.25, 0.5])).tolist() == [2, 1]
+    assert clip_rank(1, 4, min_rank=2) == 2 and clip_rank(4, 4, max_rank=3) == 3 and clip_rank(2, 1) == 1

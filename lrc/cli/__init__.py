@@ -93,7 +93,8 @@ def train_cmd(
     method: Optional[str] = typer.Option(None, help="lowrank-adam, lowrank-sgd or dense."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the data set lies."),
-    checkpoint: Optional[Path] = typer.Option(None, help="Dense checkpoint (.pt/.pth/.safetensors) to start from."),
+    checkpoint: Optional[str] = typer.Option(None, help="Start from: a dense checkpoint (.pt/.pth/.safetensors, "
+                                             "torchvision:WEIGHTS) or a factorized lrc file."),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Resume the run in this directory."),
     set_: List[str] = typer.Option([], "--set", help="Override any preset field: section.key=value."),
@@ -134,8 +135,9 @@ def train_cmd(
 def factorize_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Factorized model to write (.safetensors)."),
     preset: str = typer.Option("digits-mlp", "--preset", "-p", help="Takes the model and factorize settings."),
-    checkpoint: Optional[Path] = typer.Option(None, help="Dense weights (.pt/.pth/.safetensors)."),
+    checkpoint: Optional[str] = typer.Option(None, help="Dense weights: .pt/.pth/.safetensors, or torchvision:WEIGHTS."),
     rank: Optional[int] = typer.Option(None, help="Initial rank per layer."),
+    conv_format: str = typer.Option("matrix", "--conv-format", help="How convolutions are factorized: matrix."),
     tau: Optional[float] = typer.Option(None, help="Truncation tolerance τ in (0, 1) for the initial ranks."),
     include: List[str] = typer.Option([], "--include", help="Glob of layer names to factorize (repeatable)."),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Glob of layers kept dense (repeatable)."),
@@ -155,6 +157,8 @@ def factorize_cmd(
     cfg = load_preset(preset)
     for assignment in set_:
         cfg = apply_override(cfg, assignment)
+    if conv_format != "matrix":
+        raise ValueError(f"--conv-format {conv_format!r}: only 'matrix' is available in this version")
     fac = cfg["factorize"]
     if rank is not None or tau is not None:
         fac = dict(fac, rank=rank, tau=tau)

@@ -151,3 +151,56 @@ def _cifar(name: str, cls_name: str, num_classes: int, mean, std):
 
 register_data("cifar10")(_cifar("cifar10", "CIFAR10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
 register_data("cifar100")(_cifar("cifar100", "CIFAR100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)))
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class _Subset(Dataset):
+    """Indices of an ImageFolder with their own transform."""
+
+    def __init__(self, folder, indices, transform) -> None:
+        self.folder, self.indices, self.transform = folder, indices, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        path, label = self.folder.samples[self.indices[i]]
+        return self.transform(self.folder.loader(path)), label
+
+
+@register_data("ucm")
+def uc_merced(data_dir: Path | None, seed: int, image_size: int = 224) -> Data:
+    """UC Merced land use (21 classes, 100 images each) from an ImageFolder tree
+    (``DIR/<class>/*.tif``, or ``DIR/Images/<class>/…`` as the archive unpacks), with a fixed
+    seeded 80/20 split per class; ImageNet normalisation, random crops and flips for training."""
+    import torchvision
+    from torchvision import transforms as T
+
+    if data_dir is None:
+        raise DataError("ucm needs --data-dir DIR with the UC Merced land-use images (one folder per class), "
+                        "from http://weegee.vision.ucmerced.edu/datasets/landuse.html")
+    root = data_dir / "Images" if (data_dir / "Images").is_dir() else data_dir
+    try:
+        folder = torchvision.datasets.ImageFolder(str(root))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"ucm not found in {root} ({e}); unpack UCMerced_LandUse there, one folder per class") from None
+    if len(folder.classes) != 21:
+        raise DataError(f"{root} holds {len(folder.classes)} class folders; UC Merced has 21")
+    g = torch.Generator().manual_seed(1234)  # the split is fixed across runs and seeds
+    by_class: dict[int, list[int]] = {}
+    for i, (_, label) in enumerate(folder.samples):
+        by_class.setdefault(label, []).append(i)
+    train_idx, test_idx = [], []
+    for label in sorted(by_class):
+        idx = by_class[label]
+        perm = torch.randperm(len(idx), generator=g).tolist()
+        cut = int(0.8 * len(idx))
+        train_idx += [idx[j] for j in perm[:cut]]
+        test_idx += [idx[j] for j in perm[cut:]]
+    norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = T.Compose([T.RandomResizedCrop(image_size, scale=(0.5, 1.0)), T.RandomHorizontalFlip(),
+                          T.RandomVerticalFlip(), T.ToTensor(), norm])
+    test_tf = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(), norm])
+    return Data(_Subset(folder, train_idx, train_tf), _Subset(folder, test_idx, test_tf), 21, (3, image_size, image_size))

@@ -18,10 +18,12 @@ from ..layers import LowRankMatrixModule
 from ..linalg import (
     SECOND_MOMENT_RULES,
     augment_basis,
+    clip_rank,
     pad_block,
     rotate_first_moment,
     rotate_second_moment,
-    truncate,
+    sign_fixed_svd,
+    untruncated_rank,
 )
 
 __all__ = ["LowRankOptimizer", "MODES"]
@@ -100,14 +102,16 @@ class LowRankOptimizer(Optimizer):
                     loss = closure()
             coefficient_grads = self._fused_grads() if self.mode == "fused" else self._parallel_grads()
 
+        pending = []
         for group in self.param_groups:
             for p in group["params"]:
                 layer = self._layers.get(p)
                 if layer is not None:
                     if layer in coefficient_grads:
-                        self._step_layer(layer, *coefficient_grads[layer], group)
+                        pending.append(self._update_coefficient(layer, *coefficient_grads[layer], group))
                 elif p.grad is not None and p not in self._bases:
                     self._step_dense(p, group)
+        self._truncate(pending)
         for layer in self._layers.values():
             for p in layer.factor_parameters():
                 p.grad = None  # consumed; shapes may have changed
@@ -190,9 +194,10 @@ class LowRankOptimizer(Optimizer):
         state["step"] += 1
         self._update_(p, p.grad, state, group)
 
-    def _step_layer(self, layer: LowRankMatrixModule, Ut: Tensor, Vt: Tensor, G_S: Tensor, group: dict) -> None:
-        """Steps 3–7 of DESIGN.md for one layer; the one place where its rank changes."""
-        U, S, V = layer.factor_parameters()
+    def _update_coefficient(self, layer: LowRankMatrixModule, Ut: Tensor, Vt: Tensor, G_S: Tensor,
+                            group: dict) -> tuple:
+        """Steps 3–5 of DESIGN.md for one layer: pad ``S`` and the moments, update ``S̄``."""
+        S = layer.S
         a, b = S.shape[0] + Ut.shape[1], S.shape[1] + Vt.shape[1]
         state = self.state[S]
         if not state:
@@ -200,14 +205,41 @@ class LowRankOptimizer(Optimizer):
             for key in self._state_keys:
                 state[key] = torch.zeros_like(S)
         state["step"] += 1
-        S_bar = pad_block(S, a, b)
+        S_bar = pad_block(S.detach(), a, b)
         padded = {"step": state["step"], **{k: pad_block(state[k], a, b) for k in self._state_keys}}
         self._update_(S_bar, G_S.to(S_bar.dtype), padded, group)
-        max_rank = group["max_rank"]
-        P1, sigma, R1 = truncate(S_bar, group["tau"], group["min_rank"], max_rank)
+        return layer, group, Ut, Vt, S_bar, padded
+
+    def _truncate(self, pending: list[tuple]) -> None:
+        """Steps 6–7 for all layers at once: one batched SVD per shape of ``Ŝ`` and one
+        read of the new ranks from the device; then each layer's rank change, in one place."""
+        by_shape: dict[tuple, list[int]] = {}
+        for i, (_, _, _, _, S_bar, _) in enumerate(pending):
+            by_shape.setdefault((tuple(S_bar.shape), S_bar.dtype, S_bar.device), []).append(i)
+        svds: list[tuple | None] = [None] * len(pending)
+        raw = []
+        for idx in by_shape.values():
+            P, sigma, R = sign_fixed_svd(torch.stack([pending[i][4] for i in idx]))
+            taus = torch.tensor([pending[i][1]["tau"] for i in idx], dtype=torch.float64, device=sigma.device)
+            raw.append(untruncated_rank(sigma, taus))
+            for j, i in enumerate(idx):
+                svds[i] = (P[j], sigma[j], R[j])
+        order = [i for idx in by_shape.values() for i in idx]
+        ranks = dict(zip(order, torch.cat(raw).tolist())) if raw else {}
+        for i, (layer, group, Ut, Vt, _, padded) in enumerate(pending):
+            P, sigma, R = svds[i]
+            r1 = clip_rank(ranks[i], sigma.shape[0], group["min_rank"], group["max_rank"])
+            self._apply_truncation(layer, Ut, Vt, P[:, :r1], sigma[:r1], R[:, :r1], padded)
+
+    def _apply_truncation(self, layer: LowRankMatrixModule, Ut: Tensor, Vt: Tensor, P1: Tensor, sigma: Tensor,
+                          R1: Tensor, padded: dict) -> None:
+        """The one place where a layer's rank changes: new factors and rotated moments."""
+        U, S, V = layer.factor_parameters()
+        state = self.state[S]
         for key in self._state_keys:
             if key in self._second_moment_keys:
                 state[key] = rotate_second_moment(padded[key], P1, R1, self.second_moment)
             else:
                 state[key] = rotate_first_moment(padded[key], P1, R1)
-        layer.set_factors(torch.cat([U, Ut], 1) @ P1, torch.diag(sigma), torch.cat([V, Vt], 1) @ R1)
+        layer.set_factors(U @ P1[: U.shape[1]] + Ut @ P1[U.shape[1]:], torch.diag(sigma),
+                          V @ R1[: V.shape[1]] + Vt @ R1[V.shape[1]:])

@@ -1,0 +1,74 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from lrc import factorize
+from lrc.data import DataError, build_data
+from lrc.models import MODELS, build_model
+
+
+def write_idx(path, array):
+    header = struct.pack(">HBB", 0, 8, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reads_idx_files(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("t10k", 5)):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    data = build_data("fashion-mnist", tmp_path)
+    assert len(data.train) == 12 and len(data.test) == 5 and data.num_classes == 10
+    x, y = data.train[0]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and 0 <= int(y) < 10
+
+
+def test_missing_data_sets_say_what_to_do(tmp_path):
+    with pytest.raises(DataError, match="put the four IDX files"):
+        build_data("mnist", tmp_path)
+    with pytest.raises(DataError, match="download=True"):
+        build_data("cifar10", tmp_path)
+    with pytest.raises(DataError, match="needs --data-dir"):
+        build_data("ucm", None)
+    with pytest.raises(ValueError, match="unknown data set"):
+        build_data("imagenet-22k")
+
+
+def test_ucm_split_is_fixed_and_per_class(tmp_path):
+    from PIL import Image
+
+    for c in range(21):
+        (tmp_path / "Images" / f"class{c:02d}").mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((40, 40, 3), c * 10 + i, dtype=np.uint8)).save(
+                tmp_path / "Images" / f"class{c:02d}" / f"{i}.png")
+    a, b = build_data("ucm", tmp_path, seed=0), build_data("ucm", tmp_path, seed=7)
+    assert len(a.train) == 21 * 4 and len(a.test) == 21 and a.num_classes == 21
+    assert a.test.indices == b.test.indices  # fixed split, independent of the run's seed
+    x, y = a.test[0]
+    assert x.shape == (3, 224, 224)
+
+
+def test_digits_is_built_in():
+    data = build_data("digits")
+    assert len(data.train) + len(data.test) == 1797 and data.input_shape == (1, 8, 8)
+
+
+def test_vit_small_keeps_attention_dense():
+    model = build_model("vit_small", num_classes=10)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    report = factorize(model, rank=32, exclude=["conv_proj", "heads.*"])
+    names = [r.name for r in report.replaced]
+    assert len(names) == 12 and all(".mlp." in n for n in names)  # 6 blocks × 2 MLP layers
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_lenet5_matches_the_dlrt_shapes():
+    model = build_model("lenet5")
+    shapes = [tuple(m.weight.shape) for m in model.modules() if hasattr(m, "weight")]
+    assert shapes == [(20, 1, 5, 5), (50, 20, 5, 5), (500, 800), (10, 500)]
+    assert {"mlp", "lenet5", "vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "vit_b_16", "vit_small"} <= set(MODELS)
