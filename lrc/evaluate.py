@@ -7,14 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .layers import LowRankConv2d, LowRankLinear, LowRankMatrixModule
+from .layers import FACTORIZED, LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear
 from .surgery import compression_ratio, count_parameters
 
 __all__ = ["evaluate", "layer_ranks", "flops_per_sample"]
 
 
 def layer_ranks(model: nn.Module) -> dict[str, int]:
-    return {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankMatrixModule)}
+    return {name: m.rank for name, m in model.named_modules() if isinstance(m, FACTORIZED)}
 
 
 @torch.no_grad()
@@ -55,6 +55,10 @@ def flops_per_sample(model: nn.Module, x: torch.Tensor) -> int:
             macs = module.rank * (module.in_features + module.out_features + module.rank)
         elif isinstance(module, LowRankConv2d):
             macs = positions * module.rank * (module.in_dim + module.out_dim + module.rank)
+        elif isinstance(module, LoRALinear):
+            macs = module.rank * (module.in_features + module.out_features)
+        elif isinstance(module, LoRAConv2d):
+            macs = positions * module.rank * (module.in_dim + module.out_dim)
         elif isinstance(module, nn.Linear):
             macs = module.in_features * module.out_features
         elif isinstance(module, nn.Conv2d):
@@ -65,7 +69,7 @@ def flops_per_sample(model: nn.Module, x: torch.Tensor) -> int:
             macs += positions * module.base_weight.numel()
         counts.append(2 * macs)
 
-    kinds = (nn.Linear, nn.Conv2d, LowRankMatrixModule)
+    kinds = (nn.Linear, nn.Conv2d, *FACTORIZED)
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
     was_training = model.training
     model.eval()

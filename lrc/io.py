@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .layers import LowRankConv2d, LowRankLinear, LowRankMatrixModule
+from .layers import FACTORIZED, LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear
 from .models import build_model
 from .surgery import densify, replace_module
 
@@ -26,7 +26,7 @@ __all__ = ["FORMAT", "CheckpointError", "save_model", "load_model", "is_lrc_file
            "load_weights", "atomic_path", "save_state", "load_state"]
 
 FORMAT = "lrc/1"
-_LAYER_KINDS = {"LowRankLinear": LowRankLinear, "LowRankConv2d": LowRankConv2d}
+_LAYER_KINDS = {cls.__name__: cls for cls in (LowRankLinear, LowRankConv2d, LoRALinear, LoRAConv2d)}
 
 
 class CheckpointError(RuntimeError):
@@ -50,7 +50,7 @@ def atomic_path(path: str | Path):
 
 def _layer_table(model: nn.Module) -> dict[str, dict]:
     return {name: {"kind": type(m).__name__, "rank": m.rank, "adapter": m.adapter}
-            for name, m in model.named_modules() if isinstance(m, LowRankMatrixModule)}
+            for name, m in model.named_modules() if isinstance(m, FACTORIZED)}
 
 
 def save_model(path: str | Path, model: nn.Module, architecture: dict, summary: dict | None = None,
@@ -119,7 +119,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         cls = _LAYER_KINDS.get(spec["kind"])
         if cls is None:
             raise CheckpointError(f"{path}: unknown layer kind {spec['kind']!r}")
-        maker = cls.from_linear if cls is LowRankLinear else cls.from_conv
+        maker = cls.from_linear if hasattr(cls, "from_linear") else cls.from_conv
         replace_module(model, name, maker(dense, rank=1, adapter=spec.get("adapter", False)))  # rank set by the load
     tensors = load_file(str(path))
     load_weights(model, tensors, str(path))

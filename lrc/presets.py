@@ -24,12 +24,13 @@ def _preset_dir() -> Path:
 
 PRESET_DIR = _preset_dir()
 
-METHODS = ("lowrank-adam", "lowrank-sgd", "dense")
+METHODS = ("lowrank-adam", "lowrank-sgd", "dense", "lora", "dlrt-naive")
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"name": "mlp", "args": {}, "checkpoint": None},
     "data": {"name": "digits", "data_dir": None, "batch_size": 64, "eval_batch_size": None, "workers": 0},
-    "factorize": {"rank": None, "tau": None, "include": None, "exclude": [], "conv_format": "matrix"},
+    "factorize": {"rank": None, "tau": None, "include": None, "exclude": [], "conv_format": "matrix",
+                  "match_cr": None},
     "optimizer": {"method": "lowrank-adam", "lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999],
                   "momentum": 0.9, "tau": 0.1, "min_rank": 1, "max_rank": None, "mode": "fused",
                   "second_moment": "paper"},
@@ -158,8 +159,10 @@ def validate(cfg: dict, source: str) -> None:
         raise PresetError(f"{source}: factorize.tau = {fac['tau']} must lie in (0, 1)")
     if fac["rank"] is not None and not (isinstance(fac["rank"], int) and fac["rank"] >= 1):
         raise PresetError(f"{source}: factorize.rank = {fac['rank']!r} must be a positive integer")
-    if opt["method"] != "dense" and fac["rank"] is None and fac["tau"] is None:
+    if opt["method"] != "dense" and fac["rank"] is None and fac["tau"] is None and not fac["match_cr"]:
         raise PresetError(f"{source}: method {opt['method']} needs factorize.rank or factorize.tau")
+    if fac["match_cr"] and opt["method"] != "lora":
+        raise PresetError(f"{source}: factorize.match_cr picks LoRA ranks; it needs optimizer.method=lora")
     if fac["conv_format"] != "matrix":
         raise PresetError(f"{source}: factorize.conv_format {fac['conv_format']!r}: only 'matrix' is available")
     if opt["lr"] < 0:

@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 from torch import nn
 
-from .layers import LowRankConv2d, LowRankLinear, LowRankMatrixModule, initial_rank
+from .layers import FACTORIZED, LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear
 
 __all__ = ["factorize", "densify", "compression_ratio", "count_parameters", "FactorizeReport", "LayerReport"]
 
@@ -52,19 +52,22 @@ class FactorizeReport:
         return "\n".join(lines)
 
 
-def _linear_candidate(module, rank, tau, adapter):
+KINDS = {"lowrank": (LowRankLinear, LowRankConv2d), "lora": (LoRALinear, LoRAConv2d)}
+
+
+def _linear_candidate(module, rank, tau, adapter, kind):
     if type(module) is nn.Linear:
-        return LowRankLinear.from_linear(module, rank=rank, tau=tau, adapter=adapter)
+        return KINDS[kind][0].from_linear(module, rank=rank, tau=tau, adapter=adapter)
     return None
 
 
-def _conv_candidate(module, rank, tau, adapter):
+def _conv_candidate(module, rank, tau, adapter, kind):
     if type(module) is nn.Conv2d:
         if module.groups != 1:
             raise _Skip(f"groups={module.groups} (grouped convolutions are not factorized)")
         if module.padding_mode != "zeros":
             raise _Skip(f"padding_mode={module.padding_mode!r}")
-        return LowRankConv2d.from_conv(module, rank=rank, tau=tau, adapter=adapter)
+        return KINDS[kind][1].from_conv(module, rank=rank, tau=tau, adapter=adapter)
     return None
 
 
@@ -78,7 +81,7 @@ class _Skip(Exception):
 
 def factorize(model: nn.Module, rank: int | None = None, tau: float | None = None, *,
               include: Sequence[str] | None = None, exclude: Sequence[str] = (),
-              adapter: bool = False) -> FactorizeReport:
+              adapter: bool = False, kind: str = "lowrank", ranks: dict[str, int] | None = None) -> FactorizeReport:
     """Replace ``nn.Linear`` and ``nn.Conv2d`` layers of ``model`` in place by
     :class:`~lrc.LowRankLinear` / :class:`~lrc.LowRankConv2d` (truncated-SVD initialisation).
 
@@ -89,12 +92,17 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
         include: glob patterns on module names (``"features.*"``, ``"classifier.0"``); default: all.
         exclude: glob patterns of modules to keep dense (e.g. the first conv and the head).
         adapter: keep the dense weights frozen and add a trainable ``U S Vᵀ`` (``S = 0``).
+        kind: ``"lowrank"`` (``U S Vᵀ``, for the geometric optimizers) or ``"lora"``
+            (``A Bᵀ``, for plain optimizers: the fixed-rank baseline).
+        ranks: per-layer ranks by module name, overriding ``rank`` (e.g. to match a budget).
 
     Layers whose factorization would not save parameters are kept dense (unless
     ``adapter``); the report says which and why.
     """
-    if rank is None and tau is None:
+    if rank is None and tau is None and not ranks:
         raise ValueError("factorize needs a rank, a tolerance tau, or both")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     if tau is not None and not 0.0 < tau < 1.0:
@@ -120,9 +128,10 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
     for name, module in targets:
         weight = module.weight.detach()
         n, m = weight.shape[0], weight.numel() // weight.shape[0]
-        layer_rank = None if rank is None else min(rank, n, m)
+        wanted = ranks.get(name, rank) if ranks else rank
+        layer_rank = None if wanted is None else min(wanted, n, m)
         try:
-            new = next(x for x in (d(module, layer_rank, tau, adapter) for d in _DISPATCH) if x is not None)
+            new = next(x for x in (d(module, layer_rank, tau, adapter, kind) for d in _DISPATCH) if x is not None)
         except _Skip as why:
             report.skipped.append((name, str(why)))
             continue
@@ -139,7 +148,7 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
 def densify(model: nn.Module) -> nn.Module:
     """Replace every factorized layer of ``model`` (in place) by its dense equivalent."""
     for name, module in list(model.named_modules()):
-        if name and isinstance(module, LowRankMatrixModule):
+        if name and isinstance(module, FACTORIZED):
             replace_module(model, name, module.to_dense())
     return model
 
@@ -153,7 +162,7 @@ def dense_parameters(model: nn.Module) -> int:
     total = 0
     factorized_ids: set[int] = set()
     for module in model.modules():
-        if isinstance(module, LowRankMatrixModule):
+        if isinstance(module, FACTORIZED):
             total += module.num_dense_parameters()
             factorized_ids.update(id(p) for p in module.parameters())
     return total + sum(p.numel() for p in model.parameters() if id(p) not in factorized_ids)

@@ -33,8 +33,9 @@ from tqdm import tqdm
 
 from .data import build_data
 from .evaluate import evaluate, layer_ranks
-from .io import is_lrc_file, load_model, load_state, load_weights, read_checkpoint, save_model, save_state
-from .layers import LowRankMatrixModule
+from .io import (is_lrc_file, load_model, load_state, load_weights, read_checkpoint, read_metadata, save_model,
+                 save_state)
+from .layers import FACTORIZED
 from .models import build_model
 from .optim import LowRankAdam, LowRankSGD
 from .surgery import compression_ratio, factorize
@@ -98,24 +99,52 @@ def build_run(cfg: dict, device: torch.device):
         model = build_model(arch["name"], **arch["args"])
         if path:
             load_weights(model, read_checkpoint(path), str(path))
-    if opt_cfg["method"] != "dense" and not any(isinstance(m, LowRankMatrixModule) for m in model.modules()):
-        report = factorize(model, rank=fac["rank"], tau=fac["tau"], include=fac["include"], exclude=fac["exclude"])
+    method = opt_cfg["method"]
+    if method != "dense" and not any(isinstance(m, FACTORIZED) for m in model.modules()):
+        ranks, include = None, fac["include"]
+        if method == "lora" and fac["match_cr"]:
+            ranks = matched_lora_ranks(fac["match_cr"], model)
+            include = list(ranks)
+        report = factorize(model, rank=fac["rank"], tau=fac["tau"], include=include, exclude=fac["exclude"],
+                           kind="lora" if method == "lora" else "lowrank", ranks=ranks)
         if not report.replaced:
             raise ValueError("factorize replaced no layer: check factorize.rank/include/exclude "
                              "(a rank must be below what a layer allows to save parameters)")
     model.to(device)
     common = dict(lr=opt_cfg["lr"], weight_decay=opt_cfg["weight_decay"])
-    if opt_cfg["method"] == "dense":
+    if method in ("dense", "lora"):
         opt = torch.optim.AdamW(model.parameters(), betas=tuple(opt_cfg["betas"]), **common)
     else:
         lowrank = dict(tau=opt_cfg["tau"], min_rank=opt_cfg["min_rank"], max_rank=opt_cfg["max_rank"],
                        mode=opt_cfg["mode"])
-        if opt_cfg["method"] == "lowrank-adam":
+        if method in ("lowrank-adam", "dlrt-naive"):
             opt = LowRankAdam(model, betas=tuple(opt_cfg["betas"]), second_moment=opt_cfg["second_moment"],
-                              **common, **lowrank)
+                              project_moments=method == "lowrank-adam", **common, **lowrank)
         else:
             opt = LowRankSGD(model, momentum=opt_cfg["momentum"], **common, **lowrank)
     return model, opt, arch, report
+
+
+def matched_lora_ranks(reference: str | Path, model: nn.Module) -> dict[str, int]:
+    """Per-layer LoRA ranks whose parameters match those of a finished low-rank run
+    (``r(n+m) + r²`` for ``U S Vᵀ`` against ``r'(n+m)`` for ``A Bᵀ``), as the paper matches
+    its LoRA baseline. ``reference`` is a run directory or its ``model.safetensors``."""
+    path = Path(reference)
+    path = path / "model.safetensors" if path.is_dir() else path
+    meta = read_metadata(path)
+    ranks = {}
+    for name, spec in meta["layers"].items():
+        try:
+            weight = model.get_submodule(name).weight
+        except AttributeError:
+            raise ValueError(f"{path}: layer {name!r} is not in this model; match against a run of the same "
+                             "architecture") from None
+        n, m = weight.shape[0], weight[0].numel()
+        r = spec["rank"]
+        ranks[name] = max(1, min(round((r * (n + m) + r * r) / (n + m)), n, m))
+    if not ranks:
+        raise ValueError(f"{path} has no factorized layer to match")
+    return ranks
 
 
 def _schedule(cfg: dict, steps_per_epoch: int):
@@ -270,7 +299,8 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False, progress: bool =
                     "train_accuracy": epoch_sums[1] / max(epoch_sums[2], 1), "test_loss": ev["loss"],
                     "test_accuracy": ev["top1"], "compression_ratio": compression_ratio(model),
                     "params": ev["params"], "lr": opt.param_groups[0]["lr"],
-                    "time_s": time.perf_counter() - started, "ranks": layer_ranks(model)}
+                    "time_s": time.perf_counter() - started, "optimizer_state_bytes": _state_bytes(opt),
+                    "ranks": layer_ranks(model)}
             if "top5" in ev:
                 last["test_top5"] = ev["top5"]
             _append_metrics(run_dir, last)
@@ -292,8 +322,13 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False, progress: bool =
     return RunResult(run_dir, model_path, last)
 
 
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+               if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
 def _mean_rank(model: nn.Module) -> float:
-    ranks = [m.rank for m in model.modules() if isinstance(m, LowRankMatrixModule)]
+    ranks = [m.rank for m in model.modules() if isinstance(m, FACTORIZED)]
     return sum(ranks) / len(ranks) if ranks else 0.0
 
 

@@ -183,3 +183,33 @@ def test_dense_method_trains_a_dense_model(tmp_path):
     lrc("train", "--method", "dense", "--epochs", "1", "--quiet", "--out", tmp_path / "d")
     model, meta = load_model(tmp_path / "d" / "model.safetensors")
     assert meta["layers"] == {} and meta["summary"]["method"] == "dense"
+
+
+def test_compare_runs_every_method_writes_tables_and_resumes(tmp_path):
+    out = tmp_path / "cmp"
+    args = ("compare", "--seeds", "1", "--epochs", "1", "--quiet", "--out", out,
+            "--methods", "dense,lowrank-adam,lora,dlrt-naive")
+    proc = lrc(*args)
+    assert "| lowrank-adam |" in proc.stdout
+    import csv
+
+    rows = {r["method"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert set(rows) == {"dense", "lowrank-adam", "lora", "dlrt-naive"}
+    for method, row in rows.items():
+        final = json.loads((out / "runs" / f"{method}-s0" / "metrics.jsonl").read_text().splitlines()[-1])
+        assert float(row["accuracy_mean"]) == pytest.approx(100 * final["test_accuracy"])
+        assert float(row["compression_ratio"]) == pytest.approx(final["compression_ratio"])
+    assert float(rows["dense"]["compression_ratio"]) == 0.0
+    assert abs(float(rows["lora"]["compression_ratio"]) - float(rows["lowrank-adam"]["compression_ratio"])) < 1.0
+    assert int(rows["lowrank-adam"]["optimizer_state_bytes"]) < int(rows["dense"]["optimizer_state_bytes"]) / 5
+    assert (out / "results.md").read_text().startswith("| method | test accuracy")
+    assert (out / "curves.png").stat().st_size > 1000 and (out / "ranks.png").stat().st_size > 1000
+    before = (out / "runs" / "lora-s0" / "model.safetensors").stat().st_mtime_ns
+    again = lrc(*args)
+    assert again.stderr.count("done already") == 4
+    assert (out / "runs" / "lora-s0" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_compare_lora_needs_lowrank_adam(tmp_path):
+    proc = lrc("compare", "--methods", "dense,lora", "--out", tmp_path, check=False)
+    assert proc.returncode == 2 and "include lowrank-adam" in proc.stderr

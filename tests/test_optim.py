@@ -388,3 +388,15 @@ def test_cuda_bf16_autocast_trains():
     assert torch.isfinite(weights(model)).all()
     for layer in opt.layers:
         assert torch.allclose(layer.U.T @ layer.U, torch.eye(layer.rank, device="cuda"), atol=1e-5)
+
+
+def test_without_moment_projection_the_moments_stay_in_old_coordinates():
+    """The dlrt-naive baseline: same augmentation and truncation, moments cut, not rotated."""
+    w_geo, h_geo = run(mlp, "fused", 10, lr=5e-2, second_moment="squared")
+    w_naive, h_naive = run(mlp, "fused", 10, lr=5e-2, second_moment="squared", project_moments=False)
+    assert rel(w_naive, w_geo) > 1e-3
+    model, x, y = mlp()
+    opt = LowRankAdam(model, lr=5e-2, project_moments=False)
+    train(model, x, y, opt, 1)
+    for layer in opt.layers:  # shapes follow the rank
+        assert opt.state[layer.S]["exp_avg"].shape == (layer.rank, layer.rank)

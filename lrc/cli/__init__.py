@@ -90,7 +90,8 @@ def train_cmd(
     epochs: Optional[int] = typer.Option(None, help="Number of epochs."),
     lr: Optional[float] = typer.Option(None, help="Learning rate."),
     tau: Optional[float] = typer.Option(None, help="Truncation tolerance τ in (0, 1)."),
-    method: Optional[str] = typer.Option(None, help="lowrank-adam, lowrank-sgd or dense."),
+    method: Optional[str] = typer.Option(None, help="lowrank-adam, lowrank-sgd, dense, lora or dlrt-naive."),
+    match_cr: Optional[Path] = typer.Option(None, "--match-cr", help="lora: match the parameters of this low-rank run."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the data set lies."),
     checkpoint: Optional[str] = typer.Option(None, help="Start from: a dense checkpoint (.pt/.pth/.safetensors, "
@@ -115,6 +116,7 @@ def train_cmd(
                                    ("--tau", "optimizer.tau", tau), ("--method", "optimizer.method", method),
                                    ("--device", "train.device", device), ("--seed", "train.seed", seed),
                                    ("--data-dir", "data.data_dir", str(data_dir) if data_dir else None),
+                                   ("--match-cr", "factorize.match_cr", str(match_cr) if match_cr else None),
                                    ("--checkpoint", "model.checkpoint", str(checkpoint) if checkpoint else None)):
             if value is not None:
                 cfg = apply_override(cfg, f"{key}={json.dumps(value)}", f"{option} {value}")
@@ -128,6 +130,44 @@ def train_cmd(
     typer.echo(f"test accuracy {100 * m['test_accuracy']:.2f}%  c.r. {m['compression_ratio']:.1f}%  "
                f"ranks {m['ranks']}")
     typer.echo(f"wrote {result.model_path}")
+
+
+@app.command("compare")
+@friendly_errors
+def compare_cmd(
+    preset: str = typer.Option("digits-mlp", "--preset", "-p", help="Preset name or YAML file."),
+    methods: str = typer.Option("dense,lowrank-adam,lora,dlrt-naive", help="Comma-separated methods."),
+    seeds: int = typer.Option(3, help="Number of seeds (0, 1, …)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory [default: runs/compare-PRESET]."),
+    epochs: Optional[int] = typer.Option(None, help="Number of epochs."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the data set lies."),
+    set_: List[str] = typer.Option([], "--set", help="Override any preset field: section.key=value."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Train several methods over several seeds and write a comparison table and plots.
+
+    Every method gets the same preset; lora is matched to lowrank-adam's parameter count.
+    Runs already finished in OUT are not run again.
+
+    Example: lrc compare --preset digits-mlp --methods dense,lowrank-adam,lora,dlrt-naive --seeds 3
+    """
+    from ..compare import compare
+    from ..presets import apply_override, load_preset
+
+    cfg = load_preset(preset)
+    for option, key, value in (("--epochs", "train.epochs", epochs),
+                               ("--data-dir", "data.data_dir", str(data_dir) if data_dir else None)):
+        if value is not None:
+            cfg = apply_override(cfg, f"{key}={json.dumps(value)}", f"{option} {value}")
+    for assignment in set_:
+        cfg = apply_override(cfg, assignment)
+    if seeds < 1:
+        raise ValueError("--seeds must be ≥ 1")
+    out_dir = out or Path("runs") / f"compare-{Path(preset).stem}"
+    rows = compare(cfg, [m.strip() for m in methods.split(",") if m.strip()], list(range(seeds)), out_dir,
+                   progress=not quiet, log=lambda msg: typer.echo(msg, err=True))
+    typer.echo((out_dir / "results.md").read_text())
+    typer.echo(f"wrote {out_dir / 'results.md'}, {out_dir / 'results.csv'}")
 
 
 @app.command("factorize")

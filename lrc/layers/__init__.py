@@ -1,5 +1,9 @@
 """Factorized layers."""
 
+from .lora import LoRAConv2d, LoRALinear, LoRAModule
 from .lowrank import LowRankConv2d, LowRankLinear, LowRankMatrixModule, initial_rank
 
-__all__ = ["LowRankMatrixModule", "LowRankLinear", "LowRankConv2d", "initial_rank"]
+FACTORIZED = (LowRankMatrixModule, LoRAModule)  # every layer kind that replaces a dense one
+
+__all__ = ["LowRankMatrixModule", "LowRankLinear", "LowRankConv2d", "LoRAModule", "LoRALinear", "LoRAConv2d",
+           "FACTORIZED", "initial_rank"]

@@ -47,6 +47,9 @@ class LowRankAdam(LowRankOptimizer):
             forward/backward through ``step(closure)``), ``"parallel"`` (one pass, the
             new-new block of ``G_S`` set to zero; accumulates). Default: ``"fused"``.
         second_moment (str): ``"paper"`` or ``"squared"``, see above. Default: ``"paper"``.
+        project_moments (bool): carry ``M`` and ``Q`` to the new bases as above. ``False`` is the
+            "DLRT without projection" baseline: the moments stay in the old coordinates, cut to
+            the new rank (``M ← M̂[:r₁, :r₁]``), as a naive implementation would. Default: ``True``.
 
     The gradient fields of factorized layers are consumed (set to ``None``) by ``step()``,
     because a rank change changes their shapes.
@@ -57,7 +60,8 @@ class LowRankAdam(LowRankOptimizer):
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, tau: float = 0.1, min_rank: int = 1,
-                 max_rank: int | None = None, mode: str = "fused", second_moment: str = "paper") -> None:
+                 max_rank: int | None = None, mode: str = "fused", second_moment: str = "paper",
+                 project_moments: bool = True) -> None:
         if not 0.0 <= lr:
             raise ValueError(f"Invalid lr: {lr!r} (must be ≥ 0)")
         if not 0.0 <= eps:
@@ -69,7 +73,7 @@ class LowRankAdam(LowRankOptimizer):
             raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be ≥ 0)")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(model, defaults, mode=mode, tau=tau, min_rank=min_rank, max_rank=max_rank,
-                         second_moment=second_moment)
+                         second_moment=second_moment, project_moments=project_moments)
 
     def _update_(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
         beta1, beta2 = group["betas"]

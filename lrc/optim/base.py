@@ -38,7 +38,7 @@ class LowRankOptimizer(Optimizer):
     _second_moment_keys: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, defaults: dict, *, mode: str, tau: float, min_rank: int,
-                 max_rank: int | None, second_moment: str = "paper") -> None:
+                 max_rank: int | None, second_moment: str = "paper", project_moments: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
         if mode not in MODES:
@@ -53,6 +53,7 @@ class LowRankOptimizer(Optimizer):
             raise ValueError(f"Invalid second_moment: {second_moment!r} (one of {SECOND_MOMENT_RULES})")
         self.mode = mode
         self.second_moment = second_moment
+        self.project_moments = project_moments
         self._layers: dict[Tensor, LowRankMatrixModule] = {}  # S parameter -> its layer
         factor_ids: set[int] = set()
         for module in model.modules():
@@ -237,7 +238,9 @@ class LowRankOptimizer(Optimizer):
         U, S, V = layer.factor_parameters()
         state = self.state[S]
         for key in self._state_keys:
-            if key in self._second_moment_keys:
+            if not self.project_moments:  # the naive baseline: old coordinates, cut to the new rank
+                state[key] = padded[key][: P1.shape[1], : R1.shape[1]].clone()
+            elif key in self._second_moment_keys:
                 state[key] = rotate_second_moment(padded[key], P1, R1, self.second_moment)
             else:
                 state[key] = rotate_first_moment(padded[key], P1, R1)
