@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv2d_input, conv2d_weight
 
+from ..distributed import all_reduce_mean_
 from ..linalg import augment_basis, sign_fixed_svd, truncation_rank
 
 __all__ = ["LowRankMatrixModule", "LowRankLinear", "LowRankConv2d"]
@@ -65,7 +66,7 @@ class _FactorizedProduct(torch.autograd.Function):
         G_L = layer._input_weight_grad(x, gu, U.shape[1]).to(V.dtype) if need_V else None
         grad_S = layer._contract(gu, z).to(S.dtype) if need_S or fused else None
         if fused:
-            layer._record_fused(x, g, z, gu, G_K, G_L, grad_S, U, V)
+            grad_S = layer._record_fused(x, g, z, gu, G_K, G_L, grad_S, U, V)
         return grad_x, G_K, grad_S, G_L, None
 
 
@@ -92,6 +93,7 @@ class LowRankMatrixModule(nn.Module):
             nn.Parameter(torch.empty(self._dense_shape(), **factory), requires_grad=False) if adapter else None
         )
         self.fused = False
+        self.distributed = False  # set by a data-parallel optimizer: average inside the fused backward
         self._fused_grads: tuple[Tensor, Tensor, Tensor] | None = None
         self._backward_count = 0
 
@@ -171,12 +173,18 @@ class LowRankMatrixModule(nn.Module):
 
     # ---- fused backward -----------------------------------------------------------------
     @torch.no_grad()
-    def _record_fused(self, x, g, z, gu, G_K, G_L, grad_S, U, V) -> None:
-        """From one batch: ``Ũ, Ṽ`` and ``G_S = Ûᵀ ∇W V̂`` (blocks), kept for ``step()``."""
+    def _record_fused(self, x, g, z, gu, G_K, G_L, grad_S, U, V) -> Tensor:
+        """From one batch: ``Ũ, Ṽ`` and ``G_S = Ûᵀ ∇W V̂`` (blocks), kept for ``step()``.
+
+        Data-parallel: ``G_K`` and ``G_L`` are averaged over processes (in place: they are
+        also the grads this backward returns) before the bases are formed, then ``G_S``;
+        returns the coefficient gradient to hand to autograd (the averaged one)."""
         self._backward_count += 1
         if self._backward_count > 1:
             self._fused_grads = None  # the optimizer reports the error at step()
-            return
+            return grad_S
+        if self.distributed:
+            all_reduce_mean_([G_K, G_L])
         with torch.autocast(x.device.type, enabled=False):  # orthogonality needs full precision
             Ut = augment_basis(U, G_K, grad_S)  # Uᵀ G_K = Uᵀ ∇W V = grad_S
             Vt = augment_basis(V, G_L, grad_S.mT)
@@ -191,7 +199,10 @@ class LowRankMatrixModule(nn.Module):
             G_S[r:, :r] = self._contract(gut, z)
             if b:
                 G_S[r:, r:] = self._contract(gut, zvt)
+        if self.distributed:
+            all_reduce_mean_([G_S])
         self._fused_grads = (Ut, Vt, G_S)
+        return G_S[:r, :r].clone()
 
     # ---- subclass interface -------------------------------------------------------------
     def _dense_shape(self) -> tuple[int, ...]:

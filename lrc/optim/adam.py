@@ -50,6 +50,10 @@ class LowRankAdam(LowRankOptimizer):
         project_moments (bool): carry ``M`` and ``Q`` to the new bases as above. ``False`` is the
             "DLRT without projection" baseline: the moments stay in the old coordinates, cut to
             the new rank (``M ← M̂[:r₁, :r₁]``), as a naive implementation would. Default: ``True``.
+        distributed (bool | None): average gradients over the processes of ``torch.distributed``
+            (one flat all-reduce per phase; the fused backward averages ``G_K``, ``G_L`` and
+            ``G_S`` itself) and take rank 0's new ranks. ``None``: when a process group of
+            more than one process is initialised. Do not wrap the model in DDP. Default: ``None``.
 
     The gradient fields of factorized layers are consumed (set to ``None``) by ``step()``,
     because a rank change changes their shapes.
@@ -61,7 +65,7 @@ class LowRankAdam(LowRankOptimizer):
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, tau: float = 0.1, min_rank: int = 1,
                  max_rank: int | None = None, mode: str = "fused", second_moment: str = "paper",
-                 project_moments: bool = True) -> None:
+                 project_moments: bool = True, distributed: bool | None = None) -> None:
         if not 0.0 <= lr:
             raise ValueError(f"Invalid lr: {lr!r} (must be ≥ 0)")
         if not 0.0 <= eps:
@@ -73,7 +77,7 @@ class LowRankAdam(LowRankOptimizer):
             raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be ≥ 0)")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(model, defaults, mode=mode, tau=tau, min_rank=min_rank, max_rank=max_rank,
-                         second_moment=second_moment, project_moments=project_moments)
+                         second_moment=second_moment, project_moments=project_moments, distributed=distributed)
 
     def _update_(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
         beta1, beta2 = group["betas"]

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ..distributed import all_reduce_mean_, broadcast_, broadcast_ints, is_distributed
 from ..layers import LowRankMatrixModule
 from ..linalg import (
     SECOND_MOMENT_RULES,
@@ -38,7 +39,8 @@ class LowRankOptimizer(Optimizer):
     _second_moment_keys: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, defaults: dict, *, mode: str, tau: float, min_rank: int,
-                 max_rank: int | None, second_moment: str = "paper", project_moments: bool = True) -> None:
+                 max_rank: int | None, second_moment: str = "paper", project_moments: bool = True,
+                 distributed: bool | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
         if mode not in MODES:
@@ -54,6 +56,8 @@ class LowRankOptimizer(Optimizer):
         self.mode = mode
         self.second_moment = second_moment
         self.project_moments = project_moments
+        self.distributed = is_distributed() if distributed is None else distributed
+        self.bytes_communicated = 0  # payload this process all-reduced in the last step
         self._layers: dict[Tensor, LowRankMatrixModule] = {}  # S parameter -> its layer
         factor_ids: set[int] = set()
         for module in model.modules():
@@ -61,6 +65,7 @@ class LowRankOptimizer(Optimizer):
                 self._layers[module.S] = module
                 factor_ids.update(id(p) for p in module.factor_parameters())
                 module.fused = mode == "fused"
+                module.distributed = self.distributed and mode == "fused"
                 module.clear_fused_grads()
         self._bases = {p for layer in self._layers.values() for p in (layer.U, layer.V)}
         lowrank = [p for layer in self._layers.values() for p in layer.factor_parameters()]
@@ -90,17 +95,20 @@ class LowRankOptimizer(Optimizer):
         """One step. ``closure`` (re-evaluates the model, returns the loss) is required in
         ``mode="two_pass"``, which calls it twice; otherwise it is optional."""
         loss = None
+        self.bytes_communicated = 0
         if self.mode == "two_pass":
             if closure is None:
                 raise RuntimeError("mode='two_pass' needs a closure: opt.step(closure), where closure "
                                    "zeroes the grads, runs forward and backward and returns the loss")
             with torch.enable_grad():
                 loss = closure()
+            self._average_grads(with_bases=True)
             coefficient_grads = self._second_pass(closure)
         else:
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
+            self._average_grads(with_bases=self.mode == "parallel")
             coefficient_grads = self._fused_grads() if self.mode == "fused" else self._parallel_grads()
 
         pending = []
@@ -118,6 +126,15 @@ class LowRankOptimizer(Optimizer):
                 p.grad = None  # consumed; shapes may have changed
             layer.clear_fused_grads()
         return loss
+
+    def _average_grads(self, with_bases: bool) -> None:
+        """Data-parallel: one all-reduce of the dense grads and, unless the fused backward
+        already averaged them, of ``G_K``/``G_L`` (``U.grad``/``V.grad``)."""
+        if not self.distributed:
+            return
+        grads = [p.grad for g in self.param_groups for p in g["params"]
+                 if p.grad is not None and p not in self._layers and (with_bases or p not in self._bases)]
+        self.bytes_communicated += all_reduce_mean_(grads)
 
     # ---- the coefficient gradient G_S, three ways ----------------------------------------
     def _fused_grads(self) -> dict:
@@ -175,6 +192,8 @@ class LowRankOptimizer(Optimizer):
         try:
             with torch.enable_grad():
                 closure()
+            if self.distributed:
+                self.bytes_communicated += all_reduce_mean_([layer.S.grad for layer in bases])
             out = {layer: (*bases[layer], layer.S.grad) for layer in bases if layer.S.grad is not None}
         finally:
             for layer, factors in saved.items():
@@ -226,11 +245,18 @@ class LowRankOptimizer(Optimizer):
             for j, i in enumerate(idx):
                 svds[i] = (P[j], sigma[j], R[j])
         order = [i for idx in by_shape.values() for i in idx]
-        ranks = dict(zip(order, torch.cat(raw).tolist())) if raw else {}
+        new_ranks = torch.cat(raw).tolist() if raw else []
+        if self.distributed and pending:  # every process takes rank 0's decision: shapes agree
+            new_ranks = broadcast_ints(new_ranks, pending[0][4].device)
+        ranks = dict(zip(order, new_ranks))
         for i, (layer, group, Ut, Vt, _, padded) in enumerate(pending):
             P, sigma, R = svds[i]
             r1 = clip_rank(ranks[i], sigma.shape[0], group["min_rank"], group["max_rank"])
             self._apply_truncation(layer, Ut, Vt, P[:, :r1], sigma[:r1], R[:, :r1], padded)
+        if self.distributed and pending:  # bit-identical factors and moments on every process
+            self.bytes_communicated += broadcast_(
+                [t.data for item in pending for t in item[0].factor_parameters()]
+                + [self.state[item[0].S][k] for item in pending for k in self._state_keys])
 
     def _apply_truncation(self, layer: LowRankMatrixModule, Ut: Tensor, Vt: Tensor, P1: Tensor, sigma: Tensor,
                           R1: Tensor, padded: dict) -> None:

@@ -1,0 +1,91 @@
+"""Data parallelism on the CPU: two Gloo processes with batch b each = one process with 2b."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from lrc import LowRankAdam, LowRankSGD
+
+from .conftest import rel
+from .test_optim import convnet, mlp, ranks, weights
+
+MODELS = {"mlp": mlp, "conv": convnet}
+CASES = [  # name, rank, optimizer, kwargs (configurations whose rounding floor is far below 1e-5)
+    ("mlp", 8, "adam", {"lr": 5e-2, "second_moment": "squared"}),
+    ("conv", 4, "adam", {"lr": 5e-2, "second_moment": "squared"}),
+    ("mlp", 20, "adam", {"lr": 1e-3}),
+    ("mlp", 20, "sgd", {"lr": 0.2}),
+]
+STEPS = 10
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_opt(kind, model, mode, kw):
+    return (LowRankAdam if kind == "adam" else LowRankSGD)(model, tau=0.1, mode=mode, **kw)
+
+
+def step(model, opt, x, y):
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    if opt.mode == "two_pass":
+        opt.step(closure)
+    else:
+        closure()
+        opt.step()
+
+
+def worker(rank, world, port, case, mode, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    name, r, kind, kw = case
+    model, x, y = MODELS[name](r)
+    b = len(x) // world
+    opt = make_opt(kind, model, mode, kw)
+    assert opt.distributed
+    history = []
+    for _ in range(STEPS):
+        step(model, opt, x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b])
+        w = weights(model)
+        gathered = [torch.empty_like(w) for _ in range(world)]
+        dist.all_gather(gathered, w)
+        assert all(torch.equal(g, w) for g in gathered), "factors differ between processes"
+        history.append(ranks(model))
+    if rank == 0:
+        torch.save({"weights": weights(model), "ranks": history, "bytes": opt.bytes_communicated}, out)
+    dist.destroy_process_group()
+
+
+COMBOS = [(CASES[0], "fused"), (CASES[0], "parallel"), (CASES[0], "two_pass"), (CASES[1], "fused"),
+          (CASES[2], "fused"), (CASES[3], "parallel")]
+
+
+@pytest.mark.parametrize("case, mode", COMBOS, ids=[f"{c[0]}-{c[2]}-r{c[1]}-{m}" for c, m in COMBOS])
+def test_two_processes_equal_one_process_with_the_global_batch(case, mode, tmp_path):
+    out = tmp_path / "rank0.pt"
+    os.environ["OMP_NUM_THREADS"] = "1"
+    mp.spawn(worker, args=(2, free_port(), case, mode, str(out)), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    name, r, kind, kw = case
+    model, x, y = MODELS[name](r)
+    opt = make_opt(kind, model, mode, kw)
+    history = []
+    for _ in range(STEPS):
+        step(model, opt, x, y)
+        history.append(ranks(model))
+    assert got["ranks"] == history
+    assert rel(got["weights"], weights(model)) < 1e-5
+    assert got["bytes"] > 0
