@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -25,6 +26,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from torch import nn
@@ -32,12 +34,13 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from .data import build_data
+from .distributed import all_reduce_mean_, broadcast_
 from .evaluate import evaluate, layer_ranks
 from .io import (is_lrc_file, load_model, load_state, load_weights, read_checkpoint, read_metadata, save_model,
                  save_state)
 from .layers import FACTORIZED
 from .models import build_model
-from .optim import LowRankAdam, LowRankSGD
+from .optim import LowRankAdam, LowRankOptimizer, LowRankSGD
 from .surgery import compression_ratio, factorize
 
 __all__ = ["TrainingStopped", "RunResult", "train", "resolve_device"]
@@ -66,21 +69,48 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class EpochSampler(Sampler[int]):
-    """A permutation that depends only on (seed, epoch), started at ``start`` samples in."""
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Batches of an epoch whose order depends only on (seed, epoch); each process takes
+    its share of every global batch (``batch_size`` is the global batch). ``set_position``
+    skips the first ``batches`` global batches (for resuming mid-epoch)."""
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+    def __init__(self, n: int, seed: int, batch_size: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.seed, self.batch_size, self.rank, self.world = n, seed, batch_size, rank, world
+        self.epoch, self.start = 0, 0
 
-    def set_position(self, epoch: int, start: int) -> None:
-        self.epoch, self.start = epoch, start
+    def set_position(self, epoch: int, batches: int) -> None:
+        self.epoch, self.start = epoch, batches
 
-    def __iter__(self) -> Iterator[int]:
+    def global_size(self, batch: int) -> int:
+        return min(self.batch_size, self.n - batch * self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g)[self.start:].tolist())
+        perm = torch.randperm(self.n, generator=g)
+        for b in range(self.start, len(self) + self.start):
+            chunk = perm[b * self.batch_size:(b + 1) * self.batch_size]
+            yield chunk.tensor_split(self.world)[self.rank].tolist()
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return math.ceil(self.n / self.batch_size) - self.start
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1): NCCL on GPUs, Gloo on
+    CPUs. Returns ``(rank, world, device, initialised_here)``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world <= 1:
+        return 0, 1, device, False
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    initialised = False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        initialised = True
+    return dist.get_rank(), dist.get_world_size(), device, initialised
 
 
 def build_run(cfg: dict, device: torch.device):
@@ -206,7 +236,8 @@ class _Interrupts:
 def train(cfg: dict, run_dir: str | Path, resume: bool = False, progress: bool = True,
           max_steps: int | None = None) -> RunResult:
     """Run (or resume) the configured training in ``run_dir``; ``max_steps`` stops early
-    with a saved state, as an interrupt would (for tests)."""
+    with a saved state, as an interrupt would (for tests). Under torchrun, every process
+    runs this; rank 0 alone writes files."""
     run_dir = Path(run_dir)
     state_path = run_dir / "state.pt"
     if resume:
@@ -215,24 +246,37 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False, progress: bool =
     elif state_path.exists():
         raise ValueError(f"{run_dir} already holds a run; resume it with --resume or choose another --out")
     tcfg = cfg["train"]
-    device = resolve_device(tcfg["device"])
+    rank, world, device, initialised = setup_distributed(tcfg["device"])
+    try:
+        return _train(cfg, run_dir, state_path, saved if resume else None, rank, world, device,
+                      progress and rank == 0, max_steps)
+    finally:
+        if initialised:
+            dist.destroy_process_group()
+
+
+def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_steps) -> RunResult:
+    tcfg, main = cfg["train"], rank == 0
+    batch_size = cfg["data"]["batch_size"]
+    if batch_size % world:
+        raise ValueError(f"data.batch_size = {batch_size} (the global batch) must be divisible by the "
+                         f"{world} processes")
     torch.manual_seed(tcfg["seed"])
     random.seed(tcfg["seed"])
     np.random.seed(tcfg["seed"])
 
     data = build_data(cfg["data"]["name"], cfg["data"]["data_dir"], tcfg["seed"])
     model, opt, arch, report = build_run(cfg, device)
-    sampler = EpochSampler(len(data.train), tcfg["seed"])
-    train_loader = DataLoader(data.train, batch_size=cfg["data"]["batch_size"], sampler=sampler,
-                              num_workers=cfg["data"]["workers"])
-    _, test_loader = data.loaders(cfg["data"]["batch_size"], tcfg["seed"], cfg["data"]["eval_batch_size"],
-                                  cfg["data"]["workers"])
-    steps_per_epoch = math.ceil(len(data.train) / cfg["data"]["batch_size"])
+    broadcast_([t.data for t in list(model.parameters()) + list(model.buffers())])  # same start everywhere
+    own_averaging = isinstance(opt, LowRankOptimizer)  # else: average here for AdamW
+    sampler = GlobalBatchSampler(len(data.train), tcfg["seed"], batch_size, rank, world)
+    train_loader = DataLoader(data.train, batch_sampler=sampler, num_workers=cfg["data"]["workers"])
+    _, test_loader = data.loaders(batch_size, tcfg["seed"], cfg["data"]["eval_batch_size"], cfg["data"]["workers"])
+    steps_per_epoch = math.ceil(len(data.train) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, steps_per_epoch))
 
     epoch, batch_done, step = 0, 0, 0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
+    if saved is not None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
@@ -240,59 +284,72 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False, progress: bool =
         epoch, batch_done, step = int(saved["epoch"]), int(saved["batch"]), int(saved["step"])
         epoch_sums = saved["epoch_sums"].tolist()
     else:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        for name in ("metrics.jsonl", "metrics.csv"):
-            (run_dir / name).unlink(missing_ok=True)
-        epoch_sums = [0.0, 0.0, 0.0]  # loss·n, correct, n
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+            for name in ("metrics.jsonl", "metrics.csv"):
+                (run_dir / name).unlink(missing_ok=True)
+        epoch_sums = [0.0, 0.0, 0.0]  # loss·n, correct, n (global)
 
     def snapshot(epoch_, batch_, step_, sums) -> dict:
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "rng": _rng_state(), "epoch": epoch_, "batch": batch_, "step": step_,
-                "epoch_sums": torch.tensor(sums, dtype=torch.float64)}
+                "epoch_sums": torch.tensor(sums, dtype=torch.float64), "world": world}
+
+    def stop(state: dict, message: str, code: int):
+        if main:
+            save_state(state_path, state)
+        raise TrainingStopped(message, code)
 
     use_bf16 = tcfg["bf16"] and device.type == "cuda"
-    last = {}
+    last, comm_bytes = {}, 0
     with _Interrupts() as interrupts:
         while epoch < tcfg["epochs"]:
             model.train()
-            sampler.set_position(epoch, batch_done * cfg["data"]["batch_size"])
+            sampler.set_position(epoch, batch_done)
             started = time.perf_counter()
             bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{tcfg['epochs']}", disable=not progress,
                        leave=False, initial=batch_done, total=steps_per_epoch)
             good = snapshot(epoch, batch_done, step, epoch_sums)  # the last good state
             for x, y in bar:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                share = y.numel() * world / sampler.global_size(batch_done)  # local mean → global mean
                 opt.zero_grad()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     out = model(x)
                     loss = F.cross_entropy(out, y)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    save_state(state_path, good)
-                    raise TrainingStopped(
-                        f"loss became {loss_value} at epoch {epoch + 1}, batch {batch_done + 1}; stopped. The last "
-                        f"good state is in {state_path}. Try a lower --lr or --set train.grad_clip=1.0", 1)
-                loss.backward()
+                stats = torch.tensor([loss.item() * y.numel(), (out.argmax(1) == y).sum().item(), y.numel(),
+                                      float(interrupts.signal is not None), float(not math.isfinite(loss.item()))],
+                                     dtype=torch.float64, device=device)
+                if world > 1:
+                    dist.all_reduce(stats)
+                loss_sum, correct, n, interrupted, nonfinite = stats.tolist()
+                if nonfinite:
+                    value = loss.item() if not math.isfinite(loss.item()) else "non-finite on another process"
+                    stop(good, f"loss became {value} at epoch {epoch + 1}, batch {batch_done + 1}; stopped. The "
+                               f"last good state is in {state_path}. Try a lower --lr or --set train.grad_clip=1.0", 1)
+                (loss * share).backward()
                 if tcfg["grad_clip"]:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip"])
+                if not own_averaging:
+                    comm_bytes = all_reduce_mean_([p.grad for p in model.parameters() if p.grad is not None])
                 opt.step()
+                if own_averaging:
+                    comm_bytes = opt.bytes_communicated
                 sched.step()
                 step += 1
                 batch_done += 1
-                n = y.numel()
-                epoch_sums[0] += loss_value * n
-                epoch_sums[1] += (out.argmax(1) == y).sum().item()
-                epoch_sums[2] += n
+                epoch_sums = [epoch_sums[0] + loss_sum, epoch_sums[1] + correct, epoch_sums[2] + n]
                 if progress and batch_done % 10 == 0:
                     bar.set_postfix(loss=f"{epoch_sums[0] / epoch_sums[2]:.3f}",
                                     acc=f"{epoch_sums[1] / epoch_sums[2]:.3f}",
                                     rank=f"{_mean_rank(model):.1f}", cr=f"{compression_ratio(model):.1f}%")
-                if interrupts.signal is not None or (max_steps is not None and step >= max_steps):
+                if interrupted or (max_steps is not None and step >= max_steps):
                     bar.close()
-                    save_state(state_path, snapshot(epoch, batch_done, step, epoch_sums))
-                    why = "interrupted" if interrupts.signal is not None else f"stopped after {step} steps"
-                    code = 128 + interrupts.signal if interrupts.signal is not None else 0
-                    raise TrainingStopped(f"{why}; the state is saved: lrc train --resume {run_dir}", code)
+                    why = "interrupted" if interrupted else f"stopped after {step} steps"
+                    code = 128 + (interrupts.signal or signal.SIGINT) if interrupted else 0
+                    stop(snapshot(epoch, batch_done, step, epoch_sums),
+                         f"{why}; the state is saved: lrc train --resume {run_dir}", code)
             bar.close()
             ev = evaluate(model, test_loader, device, bf16=use_bf16)
             last = {"epoch": epoch + 1, "train_loss": epoch_sums[0] / max(epoch_sums[2], 1),
@@ -300,15 +357,16 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False, progress: bool =
                     "test_accuracy": ev["top1"], "compression_ratio": compression_ratio(model),
                     "params": ev["params"], "lr": opt.param_groups[0]["lr"],
                     "time_s": time.perf_counter() - started, "optimizer_state_bytes": _state_bytes(opt),
-                    "ranks": layer_ranks(model)}
+                    "processes": world, "comm_bytes_per_step": comm_bytes, "ranks": layer_ranks(model)}
             if "top5" in ev:
                 last["test_top5"] = ev["top5"]
-            _append_metrics(run_dir, last)
-            if progress:
-                tqdm.write(f"epoch {epoch + 1}: train loss {last['train_loss']:.4f}, test accuracy "
-                           f"{100 * last['test_accuracy']:.2f}%, c.r. {last['compression_ratio']:.1f}%")
             epoch, batch_done, epoch_sums = epoch + 1, 0, [0.0, 0.0, 0.0]
-            save_state(state_path, snapshot(epoch, 0, step, epoch_sums))
+            if main:
+                _append_metrics(run_dir, last)
+                save_state(state_path, snapshot(epoch, 0, step, epoch_sums))
+            if progress:
+                tqdm.write(f"epoch {epoch}: train loss {last['train_loss']:.4f}, test accuracy "
+                           f"{100 * last['test_accuracy']:.2f}%, c.r. {last['compression_ratio']:.1f}%")
 
     if not last:  # resumed a finished run
         ev = evaluate(model, test_loader, device, bf16=use_bf16)
@@ -318,7 +376,8 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False, progress: bool =
     summary = {k: last[k] for k in ("test_accuracy", "test_loss", "compression_ratio") if k in last}
     summary.update(preset=cfg.get("_preset"), data=cfg["data"]["name"], epochs=tcfg["epochs"],
                    method=cfg["optimizer"]["method"])
-    save_model(model_path, model, arch, summary)
+    if main:
+        save_model(model_path, model, arch, summary)
     return RunResult(run_dir, model_path, last)
 
 

@@ -213,3 +213,22 @@ def test_compare_runs_every_method_writes_tables_and_resumes(tmp_path):
 def test_compare_lora_needs_lowrank_adam(tmp_path):
     proc = lrc("compare", "--methods", "dense,lora", "--out", tmp_path, check=False)
     assert proc.returncode == 2 and "include lowrank-adam" in proc.stderr
+
+
+def test_torchrun_two_processes_train_write_one_model_and_resume_with_another_count(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lrc"]
+    out = tmp_path / "ddp"
+    proc = subprocess.run([*torchrun, "train", "--epochs", "1", "--quiet", "--out", str(out)], capture_output=True,
+                          text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("wrote") == 1 or (out / "model.safetensors").exists()
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["processes"] == 2 and row["test_accuracy"] > 0.5
+    dense_bytes = 4 * 85_002  # what DDP would all-reduce for the dense MLP
+    assert 0 < row["comm_bytes_per_step"] < dense_bytes
+    # two epochs in all: the second on one process, from the two-process state
+    (out / "config.yaml").write_text((out / "config.yaml").read_text().replace("epochs: 1", "epochs: 2"))
+    (out / "model.safetensors").unlink()
+    lrc("train", "--resume", out, "--quiet")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["processes"] for r in rows] == [2, 1] and (out / "model.safetensors").exists()

@@ -33,4 +33,9 @@ def test_config_validation():
         resolve_config({})
     assert resolve_config({"optimizer": {"method": "dense"}})["optimizer"]["method"] == "dense"
     with pytest.raises(PresetError, match="method"):
-        resolve_config({"optimizer": {"method": "lora"}, "factorize": {"rank": 2}})
+        resolve_config({"optimizer": {"method": "pruning"}, "factorize": {"rank": 2}})
+
+
+def test_match_cr_is_for_lora_only():
+    with pytest.raises(PresetError, match="needs optimizer.method=lora"):
+        resolve_config({"factorize": {"rank": 2, "match_cr": "runs/x"}})
