@@ -232,3 +232,23 @@ def test_torchrun_two_processes_train_write_one_model_and_resume_with_another_co
     lrc("train", "--resume", out, "--quiet")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["processes"] for r in rows] == [2, 1] and (out / "model.safetensors").exists()
+
+
+def test_sigint_under_torchrun_stops_every_process_with_a_resumable_state(tmp_path):
+    out = tmp_path / "ddp-int"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lrc",
+           "train", "--epochs", "200", "--quiet", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # torchrun forwards it to both workers
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["world"] == 2 and 1 <= state["epoch"] < 200
+    assert not (out / "model.safetensors").exists()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    (out / "config.yaml").write_text((out / "config.yaml").read_text().replace("epochs: 200", f"epochs: {state['epoch'] + 1}"))
+    lrc("train", "--resume", out, "--quiet")
+    assert (out / "model.safetensors").exists()
