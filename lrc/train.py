@@ -318,14 +318,17 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     out = model(x)
                     loss = F.cross_entropy(out, y)
-                stats = torch.tensor([loss.item() * y.numel(), (out.argmax(1) == y).sum().item(), y.numel(),
-                                      float(interrupts.signal is not None), float(not math.isfinite(loss.item()))],
-                                     dtype=torch.float64, device=device)
+                # one read from the device per step: loss·n, correct, n, interrupt, non-finite (summed over processes)
+                local_loss = loss.detach().double()
+                stats = torch.stack([local_loss * y.numel(), (out.argmax(1) == y).sum().double(),
+                                     local_loss.new_tensor(float(y.numel())),
+                                     local_loss.new_tensor(float(interrupts.signal is not None)),
+                                     (~torch.isfinite(local_loss)).double()])
                 if world > 1:
                     dist.all_reduce(stats)
                 loss_sum, correct, n, interrupted, nonfinite = stats.tolist()
                 if nonfinite:
-                    value = loss.item() if not math.isfinite(loss.item()) else "non-finite on another process"
+                    value = local_loss.item() if not math.isfinite(local_loss.item()) else "non-finite on another process"
                     stop(good, f"loss became {value} at epoch {epoch + 1}, batch {batch_done + 1}; stopped. The "
                                f"last good state is in {state_path}. Try a lower --lr or --set train.grad_clip=1.0", 1)
                 (loss * share).backward()

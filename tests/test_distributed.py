@@ -7,12 +7,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 from lrc import LowRankAdam, LowRankSGD
 
 from .conftest import rel
-from .test_optim import convnet, mlp, ranks, weights
+from .test_optim import convnet, mlp, train, weights
 
 MODELS = {"mlp": mlp, "conv": convnet}
 CASES = [  # name, rank, optimizer, kwargs (configurations whose rounding floor is far below 1e-5)
@@ -34,20 +33,6 @@ def make_opt(kind, model, mode, kw):
     return (LowRankAdam if kind == "adam" else LowRankSGD)(model, tau=0.1, mode=mode, **kw)
 
 
-def step(model, opt, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    if opt.mode == "two_pass":
-        opt.step(closure)
-    else:
-        closure()
-        opt.step()
-
-
 def worker(rank, world, port, case, mode, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -58,12 +43,11 @@ def worker(rank, world, port, case, mode, out):
     assert opt.distributed
     history = []
     for _ in range(STEPS):
-        step(model, opt, x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b])
+        history += train(model, x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b], opt, 1)
         w = weights(model)
         gathered = [torch.empty_like(w) for _ in range(world)]
         dist.all_gather(gathered, w)
         assert all(torch.equal(g, w) for g in gathered), "factors differ between processes"
-        history.append(ranks(model))
     if rank == 0:
         torch.save({"weights": weights(model), "ranks": history, "bytes": opt.bytes_communicated}, out)
     dist.destroy_process_group()
@@ -82,10 +66,6 @@ def test_two_processes_equal_one_process_with_the_global_batch(case, mode, tmp_p
     name, r, kind, kw = case
     model, x, y = MODELS[name](r)
     opt = make_opt(kind, model, mode, kw)
-    history = []
-    for _ in range(STEPS):
-        step(model, opt, x, y)
-        history.append(ranks(model))
-    assert got["ranks"] == history
+    assert got["ranks"] == train(model, x, y, opt, STEPS)
     assert rel(got["weights"], weights(model)) < 1e-5
     assert got["bytes"] > 0
