@@ -7,8 +7,9 @@ paper's Table 1 and plots in the form of its Figure 2.
     OUT/curves.png, ranks.png    (with matplotlib) loss/accuracy against epochs, median over
                                  seeds; per-layer ranks against epochs for low-rank methods
 
-Finished runs are not run again; interrupted ones are resumed. ``lora`` is matched to the
-parameter count of the same seed's ``lowrank-adam`` run, as in the paper.
+Finished runs are not run again; interrupted ones are resumed; ``jobs`` trains several at
+once. ``lora`` is matched to the parameter count of the same seed's ``lowrank-adam`` run, as
+in the paper.
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import multiprocessing
 import statistics
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import torch
 
 from .presets import METHODS, PresetError
 from .train import train
@@ -28,38 +33,68 @@ LOW_RANK = ("lowrank-adam", "lowrank-sgd", "dlrt-naive")
 
 
 def compare(cfg: dict, methods: list[str], seeds: list[int], out_dir: str | Path, progress: bool = True,
-            log=print) -> list[dict]:
+            log=print, jobs: int = 1) -> list[dict]:
+    """Run every (method, seed) of ``cfg`` into ``out_dir`` and write the tables and plots.
+
+    ``jobs > 1`` trains that many runs at once in worker processes of one thread each (on a
+    CPU with that many cores, or sharing one GPU); the results are the same as with one.
+    """
     out_dir = Path(out_dir)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise PresetError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if "lora" in methods and "lowrank-adam" not in methods:
         raise PresetError("lora is matched to the c.r. of lowrank-adam: include lowrank-adam in --methods")
-    # lowrank-adam before lora, whose ranks it fixes
-    order = sorted(methods, key=lambda m: (m == "lora", methods.index(m)))
-    for seed in seeds:
-        for method in order:
+    if jobs < 1:
+        raise PresetError(f"--jobs must be ≥ 1, got {jobs}")
+    # lowrank-adam before lora, whose ranks it fixes: two waves
+    waves = [[(m, s) for s in seeds for m in methods if m != "lora"],
+             [("lora", s) for s in seeds if "lora" in methods]]
+    for wave in waves:
+        todo = []
+        for method, seed in wave:
             run_dir = out_dir / "runs" / f"{method}-s{seed}"
             if (run_dir / "model.safetensors").exists():
                 log(f"{method} seed {seed}: done already")
                 continue
-            if (run_dir / "state.pt").exists():
-                log(f"{method} seed {seed}: resuming")
-                train({}, run_dir, resume=True, progress=progress)
-                continue
-            run_cfg = copy.deepcopy(cfg)
-            run_cfg["optimizer"]["method"] = method
-            run_cfg["train"]["seed"] = seed
-            if method == "lora":
-                run_cfg["factorize"]["match_cr"] = str(out_dir / "runs" / f"lowrank-adam-s{seed}")
-            log(f"{method} seed {seed}: training")
-            train(run_cfg, run_dir, progress=progress)
+            log(f"{method} seed {seed}: {'resuming' if (run_dir / 'state.pt').exists() else 'training'}")
+            todo.append((_run_config(cfg, method, seed, out_dir), run_dir))
+        if jobs == 1 or len(todo) <= 1:
+            for run_cfg, run_dir in todo:
+                _run(run_cfg, run_dir, progress)
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=ctx, initializer=_one_thread) as pool:
+                for future in [pool.submit(_run, run_cfg, run_dir, False) for run_cfg, run_dir in todo]:
+                    future.result()
     rows = summarize(out_dir, methods, seeds)
     write_tables(out_dir, rows)
     plotted = plot(out_dir, methods, seeds)
     if not plotted:
         log("plots skipped: matplotlib is not installed (pip install 'lrc[plots]')")
     return rows
+
+
+def _run_config(cfg: dict, method: str, seed: int, out_dir: Path) -> dict:
+    run_cfg = copy.deepcopy(cfg)
+    run_cfg["optimizer"]["method"] = method
+    run_cfg["train"]["seed"] = seed
+    if method == "lora":
+        run_cfg["factorize"]["match_cr"] = str(out_dir / "runs" / f"lowrank-adam-s{seed}")
+    return run_cfg
+
+
+def _run(run_cfg: dict, run_dir: Path, progress: bool) -> None:
+    """One run; an interrupted one (``state.pt`` left) is resumed with its own saved config."""
+    if (run_dir / "state.pt").exists():
+        train({}, run_dir, resume=True, progress=progress)
+    else:
+        train(run_cfg, run_dir, progress=progress)
+
+
+def _one_thread() -> None:
+    # several torch processes with one OpenMP pool each on the same cores slow each other ~100×
+    torch.set_num_threads(1)
 
 
 def _history(run_dir: Path) -> list[dict]:

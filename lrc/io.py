@@ -22,7 +22,7 @@ from .layers import FACTORIZED, LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLi
 from .models import build_model
 from .surgery import densify, replace_module
 
-__all__ = ["FORMAT", "CheckpointError", "save_model", "load_model", "is_lrc_file", "read_checkpoint", "read_metadata", "save_dense",
+__all__ = ["FORMAT", "CheckpointError", "save_model", "load_model", "is_lrc_file", "read_checkpoint", "read_metadata", "head_name", "save_dense",
            "load_weights", "atomic_path", "save_state", "load_state"]
 
 FORMAT = "lrc/1"
@@ -126,9 +126,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     return model.to(device), meta
 
 
-def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with a one-line error naming mismatched keys."""
+def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str, new_head: bool = False) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error naming mismatched keys.
+
+    ``new_head``: the model's classification head (its last ``nn.Linear``) keeps its fresh
+    initialisation and the checkpoint's head is ignored: transfer learning to another
+    number of classes (ImageNet weights → CIFAR-10)."""
     own = model.state_dict()
+    if new_head:
+        head = head_name(model)
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(head + ".")}
+        tensors.update({k: v for k, v in own.items() if k.startswith(head + ".")})
     missing = [k for k in own if k not in tensors]
     unexpected = [k for k in tensors if k not in own]
     shapes = [k for k in own if k in tensors and own[k].shape != tensors[k].shape
@@ -140,6 +148,14 @@ def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str
                 parts.append(f"{label}: {', '.join(keys[:5])}{' …' if len(keys) > 5 else ''}")
         raise CheckpointError(f"{source} does not fit the architecture ({'; '.join(parts)})")
     model.load_state_dict(tensors, strict=True)
+
+
+def head_name(model: nn.Module) -> str:
+    """Name of a model's classification head: its last ``nn.Linear``."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise CheckpointError(f"{type(model).__name__} has no nn.Linear head to replace; drop model.new_head")
+    return names[-1]
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:

@@ -27,8 +27,9 @@ PRESET_DIR = _preset_dir()
 METHODS = ("lowrank-adam", "lowrank-sgd", "dense", "lora", "dlrt-naive")
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "model": {"name": "mlp", "args": {}, "checkpoint": None},
-    "data": {"name": "digits", "data_dir": None, "batch_size": 64, "eval_batch_size": None, "workers": 0},
+    "model": {"name": "mlp", "args": {}, "checkpoint": None, "new_head": False},
+    "data": {"name": "digits", "data_dir": None, "batch_size": 64, "eval_batch_size": None, "workers": 0,
+             "image_size": None},
     "factorize": {"rank": None, "tau": None, "include": None, "exclude": [], "conv_format": "matrix",
                   "match_cr": None},
     "optimizer": {"method": "lowrank-adam", "lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999],

@@ -128,7 +128,7 @@ def build_run(cfg: dict, device: torch.device):
     else:
         model = build_model(arch["name"], **arch["args"])
         if path:
-            load_weights(model, read_checkpoint(path), str(path))
+            load_weights(model, read_checkpoint(path), str(path), new_head=cfg["model"]["new_head"])
     method = opt_cfg["method"]
     if method != "dense" and not any(isinstance(m, FACTORIZED) for m in model.modules()):
         ranks, include = None, fac["include"]
@@ -265,7 +265,7 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
     random.seed(tcfg["seed"])
     np.random.seed(tcfg["seed"])
 
-    data = build_data(cfg["data"]["name"], cfg["data"]["data_dir"], tcfg["seed"])
+    data = build_data(cfg["data"]["name"], cfg["data"]["data_dir"], tcfg["seed"], cfg["data"]["image_size"])
     model, opt, arch, report = build_run(cfg, device)
     broadcast_([t.data for t in list(model.parameters()) + list(model.buffers())])  # same start everywhere
     own_averaging = isinstance(opt, LowRankOptimizer)  # else: average here for AdamW
@@ -379,6 +379,8 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
     summary = {k: last[k] for k in ("test_accuracy", "test_loss", "compression_ratio") if k in last}
     summary.update(preset=cfg.get("_preset"), data=cfg["data"]["name"], epochs=tcfg["epochs"],
                    method=cfg["optimizer"]["method"])
+    if cfg["data"]["image_size"] is not None:
+        summary["image_size"] = cfg["data"]["image_size"]
     if main:
         save_model(model_path, model, arch, summary)
     return RunResult(run_dir, model_path, last)

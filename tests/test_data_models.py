@@ -51,6 +51,29 @@ def test_ucm_split_is_fixed_and_per_class(tmp_path):
     assert a.test.indices == b.test.indices  # fixed split, independent of the run's seed
     x, y = a.test[0]
     assert x.shape == (3, 224, 224)
+    assert build_data("ucm", tmp_path, image_size=64).test[0][0].shape == (3, 64, 64)
+
+
+def test_image_size_resizes_cifar_and_is_refused_where_there_are_no_images(tmp_path, monkeypatch):
+    import torchvision
+    from PIL import Image
+
+    class FakeCIFAR10(torch.utils.data.Dataset):  # torchvision's loader checks the real files' MD5
+        def __init__(self, root, train, transform, download):
+            self.transform = transform
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return self.transform(Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8))), i
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    assert build_data("cifar10", tmp_path).train[0][0].shape == (3, 32, 32)
+    data = build_data("cifar10", tmp_path, image_size=224)  # ViT-B/16's input
+    assert data.train[0][0].shape == data.test[0][0].shape == (3, 224, 224) and data.input_shape == (3, 224, 224)
+    with pytest.raises(ValueError, match="data.image_size: digits keeps its native size"):
+        build_data("digits", image_size=32)
 
 
 def test_digits_is_built_in():

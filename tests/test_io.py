@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from lrc import LowRankAdam, factorize
-from lrc.io import CheckpointError, atomic_path, load_model, read_metadata, save_model
+from lrc.io import CheckpointError, atomic_path, head_name, load_model, load_weights, read_metadata, save_model
 from lrc.models import build_model
 
 
@@ -43,3 +43,16 @@ def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown model 'resnet9000'"):
         build_model("resnet9000")
     assert isinstance(build_model("vgg11", num_classes=10), nn.Module)
+
+
+def test_new_head_loads_everything_but_the_classifier_of_another_class_count():
+    source = build_model("vgg11", num_classes=1000).state_dict()  # stands in for ImageNet weights
+    model = build_model("vgg11", num_classes=10)
+    with pytest.raises(CheckpointError, match=r"wrong shape: classifier\.6\.weight, classifier\.6\.bias"):
+        load_weights(model, source, "imagenet.pth")
+    fresh = model.classifier[6].weight.clone()
+    load_weights(model, source, "imagenet.pth", new_head=True)
+    assert head_name(model) == "classifier.6" and torch.equal(model.classifier[6].weight, fresh)
+    assert torch.equal(model.features[0].weight, source["features.0.weight"])
+    assert torch.equal(model.classifier[3].weight, source["classifier.3.weight"])
+    assert head_name(build_model("vit_small")) == "heads.head"

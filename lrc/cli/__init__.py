@@ -142,6 +142,7 @@ def compare_cmd(
     epochs: Optional[int] = typer.Option(None, help="Number of epochs."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the data set lies."),
     set_: List[str] = typer.Option([], "--set", help="Override any preset field: section.key=value."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Runs trained at once (one thread each; CPU cores or one GPU)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Train several methods over several seeds and write a comparison table and plots.
@@ -149,7 +150,7 @@ def compare_cmd(
     Every method gets the same preset; lora is matched to lowrank-adam's parameter count.
     Runs already finished in OUT are not run again.
 
-    Example: lrc compare --preset digits-mlp --methods dense,lowrank-adam,lora,dlrt-naive --seeds 3
+    Example: lrc compare --preset digits-mlp --methods dense,lowrank-adam,lora,dlrt-naive --seeds 3 --jobs 2
     """
     from ..compare import compare
     from ..presets import apply_override, load_preset
@@ -165,7 +166,7 @@ def compare_cmd(
         raise ValueError("--seeds must be ≥ 1")
     out_dir = out or Path("runs") / f"compare-{Path(preset).stem}"
     rows = compare(cfg, [m.strip() for m in methods.split(",") if m.strip()], list(range(seeds)), out_dir,
-                   progress=not quiet, log=lambda msg: typer.echo(msg, err=True))
+                   progress=not quiet, log=lambda msg: typer.echo(msg, err=True), jobs=jobs)
     typer.echo((out_dir / "results.md").read_text())
     typer.echo(f"wrote {out_dir / 'results.md'}, {out_dir / 'results.csv'}")
 
@@ -207,7 +208,7 @@ def factorize_cmd(
     arch = {"name": cfg["model"]["name"], "args": dict(cfg["model"]["args"])}
     model = build_model(arch["name"], **arch["args"])
     if checkpoint:
-        load_weights(model, read_checkpoint(checkpoint), str(checkpoint))
+        load_weights(model, read_checkpoint(checkpoint), str(checkpoint), new_head=cfg["model"]["new_head"])
     report = factorize(model, rank=fac["rank"], tau=fac["tau"], include=include or fac["include"],
                        exclude=fac["exclude"] if exclude is None else exclude)
     if not report.replaced:
@@ -243,7 +244,8 @@ def evaluate_cmd(
     name = data or meta["summary"].get("data")
     if not name:
         raise ValueError(f"{model_path} does not record its data set; pass --data NAME")
-    _, test = build_data(name, data_dir).loaders(batch_size, 0, batch_size)
+    image_size = meta["summary"].get("image_size") if name == meta["summary"].get("data") else None
+    _, test = build_data(name, data_dir, image_size=image_size).loaders(batch_size, 0, batch_size)
     result = evaluate(model, test, dev)
     result.update(model=str(model_path), architecture=meta["architecture"], data=name)
     if as_json:

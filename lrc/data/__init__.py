@@ -8,6 +8,7 @@ download and is the built-in default. The others read torchvision's formats from
 from __future__ import annotations
 
 import gzip
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -51,10 +52,20 @@ def register_data(name: str):
     return wrap
 
 
-def build_data(name: str, data_dir: str | Path | None = None, seed: int = 0) -> Data:
+def build_data(name: str, data_dir: str | Path | None = None, seed: int = 0, image_size: int | None = None) -> Data:
+    """A registered data set; ``image_size`` resizes images (e.g. CIFAR to 224 for ViT-B/16)
+    where the data set has images, ``None`` keeps its native size."""
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
-    return DATASETS[name](Path(data_dir) if data_dir else None, seed)
+    builder = DATASETS[name]
+    options = {}
+    if image_size is not None:
+        if "image_size" not in inspect.signature(builder).parameters:
+            raise ValueError(f"data.image_size: {name} keeps its native size (only CIFAR and UCM resize); drop the setting")
+        if image_size < 8:
+            raise ValueError(f"data.image_size = {image_size}: must be at least 8 pixels")
+        options["image_size"] = image_size
+    return builder(Path(data_dir) if data_dir else None, seed, **options)
 
 
 @register_data("digits")
@@ -127,7 +138,7 @@ def mnist(data_dir: Path | None, seed: int) -> Data:
 
 
 def _cifar(name: str, cls_name: str, num_classes: int, mean, std):
-    def build(data_dir: Path | None, seed: int) -> Data:
+    def build(data_dir: Path | None, seed: int, image_size: int = 32) -> Data:
         import torchvision
         from torchvision import transforms as T
 
@@ -135,8 +146,10 @@ def _cifar(name: str, cls_name: str, num_classes: int, mean, std):
             raise DataError(f"{name} needs --data-dir DIR holding torchvision's {cls_name} files "
                             f"(torchvision.datasets.{cls_name}(DIR, download=True) fetches them)")
         norm = T.Normalize(mean, std)
-        train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
-        test_tf = T.Compose([T.ToTensor(), norm])
+        resize = [T.Resize(image_size)] if image_size != 32 else []  # 32×32 → e.g. 224 for ViT-B/16
+        train_tf = T.Compose([*resize, T.RandomCrop(image_size, padding=image_size // 8), T.RandomHorizontalFlip(),
+                              T.ToTensor(), norm])
+        test_tf = T.Compose([*resize, T.ToTensor(), norm])
         cls = getattr(torchvision.datasets, cls_name)
         try:
             train = cls(str(data_dir), train=True, transform=train_tf, download=False)
@@ -144,7 +157,7 @@ def _cifar(name: str, cls_name: str, num_classes: int, mean, std):
         except RuntimeError as e:
             raise DataError(f"{name} not found in {data_dir} ({e}); torchvision.datasets.{cls_name}"
                             f"({str(data_dir)!r}, download=True) fetches it") from None
-        return Data(train, test, num_classes, (3, 32, 32))
+        return Data(train, test, num_classes, (3, image_size, image_size))
 
     return build
 
