@@ -13,6 +13,8 @@ from torch import Tensor
 __all__ = [
     "augment_basis",
     "pad_block",
+    "mode_svds",
+    "in_channel_modes",
     "sign_fixed_svd",
     "truncation_rank",
     "untruncated_rank",
@@ -86,10 +88,29 @@ def _cholesky_qr2_against(U: Tensor, P: Tensor) -> Tensor | None:
 
 
 def pad_block(A: Tensor, rows: int, cols: int) -> Tensor:
-    """``diag(A, 0)``: ``A`` in the top-left corner of a zero ``rows×cols`` matrix."""
-    out = A.new_zeros(rows, cols)
+    """``diag(A, 0)``: ``A`` in the top-left corner of a zero ``rows×cols`` matrix. A
+    tensor with more modes (a Tucker core ``r_out×r_in×kh×kw``) is padded in its first two."""
+    out = A.new_zeros(rows, cols, *A.shape[2:])
     out[: A.shape[0], : A.shape[1]] = A
     return out
+
+
+def mode_svds(C: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """Sign-fixed SVDs of the two channel-mode unfoldings of a Tucker core
+    (``r_out×r_in×kh×kw``): ``((P_out, σ_out), (P_in, σ_in))``, the left singular vectors
+    and values of ``Mat₁(C)`` and ``Mat₂(C)``. Both ``σ`` have the norm ``‖C‖_F``."""
+    out = []
+    for mode in (0, 1):
+        P, sigma, _ = sign_fixed_svd(C.movedim(mode, 0).reshape(C.shape[mode], -1))
+        out.append((P, sigma))
+    return out[0], out[1]
+
+
+def in_channel_modes(fn, T: Tensor, P_out: Tensor, P_in: Tensor, *args) -> Tensor:
+    """Apply a matrix rule ``fn(X, P, R, *args)`` (such as :func:`rotate_first_moment`)
+    to each spatial slice ``T[:, :, i, j]`` of a Tucker core or moment: for the rotations
+    that is ``T ×₁ P_outᵀ ×₂ P_inᵀ``."""
+    return fn(T.permute(2, 3, 0, 1), P_out, P_in, *args).permute(2, 3, 0, 1).contiguous()
 
 
 def sign_fixed_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -15,11 +15,13 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..distributed import all_reduce_mean_, broadcast_, broadcast_ints, is_distributed
-from ..layers import LowRankMatrixModule
+from ..layers import LowRankMatrixModule, TuckerConv2d
 from ..linalg import (
     SECOND_MOMENT_RULES,
     augment_basis,
     clip_rank,
+    in_channel_modes,
+    mode_svds,
     pad_block,
     rotate_first_moment,
     rotate_second_moment,
@@ -30,6 +32,7 @@ from ..linalg import (
 __all__ = ["LowRankOptimizer", "MODES"]
 
 MODES = ("fused", "two_pass", "parallel")
+TRAINED = (LowRankMatrixModule, TuckerConv2d)  # layer kinds these optimizers train
 
 
 class LowRankOptimizer(Optimizer):
@@ -58,10 +61,13 @@ class LowRankOptimizer(Optimizer):
         self.project_moments = project_moments
         self.distributed = is_distributed() if distributed is None else distributed
         self.bytes_communicated = 0  # payload this process all-reduced in the last step
-        self._layers: dict[Tensor, LowRankMatrixModule] = {}  # S parameter -> its layer
+        self._layers: dict[Tensor, LowRankMatrixModule | TuckerConv2d] = {}  # S (core) -> its layer
         factor_ids: set[int] = set()
         for module in model.modules():
-            if isinstance(module, LowRankMatrixModule):
+            if isinstance(module, TuckerConv2d) and mode == "parallel":
+                raise ValueError("mode='parallel' does not support TuckerConv2d layers yet; use mode='fused' "
+                                 "or mode='two_pass', or factorize convolutions with conv_format='matrix'")
+            if isinstance(module, TRAINED):
                 self._layers[module.S] = module
                 factor_ids.update(id(p) for p in module.factor_parameters())
                 module.fused = mode == "fused"
@@ -150,7 +156,7 @@ class LowRankOptimizer(Optimizer):
             Ut, Vt, G_S = layer._fused_grads
             # Scalar rescaling of the grads after backward (clipping, loss-scale unscaling)
             # reaches G_S through its top-left block, which is S.grad as the backward wrote it.
-            top = G_S[: layer.rank, : layer.rank]
+            top = G_S[: layer.S.shape[0], : layer.S.shape[1]]
             denom = (top * top).sum()
             scale = torch.where(denom > 0, (layer.S.grad * top).sum() / denom.clamp_min(torch.finfo(denom.dtype).tiny), 1.0)
             out[layer] = (Ut, Vt, G_S * scale)
@@ -180,7 +186,7 @@ class LowRankOptimizer(Optimizer):
             Ut, Vt = augment_basis(U, U.grad), augment_basis(V, V.grad)
             bases[layer] = (Ut, Vt)
             saved[layer] = (U.detach().clone(), S.detach().clone(), V.detach().clone())
-            a, b = layer.rank + Ut.shape[1], layer.rank + Vt.shape[1]
+            a, b = S.shape[0] + Ut.shape[1], S.shape[1] + Vt.shape[1]
             layer.set_factors(torch.cat([U, Ut], 1), pad_block(S, a, b), torch.cat([V, Vt], 1))
         dense_grads = {p: p.grad for group in self.param_groups for p in group["params"]
                        if p not in self._layers and p not in self._bases}
@@ -231,44 +237,71 @@ class LowRankOptimizer(Optimizer):
         return layer, group, Ut, Vt, S_bar, padded
 
     def _truncate(self, pending: list[tuple]) -> None:
-        """Steps 6–7 for all layers at once: one batched SVD per shape of ``Ŝ`` and one
-        read of the new ranks from the device; then each layer's rank change, in one place."""
+        """Steps 6–7 for all layers at once: one batched SVD per shape of ``Ŝ`` (per channel
+        mode of a Tucker core) and one read of the new ranks from the device; then each
+        layer's rank change, in one place."""
         by_shape: dict[tuple, list[int]] = {}
-        for i, (_, _, _, _, S_bar, _) in enumerate(pending):
-            by_shape.setdefault((tuple(S_bar.shape), S_bar.dtype, S_bar.device), []).append(i)
-        svds: list[tuple | None] = [None] * len(pending)
-        raw = []
+        svds: list = [None] * len(pending)
+        raw, order = [], []
+        for i, (layer, group, _, _, S_bar, _) in enumerate(pending):
+            if isinstance(layer, TuckerConv2d):  # the SVDs of the two channel-mode unfoldings
+                svds[i] = mode_svds(S_bar)
+                raw.append(untruncated_rank(_pad_stack(svds[i][0][1], svds[i][1][1]), group["tau"]))
+                order += [(i, 0), (i, 1)]
+            else:
+                by_shape.setdefault((tuple(S_bar.shape), S_bar.dtype, S_bar.device), []).append(i)
         for idx in by_shape.values():
             P, sigma, R = sign_fixed_svd(torch.stack([pending[i][4] for i in idx]))
             taus = torch.tensor([pending[i][1]["tau"] for i in idx], dtype=torch.float64, device=sigma.device)
             raw.append(untruncated_rank(sigma, taus))
             for j, i in enumerate(idx):
                 svds[i] = (P[j], sigma[j], R[j])
-        order = [i for idx in by_shape.values() for i in idx]
+            order += [(i, None) for i in idx]
         new_ranks = torch.cat(raw).tolist() if raw else []
         if self.distributed and pending:  # every process takes rank 0's decision: shapes agree
             new_ranks = broadcast_ints(new_ranks, pending[0][4].device)
         ranks = dict(zip(order, new_ranks))
-        for i, (layer, group, Ut, Vt, _, padded) in enumerate(pending):
-            P, sigma, R = svds[i]
-            r1 = clip_rank(ranks[i], sigma.shape[0], group["min_rank"], group["max_rank"])
-            self._apply_truncation(layer, Ut, Vt, P[:, :r1], sigma[:r1], R[:, :r1], padded)
+        for i, (layer, group, Ut, Vt, S_bar, padded) in enumerate(pending):
+            if isinstance(layer, TuckerConv2d):
+                (P_out, s_out), (P_in, s_in) = svds[i]
+                r_out = clip_rank(ranks[(i, 0)], s_out.shape[0], group["min_rank"], group["max_rank"])
+                r_in = clip_rank(ranks[(i, 1)], s_in.shape[0], group["min_rank"], group["max_rank"])
+                P1, R1 = P_out[:, :r_out], P_in[:, :r_in]
+                self._apply_truncation(layer, Ut, Vt, P1, in_channel_modes(rotate_first_moment, S_bar, P1, R1), R1,
+                                       padded)
+            else:
+                P, sigma, R = svds[i]
+                r1 = clip_rank(ranks[(i, None)], sigma.shape[0], group["min_rank"], group["max_rank"])
+                self._apply_truncation(layer, Ut, Vt, P[:, :r1], torch.diag(sigma[:r1]), R[:, :r1], padded)
         if self.distributed and pending:  # bit-identical factors and moments on every process
             self.bytes_communicated += broadcast_(
                 [t.data for item in pending for t in item[0].factor_parameters()]
                 + [self.state[item[0].S][k] for item in pending for k in self._state_keys])
 
-    def _apply_truncation(self, layer: LowRankMatrixModule, Ut: Tensor, Vt: Tensor, P1: Tensor, sigma: Tensor,
-                          R1: Tensor, padded: dict) -> None:
-        """The one place where a layer's rank changes: new factors and rotated moments."""
+    def _apply_truncation(self, layer, Ut: Tensor, Vt: Tensor, P1: Tensor, S_new: Tensor, R1: Tensor,
+                          padded: dict) -> None:
+        """The one place where a layer's rank changes: new factors ``Û P₁``, ``V̂ R₁``, the
+        new coefficient ``S_new`` and the moments rotated to the new bases (per spatial slice
+        for a Tucker core: ``· ×₁ P₁ᵀ ×₂ R₁ᵀ``)."""
         U, S, V = layer.factor_parameters()
         state = self.state[S]
+        tucker = isinstance(layer, TuckerConv2d)
         for key in self._state_keys:
             if not self.project_moments:  # the naive baseline: old coordinates, cut to the new rank
                 state[key] = padded[key][: P1.shape[1], : R1.shape[1]].clone()
             elif key in self._second_moment_keys:
-                state[key] = rotate_second_moment(padded[key], P1, R1, self.second_moment)
+                args = (rotate_second_moment, padded[key], P1, R1, self.second_moment)
+                state[key] = in_channel_modes(*args) if tucker else args[0](*args[1:])
             else:
-                state[key] = rotate_first_moment(padded[key], P1, R1)
-        layer.set_factors(U @ P1[: U.shape[1]] + Ut @ P1[U.shape[1]:], torch.diag(sigma),
+                state[key] = (in_channel_modes(rotate_first_moment, padded[key], P1, R1) if tucker
+                              else rotate_first_moment(padded[key], P1, R1))
+        layer.set_factors(U @ P1[: U.shape[1]] + Ut @ P1[U.shape[1]:], S_new,
                           V @ R1[: V.shape[1]] + Vt @ R1[V.shape[1]:])
+
+
+def _pad_stack(a: Tensor, b: Tensor) -> Tensor:
+    """Two descending vectors of singular values as the rows of one matrix; the zeros
+    appended to the shorter one do not count towards its rank."""
+    out = a.new_zeros(2, max(a.shape[0], b.shape[0]))
+    out[0, : a.shape[0]], out[1, : b.shape[0]] = a, b
+    return out

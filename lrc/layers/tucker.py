@@ -1,0 +1,280 @@
+"""Convolutions in low-rank Tucker format over the channel modes (the paper's Section 4).
+
+A kernel ``W ∈ ℝ^{out×in×kh×kw}`` is ``C ×₁ U_out ×₂ U_in``: a core
+``C ∈ ℝ^{r_out×r_in×kh×kw}`` and orthonormal channel factors ``U_out`` (out×r_out) and
+``U_in`` (in×r_in); the spatial modes stay full (a 3×3 window is already small).
+
+Gradient convention (the Tucker form of the matrix layers' K/L/S convention): after a
+backward pass, with ``∇W`` the gradient with respect to the dense kernel (never formed),
+
+* ``U_out.grad`` holds ``G_out = Mat₁(∇W ×₂ U_inᵀ)·Q_out``, the K-step gradient of the
+  output mode, where ``Q_out`` is an orthonormal basis of the row space of ``Mat₁(C)``
+  (``Mat₁(C)ᵀ = Q_out R``),
+* ``U_in.grad`` holds ``G_in = Mat₂(∇W ×₁ U_outᵀ)·Q_in`` likewise,
+* ``core.grad`` holds ``∇W ×₁ U_outᵀ ×₂ U_inᵀ``.
+
+``U_out.grad`` is not ``∂L/∂U_out = G_out Rᵀ``: like ``G_K`` it stays informative when the
+core's unfolding is singular. The optimizers see the factors as ``(U, S, V) = (U_out,
+core, U_in)`` and augment, update and truncate them as for matrices (DESIGN.md), with the
+truncation per channel mode.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+from ..distributed import all_reduce_mean_
+from ..linalg import augment_basis, sign_fixed_svd
+from .lowrank import _conv_padding, _pair, initial_rank
+
+__all__ = ["TuckerConv2d", "unfold", "mode_product"]
+
+
+def unfold(T: Tensor, mode: int) -> Tensor:
+    """Mode-``mode`` unfolding of a 4-way tensor: ``T.shape[mode] × (product of the rest)``."""
+    return T.movedim(mode, 0).reshape(T.shape[mode], -1)
+
+
+def mode_product(T: Tensor, A: Tensor, mode: int) -> Tensor:
+    """``T ×_mode A``: multiplies mode ``mode`` of ``T`` by the matrix ``A`` (new size × old size)."""
+    return torch.tensordot(A, T.movedim(mode, 0), dims=([1], [0])).movedim(0, mode)
+
+
+class _TuckerProduct(torch.autograd.Function):
+    """``y = U_out ⋆ (C ⋆ (U_inᵀ ⋆ x))`` (three convolutions) with the gradients of the module doc."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, U_out: Tensor, core: Tensor, U_in: Tensor, layer: "TuckerConv2d") -> Tensor:
+        z = F.conv2d(x, U_in.mT[:, :, None, None].to(x.dtype))
+        y = F.conv2d(F.conv2d(z, core.to(x.dtype), None, layer.stride, layer.padding, layer.dilation),
+                     U_out[:, :, None, None].to(x.dtype))
+        ctx.save_for_backward(x, z, U_out, core, U_in)
+        ctx.layer = layer
+        device = x.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):  # as in the forward pass
+            return _TuckerProduct._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g: Tensor):
+        x, z, U_out, core, U_in = ctx.saved_tensors
+        layer: TuckerConv2d = ctx.layer
+        conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+        gp = F.conv2d(g, U_out.mT[:, :, None, None].to(g.dtype))  # ∂L/∂(core output), r_out channels
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            gz = conv2d_input(z.shape, core.to(gp.dtype), gp, **conv)
+            grad_x = F.conv2d(gz, U_in[:, :, None, None].to(gz.dtype))
+        _, need_out, need_core, need_in, _ = ctx.needs_input_grad
+        fused = layer.fused and need_out and need_in
+        (r_out, r_in), k = core.shape[:2], core.shape[2:]
+        G_out = G_in = grad_core = None
+        if need_out:  # Mat₁(∇W ×₂ U_inᵀ) Q_out
+            D = conv2d_weight(z, (layer.out_channels, r_in, *k), g.to(z.dtype), **conv)
+            G_out = (unfold(D, 0) @ _row_basis(unfold(core, 0)).to(D.dtype)).to(U_out.dtype)
+        if need_in:  # Mat₂(∇W ×₁ U_outᵀ) Q_in
+            D = conv2d_weight(x, (r_out, layer.in_channels, *k), gp.to(x.dtype), **conv)
+            G_in = (unfold(D, 1) @ _row_basis(unfold(core, 1)).to(D.dtype)).to(U_in.dtype)
+        if need_core or fused:
+            grad_core = conv2d_weight(z, core.shape, gp.to(z.dtype), **conv).to(core.dtype)
+        if fused:
+            grad_core = layer._record_fused(x, g, G_out, G_in, grad_core, U_out, U_in)
+        return grad_x, G_out, grad_core, G_in, None
+
+
+def _row_basis(A: Tensor) -> Tensor:
+    """Orthonormal basis of the row space of ``A`` (r×m): Q of ``Aᵀ = QR``, ``R`` with a
+    non-negative diagonal (machine-independent signs); orthonormal also when ``A`` is singular."""
+    Q, R = torch.linalg.qr(A.mT.to(torch.promote_types(A.dtype, torch.float32)))
+    sign = torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(Q.dtype)
+    return Q * sign
+
+
+class TuckerConv2d(nn.Module):
+    """``nn.Conv2d`` whose kernel is ``C ×₁ U_out ×₂ U_in`` (Tucker format in the channel modes).
+
+    The forward pass is three convolutions: ``U_inᵀ`` as a 1×1 convolution (in → r_in
+    channels), the core with the original stride, padding and dilation (r_in → r_out), and
+    ``U_out`` as a 1×1 convolution (r_out → out); the bias is added once, at the end.
+    ``groups ≠ 1`` and non-zero padding modes are refused. Attributes: ``U_out``, ``U_in``,
+    ``core``, ``bias``; property ``ranks`` = ``(r_out, r_in)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, ranks: tuple[int, int], stride=1,
+                 padding=0, dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if groups != 1:
+            raise ValueError(f"TuckerConv2d supports groups=1 only (got groups={groups}); "
+                             "exclude grouped/depthwise convolutions from factorization")
+        if padding_mode != "zeros":
+            raise ValueError(f"TuckerConv2d supports padding_mode='zeros' only (got {padding_mode!r})")
+        r_out, r_in = _check_ranks(ranks, out_channels, in_channels)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride, self.dilation = _pair(stride), _pair(dilation)
+        self.padding = _conv_padding(padding, self.kernel_size, self.stride, self.dilation)
+        factory = {"device": device, "dtype": dtype}
+        self.U_out = nn.Parameter(torch.empty(out_channels, r_out, **factory))
+        self.U_in = nn.Parameter(torch.empty(in_channels, r_in, **factory))
+        self.core = nn.Parameter(torch.empty(r_out, r_in, *self.kernel_size, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.fused = False
+        self.distributed = False  # set by a data-parallel optimizer: average inside the fused backward
+        self._fused_grads: tuple[Tensor, Tensor, Tensor] | None = None
+        self._backward_count = 0
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The truncated HOSVD of ``nn.Conv2d``'s default initialisation."""
+        dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, bias=self.bias is not None,
+                          device=self.core.device, dtype=self.core.dtype)
+        self._init_from_kernel(dense.weight, dense.bias, self.ranks)
+
+    @property
+    def ranks(self) -> tuple[int, int]:
+        """``(r_out, r_in)``."""
+        return self.U_out.shape[1], self.U_in.shape[1]
+
+    @property
+    def rank(self) -> list[int]:
+        """``[r_out, r_in]``, as the metrics and the file metadata record it."""
+        return list(self.ranks)
+
+    @property
+    def adapter(self) -> bool:
+        return False
+
+    # the optimizers' view: (U, S, V) = (U_out, core, U_in)
+    U = property(lambda self: self.U_out)
+    S = property(lambda self: self.core)
+    V = property(lambda self: self.U_in)
+
+    def factor_parameters(self) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:
+        """``(U_out, core, U_in)``: the parameters the low-rank optimizers update together."""
+        return self.U_out, self.core, self.U_in
+
+    def clear_fused_grads(self) -> None:
+        self._fused_grads = None
+        self._backward_count = 0
+
+    @torch.no_grad()
+    def _record_fused(self, x, g, G_out, G_in, grad_core, U_out, U_in) -> Tensor:
+        """From one batch: ``Ũ_out, Ũ_in`` and the core gradient at the augmented factors,
+        kept for ``step()`` (as the matrix layers' fused backward; see DESIGN.md)."""
+        self._backward_count += 1
+        if self._backward_count > 1:
+            self._fused_grads = None  # the optimizer reports the error at step()
+            return grad_core
+        if self.distributed:
+            all_reduce_mean_([G_out, G_in])
+        with torch.autocast(x.device.type, enabled=False):  # orthogonality needs full precision
+            Ut, Vt = augment_basis(U_out, G_out), augment_basis(U_in, G_in)
+        Uh, Vh = torch.cat([U_out, Ut], 1), torch.cat([U_in, Vt], 1)
+        zh = F.conv2d(x, Vh.mT[:, :, None, None].to(x.dtype))
+        gh = F.conv2d(g, Uh.mT[:, :, None, None].to(g.dtype))
+        G_hat = conv2d_weight(zh, (Uh.shape[1], Vh.shape[1], *self.kernel_size), gh.to(zh.dtype), self.stride,
+                              self.padding, self.dilation).to(grad_core.dtype)
+        if self.distributed:
+            all_reduce_mean_([G_hat])
+        self._fused_grads = (Ut, Vt, G_hat)
+        r_out, r_in = grad_core.shape[:2]
+        return G_hat[:r_out, :r_in].clone()
+
+    @classmethod
+    def from_conv(cls, layer: nn.Conv2d, ranks: int | tuple[int, int] | None = None,
+                  tau: float | None = None) -> "TuckerConv2d":
+        """Factorize ``layer`` by truncated HOSVD of its kernel: per channel mode, the leading
+        left singular vectors of the unfolding, as many as ``ranks`` gives and/or the τ-rule
+        (``‖σ_{r+1:}‖ ≤ τ‖W‖_F``, as for matrices) keeps."""
+        W = layer.weight.detach()
+        if ranks is None or isinstance(ranks, int):
+            ranks = (ranks, ranks)
+        out, inp = W.shape[:2]
+        ranks = tuple(initial_rank(unfold(W, mode), None if r is None else min(r, W.shape[mode]), tau)
+                      for mode, r in enumerate(ranks))
+        new = cls(inp, out, layer.kernel_size, ranks, stride=layer.stride, padding=layer.padding,
+                  dilation=layer.dilation, groups=layer.groups, bias=layer.bias is not None,
+                  padding_mode=layer.padding_mode, device=W.device, dtype=W.dtype)
+        new._init_from_kernel(W, None if layer.bias is None else layer.bias.detach(), ranks)
+        return new
+
+    @torch.no_grad()
+    def _init_from_kernel(self, W: Tensor, bias: Tensor | None, ranks: tuple[int, int]) -> None:
+        work = W.to(torch.promote_types(W.dtype, torch.float32))
+        factors = []
+        for mode, r in enumerate(ranks):
+            P, _, _ = sign_fixed_svd(unfold(work, mode))
+            factors.append(P[:, :r])
+        core = mode_product(mode_product(work, factors[0].mT, 0), factors[1].mT, 1)
+        self.set_factors(factors[0].to(W.dtype), core.to(W.dtype), factors[1].to(W.dtype))
+        if bias is not None:
+            self.bias.copy_(bias)
+
+    @torch.no_grad()
+    def set_factors(self, U_out: Tensor, core: Tensor, U_in: Tensor) -> None:
+        """Replace the factors (any ranks); parameters keep their identity, grads are dropped."""
+        for p, value in zip(self.factor_parameters(), (U_out, core, U_in)):
+            value = value.to(dtype=p.dtype, device=p.device).contiguous()
+            if value.shape != p.shape:  # drop autograd's cached accumulator (see LowRankMatrixModule)
+                p.data = value.new_empty(0, dtype=torch.float16 if value.dtype != torch.float16 else torch.float32)
+            p.data = value
+            p.grad = None
+        self.clear_fused_grads()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint may hold other ranks than this module: take its shapes.
+        shapes = [state_dict.get(prefix + name) for name in ("U_out", "core", "U_in")]
+        if all(isinstance(t, Tensor) for t in shapes) and tuple(shapes[1].shape[:2]) != self.ranks:
+            self.set_factors(*(torch.empty(t.shape, dtype=t.dtype) for t in shapes))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def dense_weight(self) -> Tensor:
+        """``C ×₁ U_out ×₂ U_in`` (out×in×kh×kw)."""
+        return mode_product(mode_product(self.core, self.U_out, 0), self.U_in, 1)
+
+    def num_dense_parameters(self) -> int:
+        kh, kw = self.kernel_size
+        return self.out_channels * self.in_channels * kh * kw + (0 if self.bias is None else self.out_channels)
+
+    def to_dense(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` with the same outputs."""
+        W = self.dense_weight().detach()
+        out = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                        padding=self.padding, dilation=self.dilation, bias=self.bias is not None,
+                        device=W.device, dtype=W.dtype)
+        with torch.no_grad():
+            out.weight.copy_(W)
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = _TuckerProduct.apply(x, self.U_out, self.core, self.U_in, self)
+        return y if self.bias is None else y + self.bias[:, None, None].to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, ranks={self.ranks}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"bias={self.bias is not None}")
+
+
+def _check_ranks(ranks, out_channels: int, in_channels: int) -> tuple[int, int]:
+    if isinstance(ranks, int):
+        ranks = (ranks, ranks)
+    ranks = tuple(ranks)
+    if len(ranks) != 2:
+        raise ValueError(f"ranks must be (r_out, r_in), got {ranks!r}")
+    for name, r, limit in (("r_out", ranks[0], out_channels), ("r_in", ranks[1], in_channels)):
+        if not isinstance(r, int) or not 1 <= r <= limit:
+            raise ValueError(f"{name} must be an integer in [1, {limit}], got {r!r}")
+    return ranks
