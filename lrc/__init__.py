@@ -5,7 +5,7 @@
     opt = LowRankAdam(model, lr=1e-3, tau=0.1)
 """
 
-from .layers import LowRankConv2d, LowRankLinear, LowRankMatrixModule
+from .layers import LowRankConv2d, LowRankLinear, LowRankMatrixModule, TuckerConv2d
 from .optim import LowRankAdam, LowRankSGD
 from .surgery import FactorizeReport, compression_ratio, count_parameters, densify, factorize
 
@@ -15,6 +15,7 @@ __all__ = [
     "LowRankLinear",
     "LowRankConv2d",
     "LowRankMatrixModule",
+    "TuckerConv2d",
     "LowRankAdam",
     "LowRankSGD",
     "factorize",

@@ -162,9 +162,12 @@ def plot(out_dir: Path, methods: list[str], seeds: list[int]) -> bool:
         fig, ax = plt.subplots(figsize=(6, 4))
         for method in low:
             history = _history(out_dir / "runs" / f"{method}-s{seeds[0]}")
-            for layer in history[0]["ranks"]:
-                ax.plot([e["epoch"] for e in history], [e["ranks"][layer] for e in history],
-                        label=f"{method} {layer}")
+            for layer, first in history[0]["ranks"].items():
+                modes = range(len(first)) if isinstance(first, list) else [None]  # Tucker: one line per mode
+                for mode in modes:
+                    ax.plot([e["epoch"] for e in history],
+                            [e["ranks"][layer] if mode is None else e["ranks"][layer][mode] for e in history],
+                            label=f"{method} {layer}" + ("" if mode is None else f" ({('out', 'in')[mode]})"))
         ax.set(xlabel="epoch", ylabel="rank", title=f"per-layer rank (seed {seeds[0]})")
         ax.legend(fontsize="small")
         fig.tight_layout()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .layers import FACTORIZED, LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear
+from .layers import FACTORIZED, LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear, TuckerConv2d
 from .surgery import compression_ratio, count_parameters
 
 __all__ = ["evaluate", "layer_ranks", "flops_per_sample"]
@@ -55,6 +55,10 @@ def flops_per_sample(model: nn.Module, x: torch.Tensor) -> int:
             macs = module.rank * (module.in_features + module.out_features + module.rank)
         elif isinstance(module, LowRankConv2d):
             macs = positions * module.rank * (module.in_dim + module.out_dim + module.rank)
+        elif isinstance(module, TuckerConv2d):  # 1×1 in → r_in at the input positions, core, 1×1 r_out → out
+            (r_out, r_in), (kh, kw) = module.ranks, module.kernel_size
+            in_positions = inputs[0][0].numel() // inputs[0].shape[1]
+            macs = in_positions * module.in_channels * r_in + positions * (r_out * r_in * kh * kw + r_out * module.out_channels)
         elif isinstance(module, LoRALinear):
             macs = module.rank * (module.in_features + module.out_features)
         elif isinstance(module, LoRAConv2d):

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .layers import FACTORIZED, LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear
+from .layers import FACTORIZED, LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear, TuckerConv2d
 from .models import build_model
 from .surgery import densify, replace_module
 
@@ -26,7 +26,7 @@ __all__ = ["FORMAT", "CheckpointError", "save_model", "load_model", "is_lrc_file
            "load_weights", "atomic_path", "save_state", "load_state"]
 
 FORMAT = "lrc/1"
-_LAYER_KINDS = {cls.__name__: cls for cls in (LowRankLinear, LowRankConv2d, LoRALinear, LoRAConv2d)}
+_LAYER_KINDS = {cls.__name__: cls for cls in (LowRankLinear, LowRankConv2d, TuckerConv2d, LoRALinear, LoRAConv2d)}
 
 
 class CheckpointError(RuntimeError):
@@ -119,8 +119,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         cls = _LAYER_KINDS.get(spec["kind"])
         if cls is None:
             raise CheckpointError(f"{path}: unknown layer kind {spec['kind']!r}")
-        maker = cls.from_linear if hasattr(cls, "from_linear") else cls.from_conv
-        replace_module(model, name, maker(dense, rank=1, adapter=spec.get("adapter", False)))  # rank set by the load
+        if cls is TuckerConv2d:  # ranks set by the load
+            new = cls.from_conv(dense, ranks=1)
+        else:
+            maker = cls.from_linear if hasattr(cls, "from_linear") else cls.from_conv
+            new = maker(dense, rank=1, adapter=spec.get("adapter", False))
+        replace_module(model, name, new)
     tensors = load_file(str(path))
     load_weights(model, tensors, str(path))
     return model.to(device), meta
@@ -140,7 +144,7 @@ def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str
     missing = [k for k in own if k not in tensors]
     unexpected = [k for k in tensors if k not in own]
     shapes = [k for k in own if k in tensors and own[k].shape != tensors[k].shape
-              and not k.endswith((".U", ".S", ".V"))]
+              and not k.endswith((".U", ".S", ".V", ".U_out", ".core", ".U_in"))]  # factors take the file's ranks
     if missing or unexpected or shapes:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):

@@ -34,7 +34,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                   "match_cr": None},
     "optimizer": {"method": "lowrank-adam", "lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999],
                   "momentum": 0.9, "tau": 0.1, "min_rank": 1, "max_rank": None, "mode": "fused",
-                  "second_moment": "paper"},
+                  "second_moment": "squared"},
     "train": {"epochs": 10, "seed": 0, "device": "auto", "bf16": False, "grad_clip": None,
               "schedule": "cosine", "warmup_epochs": 0.0},
 }
@@ -164,8 +164,8 @@ def validate(cfg: dict, source: str) -> None:
         raise PresetError(f"{source}: method {opt['method']} needs factorize.rank or factorize.tau")
     if fac["match_cr"] and opt["method"] != "lora":
         raise PresetError(f"{source}: factorize.match_cr picks LoRA ranks; it needs optimizer.method=lora")
-    if fac["conv_format"] != "matrix":
-        raise PresetError(f"{source}: factorize.conv_format {fac['conv_format']!r}: only 'matrix' is available")
+    if fac["conv_format"] not in ("matrix", "tucker"):
+        raise PresetError(f"{source}: factorize.conv_format {fac['conv_format']!r}: choose matrix or tucker")
     if opt["lr"] < 0:
         raise PresetError(f"{source}: optimizer.lr = {opt['lr']} must be ≥ 0")
     if train["epochs"] < 1:

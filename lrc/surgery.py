@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 from torch import nn
 
-from .layers import FACTORIZED, LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear
+from .layers import FACTORIZED, LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear, TuckerConv2d
 
 __all__ = ["factorize", "densify", "compression_ratio", "count_parameters", "FactorizeReport", "LayerReport"]
 
@@ -43,7 +43,8 @@ class FactorizeReport:
     def __str__(self) -> str:
         lines = [f"{'layer':<32} {'kind':<14} {'shape':<20} {'rank':>5} {'params':>12} {'→':^3} {'after':>10}"]
         for r in self.replaced:
-            lines.append(f"{r.name:<32} {r.kind:<14} {'×'.join(map(str, r.shape)):<20} {r.rank:>5} "
+            rank = "×".join(map(str, r.rank)) if isinstance(r.rank, (list, tuple)) else str(r.rank)
+            lines.append(f"{r.name:<32} {r.kind:<14} {'×'.join(map(str, r.shape)):<20} {rank:>5} "
                          f"{r.params_before:>12,} {'→':^3} {r.params_after:>10,}")
         for name, why in self.skipped:
             lines.append(f"{name:<32} kept dense: {why}")
@@ -53,20 +54,25 @@ class FactorizeReport:
 
 
 KINDS = {"lowrank": (LowRankLinear, LowRankConv2d), "lora": (LoRALinear, LoRAConv2d)}
+CONV_FORMATS = ("matrix", "tucker")
 
 
-def _linear_candidate(module, rank, tau, adapter, kind):
+def _linear_candidate(module, rank, tau, adapter, kind, conv_format):
     if type(module) is nn.Linear:
         return KINDS[kind][0].from_linear(module, rank=rank, tau=tau, adapter=adapter)
     return None
 
 
-def _conv_candidate(module, rank, tau, adapter, kind):
+def _conv_candidate(module, rank, tau, adapter, kind, conv_format):
     if type(module) is nn.Conv2d:
         if module.groups != 1:
             raise _Skip(f"groups={module.groups} (grouped convolutions are not factorized)")
         if module.padding_mode != "zeros":
             raise _Skip(f"padding_mode={module.padding_mode!r}")
+        if conv_format == "tucker" and kind == "lowrank":
+            if adapter:
+                raise ValueError("adapter mode is for the matrix format; use conv_format='matrix'")
+            return TuckerConv2d.from_conv(module, ranks=rank, tau=tau)
         return KINDS[kind][1].from_conv(module, rank=rank, tau=tau, adapter=adapter)
     return None
 
@@ -81,7 +87,8 @@ class _Skip(Exception):
 
 def factorize(model: nn.Module, rank: int | None = None, tau: float | None = None, *,
               include: Sequence[str] | None = None, exclude: Sequence[str] = (),
-              adapter: bool = False, kind: str = "lowrank", ranks: dict[str, int] | None = None) -> FactorizeReport:
+              adapter: bool = False, kind: str = "lowrank", ranks: dict[str, int] | None = None,
+              conv_format: str = "matrix") -> FactorizeReport:
     """Replace ``nn.Linear`` and ``nn.Conv2d`` layers of ``model`` in place by
     :class:`~lrc.LowRankLinear` / :class:`~lrc.LowRankConv2d` (truncated-SVD initialisation).
 
@@ -95,6 +102,9 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
         kind: ``"lowrank"`` (``U S Vᵀ``, for the geometric optimizers) or ``"lora"``
             (``A Bᵀ``, for plain optimizers: the fixed-rank baseline).
         ranks: per-layer ranks by module name, overriding ``rank`` (e.g. to match a budget).
+        conv_format: ``"matrix"`` (the kernel as ``out × (in·kh·kw)``, ``U S Vᵀ``) or
+            ``"tucker"`` (:class:`~lrc.layers.TuckerConv2d`, ``rank`` per channel mode; the
+            paper's format for VGG); LoRA layers are always matrices.
 
     Layers whose factorization would not save parameters are kept dense (unless
     ``adapter``); the report says which and why.
@@ -103,6 +113,8 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
         raise ValueError("factorize needs a rank, a tolerance tau, or both")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if conv_format not in CONV_FORMATS:
+        raise ValueError(f"conv_format must be one of {', '.join(CONV_FORMATS)}, got {conv_format!r}")
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     if tau is not None and not 0.0 < tau < 1.0:
@@ -131,14 +143,16 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
         wanted = ranks.get(name, rank) if ranks else rank
         layer_rank = None if wanted is None else min(wanted, n, m)
         try:
-            new = next(x for x in (d(module, layer_rank, tau, adapter, kind) for d in _DISPATCH) if x is not None)
+            new = next(x for x in (d(module, layer_rank, tau, adapter, kind, conv_format) for d in _DISPATCH)
+                       if x is not None)
         except _Skip as why:
             report.skipped.append((name, str(why)))
             continue
         before = sum(p.numel() for p in module.parameters())
         after = sum(p.numel() for p in new.parameters())
         if after >= before and not adapter:
-            report.skipped.append((name, f"rank {new.rank} would not save parameters ({after:,} ≥ {before:,})"))
+            what = f"ranks {new.rank}" if isinstance(new.rank, list) else f"rank {new.rank}"
+            report.skipped.append((name, f"{what} would not save parameters ({after:,} ≥ {before:,})"))
             continue
         replace_module(model, name, new)
         report.replaced.append(LayerReport(name, type(new).__name__, tuple(weight.shape), new.rank, before, after))

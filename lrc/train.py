@@ -136,7 +136,7 @@ def build_run(cfg: dict, device: torch.device):
             ranks = matched_lora_ranks(fac["match_cr"], model)
             include = list(ranks)
         report = factorize(model, rank=fac["rank"], tau=fac["tau"], include=include, exclude=fac["exclude"],
-                           kind="lora" if method == "lora" else "lowrank", ranks=ranks)
+                           kind="lora" if method == "lora" else "lowrank", ranks=ranks, conv_format=fac["conv_format"])
         if not report.replaced:
             raise ValueError("factorize replaced no layer: check factorize.rank/include/exclude "
                              "(a rank must be below what a layer allows to save parameters)")
@@ -170,8 +170,12 @@ def matched_lora_ranks(reference: str | Path, model: nn.Module) -> dict[str, int
             raise ValueError(f"{path}: layer {name!r} is not in this model; match against a run of the same "
                              "architecture") from None
         n, m = weight.shape[0], weight[0].numel()
-        r = spec["rank"]
-        ranks[name] = max(1, min(round((r * (n + m) + r * r) / (n + m)), n, m))
+        if isinstance(spec["rank"], list):  # Tucker: r_out·out + r_in·in + r_out·r_in·kh·kw
+            (r_out, r_in), k = spec["rank"], weight[0, 0].numel()
+            params = r_out * n + r_in * weight.shape[1] + r_out * r_in * k
+        else:
+            params = spec["rank"] * (n + m) + spec["rank"] ** 2
+        ranks[name] = max(1, min(round(params / (n + m)), n, m))
     if not ranks:
         raise ValueError(f"{path} has no factorized layer to match")
     return ranks
@@ -392,7 +396,8 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 def _mean_rank(model: nn.Module) -> float:
-    ranks = [m.rank for m in model.modules() if isinstance(m, FACTORIZED)]
+    ranks = [r for m in model.modules() if isinstance(m, FACTORIZED)
+             for r in (m.rank if isinstance(m.rank, list) else [m.rank])]  # a Tucker layer: both modes
     return sum(ranks) / len(ranks) if ranks else 0.0
 
 

@@ -111,7 +111,9 @@ def test_version_and_help():
     (["train", "--checkpoint", "{tmp}/other.pt", "--out", "{tmp}/o"], "does not fit the architecture (missing: 1.weight"),
     (["export", "{tmp}/garbage.safetensors", "--out", "{tmp}/x.safetensors"], "not a readable"),
     (["factorize", "--checkpoint", "torchvision:Nope.X", "--out", "{tmp}/x.safetensors"], "unknown weights name"),
-    (["factorize", "--conv-format", "cp", "--out", "{tmp}/x.safetensors"], "only 'matrix'"),
+    (["factorize", "--conv-format", "cp", "--out", "{tmp}/x.safetensors"], "choose one of matrix, tucker"),
+    (["train", "--conv-format", "cp", "--out", "{tmp}/c"], "factorize.conv_format 'cp': choose matrix or tucker"),
+    (["train", "--set", "data.image_size=64", "--out", "{tmp}/i"], "data.image_size: digits keeps its native size"),
     (["factorize", "--tau", "0", "--out", "{tmp}/x.safetensors"], "must lie in (0, 1)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):

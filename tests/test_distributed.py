@@ -12,11 +12,13 @@ from lrc import LowRankAdam, LowRankSGD
 
 from .conftest import rel
 from .test_optim import convnet, mlp, train, weights
+from .test_tucker import tucker_net
 
-MODELS = {"mlp": mlp, "conv": convnet}
+MODELS = {"mlp": mlp, "conv": convnet, "tucker": lambda r: tucker_net((r, r))}
 CASES = [  # name, rank, optimizer, kwargs (configurations whose rounding floor is far below 1e-5)
     ("mlp", 8, "adam", {"lr": 5e-2, "second_moment": "squared"}),
     ("conv", 4, "adam", {"lr": 5e-2, "second_moment": "squared"}),
+    ("tucker", 3, "adam", {"lr": 5e-2, "second_moment": "squared"}),
     ("mlp", 20, "adam", {"lr": 1e-3}),
     ("mlp", 20, "sgd", {"lr": 0.2}),
 ]

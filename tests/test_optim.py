@@ -32,8 +32,15 @@ MODELS = {"mlp": mlp, "conv": convnet}
 
 
 def weights(model):
-    return torch.cat([(m.matrix_weight() if hasattr(m, "matrix_weight") else m.weight).detach().flatten()
-                      for m in model if hasattr(m, "weight") or hasattr(m, "matrix_weight")]
+    """Every layer's effective weight (factorized layers: their product) and bias, flat."""
+    def weight(m):
+        for name in ("matrix_weight", "dense_weight"):  # LowRank*, TuckerConv2d
+            if hasattr(m, name):
+                return getattr(m, name)()
+        return m.weight
+
+    return torch.cat([weight(m).detach().flatten() for m in model
+                      if any(hasattr(m, a) for a in ("weight", "matrix_weight", "dense_weight"))]
                      + [m.bias.detach() for m in model if getattr(m, "bias", None) is not None])
 
 

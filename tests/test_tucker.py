@@ -9,6 +9,7 @@ from lrc.layers import TuckerConv2d
 from lrc.layers.tucker import mode_product, unfold
 
 from .conftest import rel
+from .test_optim import train, weights
 
 SETTINGS = [dict(stride=1, padding=0, dilation=1), dict(stride=2, padding=1, dilation=1),
             dict(stride=1, padding=2, dilation=2), dict(stride=(2, 1), padding="valid", dilation=(1, 2))]
@@ -106,14 +107,7 @@ def tucker_net(r=(3, 3)):
     return model, torch.randn(16, 4, 8, 8, dtype=f64), torch.randint(0, 5, (16,))
 
 
-def tucker_weights(model):
-    return torch.cat([(m.dense_weight() if isinstance(m, TuckerConv2d) else m.weight).detach().flatten()
-                      for m in model if hasattr(m, "weight") or isinstance(m, TuckerConv2d)])
-
-
 def tucker_run(mode, steps, opt_cls, nudge=0.0, check=None, **kw):
-    from .test_optim import train
-
     model, x, y = tucker_net()
     if nudge:
         with torch.no_grad():
@@ -124,7 +118,7 @@ def tucker_run(mode, steps, opt_cls, nudge=0.0, check=None, **kw):
         history += train(model, x, y, opt, 1)
         if check:
             check(model)
-    return tucker_weights(model), history
+    return weights(model), history
 
 
 @pytest.mark.parametrize("opt_name", ["adam", "sgd"])
@@ -169,8 +163,6 @@ def test_tucker_fused_equals_two_pass_after_20_steps_with_orthonormal_factors(op
 def test_tucker_state_dict_round_trip_across_rank_changes(tmp_path):
     from lrc import LowRankAdam
 
-    from .test_optim import train
-
     model, x, y = tucker_net()
     opt = LowRankAdam(model, lr=5e-2, tau=0.1)
     history = train(model, x, y, opt, 6)
@@ -183,11 +175,92 @@ def test_tucker_state_dict_round_trip_across_rank_changes(tmp_path):
     fresh_opt.load_state_dict(ckpt["opt"])
     assert [m.rank for m in fresh if isinstance(m, TuckerConv2d)] == history[-1]
     assert train(model, x, y, opt, 3) == train(fresh, x, y, fresh_opt, 3)
-    assert rel(tucker_weights(fresh), tucker_weights(model)) < 1e-10  # BLAS may round another allocation differently
+    assert rel(weights(fresh), weights(model)) < 1e-10  # BLAS may round another allocation differently
 
 
-def test_parallel_mode_refuses_tucker_layers():
+def test_tucker_parallel_mode_accumulates_and_differs_from_the_exact_step():
+    """Two half-batches accumulated give the whole batch's step; dropping the new-new block
+    is a real difference from two_pass."""
+    import copy
+
     from lrc import LowRankAdam
 
-    with pytest.raises(ValueError, match="mode='parallel' does not support TuckerConv2d"):
-        LowRankAdam(tucker_net()[0], mode="parallel")
+    a, x, y = tucker_net()
+    b = copy.deepcopy(a)
+    oa, ob = LowRankAdam(a, lr=5e-2, mode="parallel"), LowRankAdam(b, lr=5e-2, mode="parallel")
+    for _ in range(4):
+        oa.zero_grad()
+        F.cross_entropy(a(x), y).backward()
+        oa.step()
+        ob.zero_grad()
+        for xs, ys in ((x[:8], y[:8]), (x[8:], y[8:])):
+            (0.5 * F.cross_entropy(b(xs), ys)).backward()
+        ob.step()
+    assert rel(weights(b), weights(a)) < 1e-10
+    exact, _ = tucker_run("two_pass", 4, LowRankAdam, lr=5e-2)
+    assert rel(weights(a), exact) > 1e-4
+
+
+# ---- surgery, files, the command line --------------------------------------------------------
+def test_factorize_tucker_format_counts_and_densify():
+    from lrc import compression_ratio, densify, factorize
+    from lrc.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("lenet5").double()
+    dense = sum(p.numel() for p in model.parameters())
+    x = torch.randn(3, 1, 28, 28, dtype=f64)
+    report = factorize(model, rank=8, exclude=["features.0", "classifier.3"], conv_format="tucker")
+    layer = model.features[3]
+    assert isinstance(layer, TuckerConv2d) and layer.ranks == (8, 8) and "8×8" in str(report)
+    assert isinstance(model.classifier[1], nn.Module) and not isinstance(model.classifier[1], TuckerConv2d)
+    after = sum(p.numel() for p in model.parameters())
+    assert report.replaced[0].params_after == 50 * 8 + 20 * 8 + 8 * 8 * 25 + 50
+    assert compression_ratio(model) == pytest.approx(100 * (1 - after / dense))
+    y = model(x)
+    assert rel(densify(model)(x), y) < 1e-12 and isinstance(model.features[3], nn.Conv2d)
+    with pytest.raises(ValueError, match="conv_format must be one of matrix, tucker"):
+        factorize(build_model("lenet5"), rank=4, conv_format="cp")
+
+
+def test_tucker_model_file_round_trip_with_changed_ranks(tmp_path):
+    from lrc import factorize
+    from lrc.io import load_model, save_model
+    from lrc.models import build_model
+
+    model = build_model("lenet5")
+    factorize(model, rank=8, exclude=["features.0", "classifier.3"], conv_format="tucker")
+    layer = model.features[3]
+    layer.set_factors(torch.linalg.qr(torch.randn(50, 5)).Q, torch.randn(5, 3, 5, 5), torch.linalg.qr(torch.randn(20, 3)).Q)
+    save_model(tmp_path / "m.safetensors", model, {"name": "lenet5", "args": {}}, {})
+    loaded, meta = load_model(tmp_path / "m.safetensors")
+    assert meta["layers"]["features.3"] == {"kind": "TuckerConv2d", "rank": [5, 3], "adapter": False}
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(loaded(x), model(x)) and loaded.features[3].ranks == (5, 3)
+
+
+def test_lrc_trains_a_tucker_model_end_to_end(tmp_path):
+    import json
+
+    import numpy as np
+
+    from .test_cli import lrc
+    from .test_data_models import write_idx
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("t10k", 16)):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    out = tmp_path / "run"
+    lrc("train", "--preset", "lenet5-fashion-mnist", "--conv-format", "tucker", "--data-dir", tmp_path, "--epochs", "2",
+        "--quiet", "--out", out, "--set", "data.batch_size=16")
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    r_out, r_in = last["ranks"]["features.3"]
+    assert 1 <= r_out <= 36 and 1 <= r_in <= 20  # augmented at most to twice 18, capped at 20 input channels
+    info = lrc("info", out / "model.safetensors").stdout
+    assert "TuckerConv2d" in info
+    ev = json.loads(lrc("evaluate", out / "model.safetensors", "--json", "--data-dir", tmp_path, "--device", "cpu").stdout)
+    assert ev["ranks"]["features.3"] == [r_out, r_in] and ev["compression_ratio"] == pytest.approx(last["compression_ratio"])
+    kernel = 5 * 5
+    conv_macs = 12 * 12 * 20 * r_in + 8 * 8 * (r_out * r_in * kernel + r_out * 50)  # lenet5: 12×12 in, 8×8 out
+    assert ev["flops_per_sample"] > 2 * conv_macs

@@ -92,6 +92,7 @@ def train_cmd(
     tau: Optional[float] = typer.Option(None, help="Truncation tolerance τ in (0, 1)."),
     method: Optional[str] = typer.Option(None, help="lowrank-adam, lowrank-sgd, dense, lora or dlrt-naive."),
     match_cr: Optional[Path] = typer.Option(None, "--match-cr", help="lora: match the parameters of this low-rank run."),
+    conv_format: Optional[str] = typer.Option(None, "--conv-format", help="Convolutions as matrix or tucker."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the data set lies."),
     checkpoint: Optional[str] = typer.Option(None, help="Start from: a dense checkpoint (.pt/.pth/.safetensors, "
@@ -117,6 +118,7 @@ def train_cmd(
                                    ("--device", "train.device", device), ("--seed", "train.seed", seed),
                                    ("--data-dir", "data.data_dir", str(data_dir) if data_dir else None),
                                    ("--match-cr", "factorize.match_cr", str(match_cr) if match_cr else None),
+                                   ("--conv-format", "factorize.conv_format", conv_format),
                                    ("--checkpoint", "model.checkpoint", str(checkpoint) if checkpoint else None)):
             if value is not None:
                 cfg = apply_override(cfg, f"{key}={json.dumps(value)}", f"{option} {value}")
@@ -178,7 +180,8 @@ def factorize_cmd(
     preset: str = typer.Option("digits-mlp", "--preset", "-p", help="Takes the model and factorize settings."),
     checkpoint: Optional[str] = typer.Option(None, help="Dense weights: .pt/.pth/.safetensors, or torchvision:WEIGHTS."),
     rank: Optional[int] = typer.Option(None, help="Initial rank per layer."),
-    conv_format: str = typer.Option("matrix", "--conv-format", help="How convolutions are factorized: matrix."),
+    conv_format: Optional[str] = typer.Option(None, "--conv-format",
+                                              help="How convolutions are factorized: matrix or tucker [default: the preset's]."),
     tau: Optional[float] = typer.Option(None, help="Truncation tolerance τ in (0, 1) for the initial ranks."),
     include: List[str] = typer.Option([], "--include", help="Glob of layer names to factorize (repeatable)."),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Glob of layers kept dense (repeatable)."),
@@ -193,13 +196,13 @@ def factorize_cmd(
     from ..io import load_weights, read_checkpoint, save_model
     from ..models import build_model
     from ..presets import apply_override, load_preset
-    from ..surgery import compression_ratio, factorize
+    from ..surgery import CONV_FORMATS, compression_ratio, factorize
 
     cfg = load_preset(preset)
     for assignment in set_:
         cfg = apply_override(cfg, assignment)
-    if conv_format != "matrix":
-        raise ValueError(f"--conv-format {conv_format!r}: only 'matrix' is available in this version")
+    if conv_format is not None and conv_format not in CONV_FORMATS:
+        raise ValueError(f"--conv-format {conv_format!r}: choose one of {', '.join(CONV_FORMATS)}")
     fac = cfg["factorize"]
     if rank is not None or tau is not None:
         fac = dict(fac, rank=rank, tau=tau)
@@ -210,7 +213,8 @@ def factorize_cmd(
     if checkpoint:
         load_weights(model, read_checkpoint(checkpoint), str(checkpoint), new_head=cfg["model"]["new_head"])
     report = factorize(model, rank=fac["rank"], tau=fac["tau"], include=include or fac["include"],
-                       exclude=fac["exclude"] if exclude is None else exclude)
+                       exclude=fac["exclude"] if exclude is None else exclude,
+                       conv_format=conv_format or fac["conv_format"])
     if not report.replaced:
         raise ValueError("no layer was factorized: every candidate was excluded or would not save parameters "
                          "at this rank (a rank must be below what a layer allows)")

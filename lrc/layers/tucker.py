@@ -76,13 +76,17 @@ class _TuckerProduct(torch.autograd.Function):
         _, need_out, need_core, need_in, _ = ctx.needs_input_grad
         fused = layer.fused and need_out and need_in
         (r_out, r_in), k = core.shape[:2], core.shape[2:]
-        G_out = G_in = grad_core = None
+        G_out = G_in = grad_core = D_out = D_in = None
         if need_out:  # Mat₁(∇W ×₂ U_inᵀ) Q_out
-            D = conv2d_weight(z, (layer.out_channels, r_in, *k), g.to(z.dtype), **conv)
-            G_out = (unfold(D, 0) @ _row_basis(unfold(core, 0)).to(D.dtype)).to(U_out.dtype)
+            D_out = conv2d_weight(z, (layer.out_channels, r_in, *k), g.to(z.dtype), **conv)
+            G_out = (unfold(D_out, 0) @ _row_basis(unfold(core, 0)).to(D_out.dtype)).to(U_out.dtype)
         if need_in:  # Mat₂(∇W ×₁ U_outᵀ) Q_in
-            D = conv2d_weight(x, (r_out, layer.in_channels, *k), gp.to(x.dtype), **conv)
-            G_in = (unfold(D, 1) @ _row_basis(unfold(core, 1)).to(D.dtype)).to(U_in.dtype)
+            D_in = conv2d_weight(x, (r_out, layer.in_channels, *k), gp.to(x.dtype), **conv)
+            G_in = (unfold(D_in, 1) @ _row_basis(unfold(core, 1)).to(D_in.dtype)).to(U_in.dtype)
+        if layer.keep_mode_grads and need_out and need_in:  # mode="parallel": summed over backward passes
+            D_out, D_in = D_out.to(core.dtype), D_in.to(core.dtype)
+            old = layer._mode_grads
+            layer._mode_grads = (D_out, D_in) if old is None else (old[0] + D_out, old[1] + D_in)
         if need_core or fused:
             grad_core = conv2d_weight(z, core.shape, gp.to(z.dtype), **conv).to(core.dtype)
         if fused:
@@ -129,7 +133,9 @@ class TuckerConv2d(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.fused = False
         self.distributed = False  # set by a data-parallel optimizer: average inside the fused backward
+        self.keep_mode_grads = False  # set by a mode="parallel" optimizer
         self._fused_grads: tuple[Tensor, Tensor, Tensor] | None = None
+        self._mode_grads: tuple[Tensor, Tensor] | None = None  # ∇W ×₂ U_inᵀ and ∇W ×₁ U_outᵀ
         self._backward_count = 0
         self.reset_parameters()
 
@@ -165,7 +171,22 @@ class TuckerConv2d(nn.Module):
 
     def clear_fused_grads(self) -> None:
         self._fused_grads = None
+        self._mode_grads = None
         self._backward_count = 0
+
+    @torch.no_grad()
+    def parallel_coefficient_grad(self, Ut: Tensor, Vt: Tensor) -> Tensor | None:
+        """``mode="parallel"``: the core gradient at the augmented factors without its
+        new-new block: ``[[G_C, D_in ×₂ Ṽᵀ], [D_out ×₁ Ũᵀ, 0]]`` from the last backward passes."""
+        if self._mode_grads is None or self.core.grad is None:
+            return None
+        D_out, D_in = self._mode_grads
+        (r_out, r_in), k = self.ranks, self.kernel_size
+        G = self.core.grad.new_zeros(r_out + Ut.shape[1], r_in + Vt.shape[1], *k)
+        G[:r_out, :r_in] = self.core.grad
+        G[r_out:, :r_in] = mode_product(D_out, Ut.mT.to(D_out.dtype), 0)
+        G[:r_out, r_in:] = mode_product(D_in, Vt.mT.to(D_in.dtype), 1)
+        return G
 
     @torch.no_grad()
     def _record_fused(self, x, g, G_out, G_in, grad_core, U_out, U_in) -> Tensor:

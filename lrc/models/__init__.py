@@ -65,6 +65,20 @@ def lenet5(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     return LeNet5(num_classes, in_channels)
 
 
+@register_model("vgg_small")
+def vgg_small(num_classes: int = 10, in_channels: int = 1, widths: list[int] = (16, 32, 64), hidden: int = 128,
+              image_size: int = 28) -> nn.Module:
+    """A small VGG-style net for 28×28 images: per width two 3×3 convolutions (padding 1,
+    ReLU) and a 2×2 max-pool, then FC ``hidden`` and the head — VGG's pattern at CPU scale."""
+    layers: list[nn.Module] = []
+    c, size = in_channels, image_size
+    for w in widths:
+        layers += [nn.Conv2d(c, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        c, size = w, size // 2
+    return nn.Sequential(nn.Sequential(*layers), nn.Flatten(), nn.Linear(c * size * size, hidden), nn.ReLU(),
+                         nn.Linear(hidden, num_classes))
+
+
 def _torchvision(name: str):
     def build(num_classes: int = 1000, **kwargs) -> nn.Module:
         import torchvision

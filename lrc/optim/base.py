@@ -42,7 +42,7 @@ class LowRankOptimizer(Optimizer):
     _second_moment_keys: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, defaults: dict, *, mode: str, tau: float, min_rank: int,
-                 max_rank: int | None, second_moment: str = "paper", project_moments: bool = True,
+                 max_rank: int | None, second_moment: str = "squared", project_moments: bool = True,
                  distributed: bool | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
@@ -64,9 +64,8 @@ class LowRankOptimizer(Optimizer):
         self._layers: dict[Tensor, LowRankMatrixModule | TuckerConv2d] = {}  # S (core) -> its layer
         factor_ids: set[int] = set()
         for module in model.modules():
-            if isinstance(module, TuckerConv2d) and mode == "parallel":
-                raise ValueError("mode='parallel' does not support TuckerConv2d layers yet; use mode='fused' "
-                                 "or mode='two_pass', or factorize convolutions with conv_format='matrix'")
+            if isinstance(module, TuckerConv2d):
+                module.keep_mode_grads = mode == "parallel"
             if isinstance(module, TRAINED):
                 self._layers[module.S] = module
                 factor_ids.update(id(p) for p in module.factor_parameters())
@@ -140,6 +139,9 @@ class LowRankOptimizer(Optimizer):
             return
         grads = [p.grad for g in self.param_groups for p in g["params"]
                  if p.grad is not None and p not in self._layers and (with_bases or p not in self._bases)]
+        if self.mode == "parallel":  # a Tucker layer's full mode gradients
+            grads += [D for layer in self._layers.values() if getattr(layer, "_mode_grads", None) is not None
+                      for D in layer._mode_grads]
         self.bytes_communicated += all_reduce_mean_(grads)
 
     # ---- the coefficient gradient G_S, three ways ----------------------------------------
@@ -170,6 +172,11 @@ class LowRankOptimizer(Optimizer):
                 continue
             G_K, G_L = U.grad, V.grad
             Ut, Vt = augment_basis(U, G_K), augment_basis(V, G_L)
+            if isinstance(layer, TuckerConv2d):
+                G = layer.parallel_coefficient_grad(Ut, Vt)
+                if G is not None:
+                    out[layer] = (Ut, Vt, G)
+                continue
             r = layer.rank
             G_S = pad_block(torch.cat([U, Ut], 1).mT @ G_K, r + Ut.shape[1], r + Vt.shape[1])
             G_S[:r, r:] = (Vt.mT @ G_L).mT
