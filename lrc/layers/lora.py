@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..linalg import sign_fixed_svd
-from .lowrank import _conv_padding, _pair, initial_rank
+from .lowrank import _conv_padding, _pair, dense_conv, filled, initial_rank
 
 __all__ = ["LoRALinear", "LoRAConv2d", "LoRAModule"]
 
@@ -79,13 +79,8 @@ class LoRALinear(LoRAModule):
         return F.linear(x @ self.B, self.A, self.bias)
 
     def to_dense(self) -> nn.Linear:
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.A.device,
-                        dtype=self.A.dtype)
-        with torch.no_grad():
-            out.weight.copy_(self.matrix_weight())
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out
+        return filled(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.A.device,
+                                dtype=self.A.dtype), self.matrix_weight().detach(), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
@@ -120,11 +115,5 @@ class LoRAConv2d(LoRAModule):
         return F.conv2d(z, self.A[:, :, None, None], self.bias)
 
     def to_dense(self) -> nn.Conv2d:
-        out = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-                        padding=self.padding, dilation=self.dilation, bias=self.bias is not None,
-                        device=self.A.device, dtype=self.A.dtype)
-        with torch.no_grad():
-            out.weight.copy_(self.matrix_weight().reshape(out.weight.shape))
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out
+        W = self.matrix_weight().detach()
+        return dense_conv(self, W.reshape(self.out_channels, self.in_channels, *self.kernel_size))

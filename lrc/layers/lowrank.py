@@ -33,24 +33,32 @@ from ..linalg import augment_basis, sign_fixed_svd, truncation_rank
 __all__ = ["LowRankMatrixModule", "LowRankLinear", "LowRankConv2d"]
 
 
-class _FactorizedProduct(torch.autograd.Function):
+class LayerFunction(torch.autograd.Function):
+    """An autograd function of a factorized layer: the forward saves its tensors and the
+    layer; the backward (``_backward``) runs under the forward's autocast state."""
+
+    @staticmethod
+    def remember(ctx, layer, x: Tensor, *saved: Tensor) -> None:
+        ctx.save_for_backward(x, *saved)
+        ctx.layer = layer
+        device = x.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+
+    @classmethod
+    def backward(cls, ctx, g: Tensor):
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):  # as in the forward pass
+            return cls._backward(ctx, g)
+
+
+class _FactorizedProduct(LayerFunction):
     """``y = (x ↦ project on V) → S → U`` with the K/L/S gradients of the module doc."""
 
     @staticmethod
     def forward(ctx, x: Tensor, U: Tensor, S: Tensor, V: Tensor, layer: "LowRankMatrixModule") -> Tensor:
         z = layer._project_input(x, V)
-        y = layer._expand_output(z, U @ S)
-        ctx.save_for_backward(x, z, U, S, V)
-        ctx.layer = layer
-        device = x.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        return y
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        device, enabled, dtype = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):  # as in the forward pass
-            return _FactorizedProduct._backward(ctx, g)
+        LayerFunction.remember(ctx, layer, x, z, U, S, V)
+        return layer._expand_output(z, U @ S)
 
     @staticmethod
     def _backward(ctx, g: Tensor):
@@ -113,15 +121,7 @@ class LowRankMatrixModule(nn.Module):
     @torch.no_grad()
     def set_factors(self, U: Tensor, S: Tensor, V: Tensor) -> None:
         """Replace the factors (any rank); parameters keep their identity, grads are dropped."""
-        for p, value in zip(self.factor_parameters(), (U, S, V)):
-            value = value.to(dtype=p.dtype, device=p.device)
-            if value.shape != p.shape:
-                # Autograd caches a leaf's shape in its gradient accumulator for as long as any
-                # graph that used it is alive (e.g. the last step's loss). Assigning data of
-                # another dtype is the public way to make it drop that accumulator.
-                p.data = value.new_empty(0, dtype=torch.float16 if value.dtype != torch.float16 else torch.float32)
-            p.data = value
-            p.grad = None
+        replace_data(self.factor_parameters(), (U, S, V))
         self.clear_fused_grads()
 
     def clear_fused_grads(self) -> None:
@@ -179,12 +179,8 @@ class LowRankMatrixModule(nn.Module):
         Data-parallel: ``G_K`` and ``G_L`` are averaged over processes (in place: they are
         also the grads this backward returns) before the bases are formed, then ``G_S``;
         returns the coefficient gradient to hand to autograd (the averaged one)."""
-        self._backward_count += 1
-        if self._backward_count > 1:
-            self._fused_grads = None  # the optimizer reports the error at step()
+        if not first_fused_backward(self, G_K, G_L):
             return grad_S
-        if self.distributed:
-            all_reduce_mean_([G_K, G_L])
         with torch.autocast(x.device.type, enabled=False):  # orthogonality needs full precision
             Ut = augment_basis(U, G_K, grad_S)  # Uᵀ G_K = Uᵀ ∇W V = grad_S
             Vt = augment_basis(V, G_L, grad_S.mT)
@@ -271,13 +267,8 @@ class LowRankLinear(LowRankMatrixModule):
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` with the same outputs."""
         W = self.dense_weight().detach()
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=W.device, dtype=W.dtype)
-        with torch.no_grad():
-            out.weight.copy_(W)
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out
+        return filled(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                                device=W.device, dtype=W.dtype), W, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._low_rank_forward(x)
@@ -327,11 +318,7 @@ class LowRankConv2d(LowRankMatrixModule):
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
                  adapter: bool = False, device=None, dtype=None) -> None:
         super().__init__()
-        if groups != 1:
-            raise ValueError(f"LowRankConv2d supports groups=1 only (got groups={groups}); "
-                             "exclude grouped/depthwise convolutions from factorization")
-        if padding_mode != "zeros":
-            raise ValueError(f"LowRankConv2d supports padding_mode='zeros' only (got {padding_mode!r})")
+        check_conv("LowRankConv2d", groups, padding_mode)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = _pair(kernel_size)
         self.stride, self.dilation = _pair(stride), _pair(dilation)
@@ -363,15 +350,7 @@ class LowRankConv2d(LowRankMatrixModule):
 
     def to_dense(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` with the same outputs."""
-        W = self.dense_weight().detach()
-        out = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-                        padding=self.padding, dilation=self.dilation, bias=self.bias is not None,
-                        device=W.device, dtype=W.dtype)
-        with torch.no_grad():
-            out.weight.copy_(W)
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out
+        return dense_conv(self, self.dense_weight().detach())
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._low_rank_forward(x)
@@ -412,6 +391,57 @@ class LowRankConv2d(LowRankMatrixModule):
         w = conv2d_weight(x, (r, self.in_channels, *self.kernel_size), gu.to(x.dtype), self.stride,
                           self.padding, self.dilation)
         return w.reshape(r, -1).mT
+
+
+def replace_data(params, values) -> None:
+    """Give each parameter new data (any shape) in place: identity kept, grad dropped."""
+    for p, value in zip(params, values):
+        value = value.to(dtype=p.dtype, device=p.device)
+        if value.shape != p.shape:
+            # Autograd caches a leaf's shape in its gradient accumulator for as long as any
+            # graph that used it is alive (e.g. the last step's loss). Assigning data of
+            # another dtype is the public way to make it drop that accumulator.
+            p.data = value.new_empty(0, dtype=torch.float16 if value.dtype != torch.float16 else torch.float32)
+        p.data = value
+        p.grad = None
+
+
+def first_fused_backward(layer, *grads: Tensor) -> bool:
+    """Counts a fused backward pass of ``layer``; ``False`` for a second one in the same step
+    (the optimizer reports that error at ``step()``). Data-parallel: averages ``grads`` (the
+    basis gradients) over processes in place before the bases are formed from them."""
+    layer._backward_count += 1
+    if layer._backward_count > 1:
+        layer._fused_grads = None
+        return False
+    if layer.distributed:
+        all_reduce_mean_(list(grads))
+    return True
+
+
+def filled(module: nn.Module, W: Tensor, bias: Tensor | None) -> nn.Module:
+    """``module`` (a fresh dense layer) with the weight ``W`` and ``bias`` copied in."""
+    with torch.no_grad():
+        module.weight.copy_(W.reshape(module.weight.shape))
+        if bias is not None:
+            module.bias.copy_(bias)
+    return module
+
+
+def check_conv(cls_name: str, groups: int, padding_mode: str) -> None:
+    if groups != 1:
+        raise ValueError(f"{cls_name} supports groups=1 only (got groups={groups}); "
+                         "exclude grouped/depthwise convolutions from factorization")
+    if padding_mode != "zeros":
+        raise ValueError(f"{cls_name} supports padding_mode='zeros' only (got {padding_mode!r})")
+
+
+def dense_conv(layer, W: Tensor) -> nn.Conv2d:
+    """An ``nn.Conv2d`` with ``layer``'s settings, the kernel ``W`` and ``layer``'s bias."""
+    out = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                    padding=layer.padding, dilation=layer.dilation, bias=layer.bias is not None,
+                    device=W.device, dtype=W.dtype)
+    return filled(out, W, layer.bias)
 
 
 def initial_rank(W: Tensor, rank: int | None, tau: float | None) -> int:

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from ..distributed import all_reduce_mean_
 from ..linalg import augment_basis, sign_fixed_svd
-from .lowrank import _conv_padding, _pair, initial_rank
+from .lowrank import (LayerFunction, _conv_padding, _pair, check_conv, dense_conv, first_fused_backward, initial_rank,
+                      replace_data)
 
 __all__ = ["TuckerConv2d", "unfold", "mode_product"]
 
@@ -43,25 +43,15 @@ def mode_product(T: Tensor, A: Tensor, mode: int) -> Tensor:
     return torch.tensordot(A, T.movedim(mode, 0), dims=([1], [0])).movedim(0, mode)
 
 
-class _TuckerProduct(torch.autograd.Function):
+class _TuckerProduct(LayerFunction):
     """``y = U_out ⋆ (C ⋆ (U_inᵀ ⋆ x))`` (three convolutions) with the gradients of the module doc."""
 
     @staticmethod
     def forward(ctx, x: Tensor, U_out: Tensor, core: Tensor, U_in: Tensor, layer: "TuckerConv2d") -> Tensor:
         z = F.conv2d(x, U_in.mT[:, :, None, None].to(x.dtype))
-        y = F.conv2d(F.conv2d(z, core.to(x.dtype), None, layer.stride, layer.padding, layer.dilation),
-                     U_out[:, :, None, None].to(x.dtype))
-        ctx.save_for_backward(x, z, U_out, core, U_in)
-        ctx.layer = layer
-        device = x.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        return y
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        device, enabled, dtype = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):  # as in the forward pass
-            return _TuckerProduct._backward(ctx, g)
+        LayerFunction.remember(ctx, layer, x, z, U_out, core, U_in)
+        return F.conv2d(F.conv2d(z, core.to(x.dtype), None, layer.stride, layer.padding, layer.dilation),
+                        U_out[:, :, None, None].to(x.dtype))
 
     @staticmethod
     def _backward(ctx, g: Tensor):
@@ -116,11 +106,7 @@ class TuckerConv2d(nn.Module):
                  padding=0, dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
                  device=None, dtype=None) -> None:
         super().__init__()
-        if groups != 1:
-            raise ValueError(f"TuckerConv2d supports groups=1 only (got groups={groups}); "
-                             "exclude grouped/depthwise convolutions from factorization")
-        if padding_mode != "zeros":
-            raise ValueError(f"TuckerConv2d supports padding_mode='zeros' only (got {padding_mode!r})")
+        check_conv("TuckerConv2d", groups, padding_mode)
         r_out, r_in = _check_ranks(ranks, out_channels, in_channels)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = _pair(kernel_size)
@@ -192,12 +178,8 @@ class TuckerConv2d(nn.Module):
     def _record_fused(self, x, g, G_out, G_in, grad_core, U_out, U_in) -> Tensor:
         """From one batch: ``Ũ_out, Ũ_in`` and the core gradient at the augmented factors,
         kept for ``step()`` (as the matrix layers' fused backward; see DESIGN.md)."""
-        self._backward_count += 1
-        if self._backward_count > 1:
-            self._fused_grads = None  # the optimizer reports the error at step()
+        if not first_fused_backward(self, G_out, G_in):
             return grad_core
-        if self.distributed:
-            all_reduce_mean_([G_out, G_in])
         with torch.autocast(x.device.type, enabled=False):  # orthogonality needs full precision
             Ut, Vt = augment_basis(U_out, G_out), augment_basis(U_in, G_in)
         Uh, Vh = torch.cat([U_out, Ut], 1), torch.cat([U_in, Vt], 1)
@@ -244,12 +226,7 @@ class TuckerConv2d(nn.Module):
     @torch.no_grad()
     def set_factors(self, U_out: Tensor, core: Tensor, U_in: Tensor) -> None:
         """Replace the factors (any ranks); parameters keep their identity, grads are dropped."""
-        for p, value in zip(self.factor_parameters(), (U_out, core, U_in)):
-            value = value.to(dtype=p.dtype, device=p.device).contiguous()
-            if value.shape != p.shape:  # drop autograd's cached accumulator (see LowRankMatrixModule)
-                p.data = value.new_empty(0, dtype=torch.float16 if value.dtype != torch.float16 else torch.float32)
-            p.data = value
-            p.grad = None
+        replace_data(self.factor_parameters(), (U_out, core, U_in))
         self.clear_fused_grads()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -269,15 +246,7 @@ class TuckerConv2d(nn.Module):
 
     def to_dense(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` with the same outputs."""
-        W = self.dense_weight().detach()
-        out = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-                        padding=self.padding, dilation=self.dilation, bias=self.bias is not None,
-                        device=W.device, dtype=W.dtype)
-        with torch.no_grad():
-            out.weight.copy_(W)
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out
+        return dense_conv(self, self.dense_weight().detach())
 
     def forward(self, x: Tensor) -> Tensor:
         y = _TuckerProduct.apply(x, self.U_out, self.core, self.U_in, self)
