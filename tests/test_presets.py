@@ -35,7 +35,8 @@ def test_every_shipped_preset_names_real_layers_data_and_weights(name):
         torchvision.models.get_weight(checkpoint.split(":", 1)[1])  # a real weights name
     if cfg["model"]["new_head"]:
         assert head_name(model) in cfg["factorize"]["exclude"]
-    report = factorize(model, rank=cfg["factorize"]["rank"], tau=None, exclude=cfg["factorize"]["exclude"])
+    report = factorize(model, rank=cfg["factorize"]["rank"], tau=None, exclude=cfg["factorize"]["exclude"],
+                       conv_format=cfg["factorize"]["conv_format"])
     assert report.replaced and compression_ratio(model) > 50
 
 
