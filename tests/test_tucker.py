@@ -264,3 +264,29 @@ def test_lrc_trains_a_tucker_model_end_to_end(tmp_path):
     kernel = 5 * 5
     conv_macs = 12 * 12 * 20 * r_in + 8 * 8 * (r_out * r_in * kernel + r_out * 50)  # lenet5: 12×12 in, 8×8 out
     assert ev["flops_per_sample"] > 2 * conv_macs
+
+
+@pytest.mark.parametrize("mode", ["fused", "two_pass", "parallel"])
+def test_bf16_autocast_trains_tucker_layers_with_float32_factors(mode):
+    """The dtype handling of the bf16 path (tested here on the CPU; CUDA takes the same code)."""
+    from lrc import LowRankAdam
+
+    model, x, y = tucker_net()
+    model, x = model.float(), x.float()
+    opt = LowRankAdam(model, lr=1e-2, mode=mode)
+    losses = []
+
+    def closure():
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(8):
+        losses.append(opt.step(closure).item())
+    assert losses[-1] < losses[0]
+    for layer in opt.layers:
+        assert layer.U.dtype == layer.core.dtype == torch.float32
+        for U in (layer.U_out, layer.U_in):
+            assert torch.allclose(U.mT @ U, torch.eye(U.shape[1]), atol=1e-5)
