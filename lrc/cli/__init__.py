@@ -167,8 +167,8 @@ def compare_cmd(
     if seeds < 1:
         raise ValueError("--seeds must be ≥ 1")
     out_dir = out or Path("runs") / f"compare-{Path(preset).stem}"
-    rows = compare(cfg, [m.strip() for m in methods.split(",") if m.strip()], list(range(seeds)), out_dir,
-                   progress=not quiet, log=lambda msg: typer.echo(msg, err=True), jobs=jobs)
+    compare(cfg, [m.strip() for m in methods.split(",") if m.strip()], list(range(seeds)), out_dir,
+            progress=not quiet, log=lambda msg: typer.echo(msg, err=True), jobs=jobs)
     typer.echo((out_dir / "results.md").read_text())
     typer.echo(f"wrote {out_dir / 'results.md'}, {out_dir / 'results.csv'}")
 

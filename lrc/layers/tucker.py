@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv2d_input, conv2d_weight
 
+from ..distributed import all_reduce_mean_
 from ..linalg import augment_basis, sign_fixed_svd
 from .lowrank import (LayerFunction, _conv_padding, _pair, check_conv, dense_conv, first_fused_backward, initial_rank,
                       replace_data)
