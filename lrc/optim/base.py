@@ -292,16 +292,16 @@ class LowRankOptimizer(Optimizer):
         for a Tucker core: ``· ×₁ P₁ᵀ ×₂ R₁ᵀ``)."""
         U, S, V = layer.factor_parameters()
         state = self.state[S]
-        tucker = isinstance(layer, TuckerConv2d)
+        def rotate(rule, T, *args):  # a Tucker core: the matrix rule per spatial slice
+            return in_channel_modes(rule, T, P1, R1, *args) if T.dim() > 2 else rule(T, P1, R1, *args)
+
         for key in self._state_keys:
             if not self.project_moments:  # the naive baseline: old coordinates, cut to the new rank
                 state[key] = padded[key][: P1.shape[1], : R1.shape[1]].clone()
             elif key in self._second_moment_keys:
-                args = (rotate_second_moment, padded[key], P1, R1, self.second_moment)
-                state[key] = in_channel_modes(*args) if tucker else args[0](*args[1:])
+                state[key] = rotate(rotate_second_moment, padded[key], self.second_moment)
             else:
-                state[key] = (in_channel_modes(rotate_first_moment, padded[key], P1, R1) if tucker
-                              else rotate_first_moment(padded[key], P1, R1))
+                state[key] = rotate(rotate_first_moment, padded[key])
         layer.set_factors(U @ P1[: U.shape[1]] + Ut @ P1[U.shape[1]:], S_new,
                           V @ R1[: V.shape[1]] + Vt @ R1[V.shape[1]:])
 
