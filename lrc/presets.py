@@ -29,14 +29,14 @@ METHODS = ("lowrank-adam", "lowrank-sgd", "dense", "lora", "dlrt-naive")
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"name": "mlp", "args": {}, "checkpoint": None, "new_head": False},
     "data": {"name": "digits", "data_dir": None, "batch_size": 64, "eval_batch_size": None, "workers": 0,
-             "image_size": None},
+             "image_size": None, "channels": None, "train_samples": None},
     "factorize": {"rank": None, "tau": None, "include": None, "exclude": [], "conv_format": "matrix",
                   "match_cr": None},
     "optimizer": {"method": "lowrank-adam", "lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999],
                   "momentum": 0.9, "tau": 0.1, "min_rank": 1, "max_rank": None, "mode": "fused",
-                  "second_moment": "squared"},
+                  "second_moment": "squared", "lr_scaling": "dense"},
     "train": {"epochs": 10, "seed": 0, "device": "auto", "bf16": False, "grad_clip": None,
-              "schedule": "cosine", "warmup_epochs": 0.0},
+              "schedule": "cosine", "warmup_epochs": 0.0, "tau_warmup_epochs": 0.0},
 }
 
 # keys that default to None but take a number
@@ -164,6 +164,8 @@ def validate(cfg: dict, source: str) -> None:
         raise PresetError(f"{source}: method {opt['method']} needs factorize.rank or factorize.tau")
     if fac["match_cr"] and opt["method"] != "lora":
         raise PresetError(f"{source}: factorize.match_cr picks LoRA ranks; it needs optimizer.method=lora")
+    if opt["lr_scaling"] not in ("dense", "none"):
+        raise PresetError(f"{source}: optimizer.lr_scaling {opt['lr_scaling']!r}: choose dense or none")
     if fac["conv_format"] not in ("matrix", "tucker"):
         raise PresetError(f"{source}: factorize.conv_format {fac['conv_format']!r}: choose matrix or tucker")
     if opt["lr"] < 0:
@@ -172,7 +174,13 @@ def validate(cfg: dict, source: str) -> None:
         raise PresetError(f"{source}: train.epochs = {train['epochs']} must be ≥ 1")
     if train["device"] not in ("auto", "cpu", "cuda") and not str(train["device"]).startswith("cuda:"):
         raise PresetError(f"{source}: train.device {train['device']!r} must be auto, cpu or cuda")
+    if not train["tau_warmup_epochs"] >= 0:
+        raise PresetError(f"{source}: train.tau_warmup_epochs = {train['tau_warmup_epochs']} must be ≥ 0")
     if train["schedule"] not in ("cosine", "constant"):
         raise PresetError(f"{source}: train.schedule {train['schedule']!r} must be cosine or constant")
+    for key in ("image_size", "channels", "train_samples"):
+        value = cfg["data"][key]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise PresetError(f"{source}: data.{key} = {value!r} must be a positive integer (or null)")
     if cfg["data"]["batch_size"] < 1:
         raise PresetError(f"{source}: data.batch_size must be ≥ 1")

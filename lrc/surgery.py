@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import torch
 from torch import nn
 
 from .layers import FACTORIZED, LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear, TuckerConv2d
@@ -64,11 +66,14 @@ def _linear_candidate(module, rank, tau, adapter, kind, conv_format):
 
 
 def _conv_candidate(module, rank, tau, adapter, kind, conv_format):
-    if type(module) is nn.Conv2d:
+    if isinstance(module, nn.Conv2d):
         if module.groups != 1:
             raise _Skip(f"groups={module.groups} (grouped convolutions are not factorized)")
         if module.padding_mode != "zeros":
             raise _Skip(f"padding_mode={module.padding_mode!r}")
+        if type(module) is not nn.Conv2d and not _acts_as_plain_conv(module):
+            raise _Skip(f"{type(module).__name__} (an nn.Conv2d subclass) does more in its forward than the "
+                        "convolution, e.g. its own padding")
         if conv_format == "tucker" and kind == "lowrank":
             if adapter:
                 raise ValueError("adapter mode is for the matrix format; use conv_format='matrix'")
@@ -77,8 +82,36 @@ def _conv_candidate(module, rank, tau, adapter, kind, conv_format):
     return None
 
 
+def _acts_as_plain_conv(module: nn.Conv2d) -> bool:
+    """Whether an ``nn.Conv2d`` subclass computes what ``nn.Conv2d.forward`` would, judged on a
+    copy with random weights at three input sizes (odd, even; batch 1 and 2), so that its own
+    padding or other extras in ``forward`` are never dropped silently. A subclass that does not
+    override ``forward`` qualifies at once."""
+    if type(module).forward is nn.Conv2d.forward:
+        return True
+    probe = copy.deepcopy(module).to_empty(device="cpu").double()
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.normal_()
+        g = torch.Generator().manual_seed(0)
+        k = max(probe.kernel_size)
+        for batch, size in ((1, 2 * k + 3), (2, 2 * k + 6), (1, 4 * k + 1)):
+            x = torch.randn(batch, probe.in_channels, size, size, generator=g, dtype=torch.float64)
+            try:
+                got = probe(x)
+            except Exception:  # noqa: BLE001 - any failure means "not a plain convolution"
+                return False
+            want = nn.Conv2d.forward(probe, x)
+            if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-9, atol=1e-9):
+                return False
+    return True
+
+
 _DISPATCH: tuple[Callable, ...] = (_linear_candidate, _conv_candidate)
-_FACTORIZABLE = (nn.Linear, nn.Conv2d)  # exact types: subclasses (e.g. attention's out_proj) stay dense
+
+
+def _candidate(module: nn.Module) -> bool:
+    return type(module) is nn.Linear or isinstance(module, nn.Conv2d)
 
 
 class _Skip(Exception):
@@ -123,7 +156,7 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
     matched: set[str] = set()
     targets = []
     for name, module in model.named_modules():
-        if not name or type(module) not in _FACTORIZABLE:
+        if not name or not _candidate(module):
             continue
         if include is not None:
             hits = [p for p in include if fnmatch.fnmatchcase(name, p)]

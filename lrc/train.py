@@ -119,10 +119,10 @@ def build_run(cfg: dict, device: torch.device):
     path = cfg["model"]["checkpoint"]
     fac, opt_cfg = cfg["factorize"], cfg["optimizer"]
     report = None
-    if path and is_lrc_file(path):  # already factorized: continue from it
+    if path and is_lrc_file(path):  # an lrc file (factorized, or a dense run's): continue from it
         model, meta = load_model(path)
         arch = meta["architecture"]
-        if opt_cfg["method"] == "dense":
+        if opt_cfg["method"] == "dense" and meta["layers"]:  # a dense run's file is fine
             raise ValueError(f"{path} is a factorized model; train it with a low-rank method, or export it "
                              "with `lrc export --dense` first")
     else:
@@ -149,7 +149,8 @@ def build_run(cfg: dict, device: torch.device):
                        mode=opt_cfg["mode"])
         if method in ("lowrank-adam", "dlrt-naive"):
             opt = LowRankAdam(model, betas=tuple(opt_cfg["betas"]), second_moment=opt_cfg["second_moment"],
-                              project_moments=method == "lowrank-adam", **common, **lowrank)
+                              project_moments=method == "lowrank-adam", lr_scaling=opt_cfg.get("lr_scaling", "none"),
+                              **common, **lowrank)
         else:
             opt = LowRankSGD(model, momentum=opt_cfg["momentum"], **common, **lowrank)
     return model, opt, arch, report
@@ -269,7 +270,9 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
     random.seed(tcfg["seed"])
     np.random.seed(tcfg["seed"])
 
-    data = build_data(cfg["data"]["name"], cfg["data"]["data_dir"], tcfg["seed"], cfg["data"]["image_size"])
+    dcfg = cfg["data"]
+    data = build_data(dcfg["name"], dcfg["data_dir"], tcfg["seed"], dcfg["image_size"], dcfg.get("channels"),
+                      dcfg.get("train_samples"))
     model, opt, arch, report = build_run(cfg, device)
     broadcast_([t.data for t in list(model.parameters()) + list(model.buffers())])  # same start everywhere
     own_averaging = isinstance(opt, LowRankOptimizer)  # else: average here for AdamW
@@ -306,6 +309,8 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
         raise TrainingStopped(message, code)
 
     use_bf16 = tcfg["bf16"] and device.type == "cuda"
+    tau_warmup = round(tcfg.get("tau_warmup_epochs", 0.0) * steps_per_epoch) if isinstance(opt, LowRankOptimizer) else 0
+    taus = [cfg["optimizer"]["tau"]] * len(opt.param_groups)  # not the groups' (a resumed warm-up lowered them)
     last, comm_bytes = {}, 0
     with _Interrupts() as interrupts:
         while epoch < tcfg["epochs"]:
@@ -336,6 +341,8 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
                     stop(good, f"loss became {value} at epoch {epoch + 1}, batch {batch_done + 1}; stopped. The "
                                f"last good state is in {state_path}. Try a lower --lr or --set train.grad_clip=1.0", 1)
                 (loss * share).backward()
+                if tau_warmup:
+                    _tau_warmup(opt, taus, step, tau_warmup)
                 if tcfg["grad_clip"]:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip"])
                 if not own_averaging:
@@ -367,6 +374,9 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
                     "processes": world, "comm_bytes_per_step": comm_bytes, "ranks": layer_ranks(model)}
             if "top5" in ev:
                 last["test_top5"] = ev["top5"]
+            if isinstance(opt, LowRankOptimizer):
+                names = {module: name for name, module in model.named_modules()}
+                last["layers"] = {names[layer]: values for layer, values in opt.pop_diagnostics().items()}
             epoch, batch_done, epoch_sums = epoch + 1, 0, [0.0, 0.0, 0.0]
             if main:
                 _append_metrics(run_dir, last)
@@ -383,11 +393,21 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
     summary = {k: last[k] for k in ("test_accuracy", "test_loss", "compression_ratio") if k in last}
     summary.update(preset=cfg.get("_preset"), data=cfg["data"]["name"], epochs=tcfg["epochs"],
                    method=cfg["optimizer"]["method"])
-    if cfg["data"]["image_size"] is not None:
-        summary["image_size"] = cfg["data"]["image_size"]
+    for key in ("image_size", "channels"):
+        if cfg["data"].get(key) is not None:
+            summary[key] = cfg["data"][key]
     if main:
         save_model(model_path, model, arch, summary)
     return RunResult(run_dir, model_path, last)
+
+
+def _tau_warmup(opt: LowRankOptimizer, taus: list[float], step: int, steps: int) -> None:
+    """Truncation warm-up: over the first ``steps`` steps τ rises linearly from 0 to its value
+    and ranks may only shrink, so that a pretrained network loses its small singular values
+    gradually instead of all at the first step."""
+    frac = min(1.0, (step + 1) / steps)
+    for group, tau in zip(opt.param_groups, taus):
+        group["tau"], group["grow"] = tau * frac, frac >= 1.0
 
 
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -404,7 +424,7 @@ def _mean_rank(model: nn.Module) -> float:
 def _append_metrics(run_dir: Path, row: dict) -> None:
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
-    flat = {k: v for k, v in row.items() if k != "ranks"}
+    flat = {k: v for k, v in row.items() if k not in ("ranks", "layers")}
     flat["ranks"] = " ".join(f"{k}:{v}" for k, v in row["ranks"].items())
     path = run_dir / "metrics.csv"
     new = not path.exists()

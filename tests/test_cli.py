@@ -156,11 +156,13 @@ def test_sigint_leaves_a_resumable_state_and_resume_finishes(tmp_path):
     assert "test accuracy" in done.stdout and (out / "model.safetensors").exists()
 
 
-def test_python_api_resume_mid_epoch_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("tau_warmup", [0.0, 2.0])  # 2.0: cut in the middle of the truncation warm-up
+def test_python_api_resume_mid_epoch_matches_an_uninterrupted_run(tmp_path, tau_warmup):
     from lrc.presets import apply_override, load_preset
     from lrc.train import TrainingStopped, train
 
     cfg = apply_override(load_preset("digits-mlp"), "train.epochs=2")
+    cfg = apply_override(cfg, f"train.tau_warmup_epochs={tau_warmup}")
     full = train(cfg, tmp_path / "full", progress=False)
     with pytest.raises(TrainingStopped):
         train(cfg, tmp_path / "cut", progress=False, max_steps=30)  # mid-epoch 2 (23 steps per epoch)
@@ -174,10 +176,27 @@ def test_python_api_resume_mid_epoch_matches_an_uninterrupted_run(tmp_path):
         train(cfg, tmp_path / "full", progress=False)
 
 
+def test_metrics_carry_per_layer_diagnostics_and_the_tau_warmup_only_shrinks_ranks(tmp_path):
+    from lrc.presets import apply_override, load_preset
+    from lrc.train import train
+
+    cfg = load_preset("digits-mlp")
+    for o in ("train.epochs=2", "train.tau_warmup_epochs=1", "factorize.rank=12", "optimizer.tau=0.3"):
+        cfg = apply_override(cfg, o)
+    train(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = rows[0]["layers"]["1"]
+    assert set(first) == {"step_norm", "rotation", "truncated_energy", "truncated_energy_max", "steps"}
+    assert first["steps"] == 23 and first["step_norm"] > 0 and 0 <= first["truncated_energy"] <= first["truncated_energy_max"]
+    assert all(r <= 12 for row in rows[:1] for r in row["ranks"].values())  # warm-up: never above the start
+    assert "layers" not in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
+
+
 def test_factorize_then_train_from_the_factorized_file(tmp_path):
     out = lrc("factorize", "--rank", "8", "--out", tmp_path / "f.safetensors").stdout
     assert "1024×1024" in out and "kept dense: excluded" in out and "c.r. 96.7%" in out
-    lrc("train", "--checkpoint", tmp_path / "f.safetensors", "--epochs", "1", "--quiet", "--out", tmp_path / "run")
+    lrc("train", "--checkpoint", tmp_path / "f.safetensors", "--epochs", "1", "--quiet", "--out", tmp_path / "run",
+        "--set", "optimizer.lr_scaling=none")  # the paper's small steps: ranks stay at or below the start
     model, meta = load_model(tmp_path / "run" / "model.safetensors")
     assert meta["layers"]["3"]["rank"] <= 8  # started from the file's rank-8 factors
 

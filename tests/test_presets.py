@@ -37,7 +37,9 @@ def test_every_shipped_preset_names_real_layers_data_and_weights(name):
         assert head_name(model) in cfg["factorize"]["exclude"]
     report = factorize(model, rank=cfg["factorize"]["rank"], tau=None, exclude=cfg["factorize"]["exclude"],
                        conv_format=cfg["factorize"]["conv_format"])
-    assert report.replaced and compression_ratio(model) > 50
+    # at the initial rank: the paper's are high (ViT-small: 200 on 512×2048, 31 % c.r.); τ lowers them in training
+    assert report.replaced and all(r.params_after < r.params_before for r in report.replaced)
+    assert compression_ratio(model) > 25
 
 
 def test_overrides_parse_yaml_values_and_check_types():
@@ -67,3 +69,72 @@ def test_config_validation():
 def test_match_cr_is_for_lora_only():
     with pytest.raises(PresetError, match="needs optimizer.method=lora"):
         resolve_config({"factorize": {"rank": 2, "match_cr": "runs/x"}})
+
+
+# The paper's Table 4 (and Section 10's image sizes): batch size, learning rate, epochs, weight
+# decay, τ, initial rank, data.image_size (None: CIFAR's native 32×32).
+TABLE4 = {
+    "vgg16-cifar10": (128, 1e-3, 20, 0.0, 0.1, 150, None),
+    "vgg16-cifar100": (128, 1e-3, 30, 0.0, 0.1, 150, None),
+    "vgg16-ucm": (16, 1e-3, 20, 0.0, 0.1, 150, 256),
+    "vgg11-cifar10": (128, 1e-3, 20, 0.0, 0.05, 150, None),
+    "vgg11-cifar100": (128, 1e-3, 30, 0.0, 0.05, 150, None),
+    "vgg11-ucm": (16, 1e-3, 20, 0.0, 0.05, 150, 256),
+    "vitb16-cifar10": (128, 1e-3, 5, 1e-3, 0.08, 150, 224),
+    "vitb16-cifar100": (128, 1e-3, 20, 1e-3, 0.08, 150, 224),
+    "vitb16-ucm": (16, 1e-3, 5, 1e-3, 0.08, 150, 224),
+    "vitsmall-cifar10": (256, 1e-4, 450, 1e-2, 0.05, 200, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TABLE4))
+def test_paper_presets_follow_table_4(name):
+    cfg = load_preset(name)
+    data, opt, train = cfg["data"], cfg["optimizer"], cfg["train"]
+    assert (data["batch_size"], opt["lr"], train["epochs"], opt["weight_decay"], opt["tau"], cfg["factorize"]["rank"],
+            data["image_size"]) == TABLE4[name]
+    # no learning-rate schedule, no warm-up, no gradient clipping; the relative τ of the optimizer
+    assert train["schedule"] == "constant" and train["warmup_epochs"] == 0 and train["grad_clip"] is None
+    assert opt["method"] == "lowrank-adam" and cfg["factorize"]["tau"] is None
+    if name.startswith("vgg"):
+        assert cfg["factorize"]["conv_format"] == "tucker"
+        assert cfg["factorize"]["exclude"] == ["features.0", "classifier.6"]  # first conv and head dense
+    header = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[:5]
+    assert header[2] == "# Hyperparameters: the paper's Table 4."
+    assert not [line for line in header if "check" in line or "not yet" in line]
+
+
+def test_paper_presets_are_every_paper_preset():
+    assert {n for n in list_presets() if n.startswith(("vgg16", "vgg11", "vitb16", "vitsmall"))} == set(TABLE4)
+
+
+@pytest.mark.parametrize("name, mean, std", [
+    ("cifar10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    ("cifar100", (0.5071, 0.4867, 0.4408), (0.2673, 0.2564, 0.2762)),
+])
+def test_cifar_transforms_are_the_papers(name, mean, std):
+    from torchvision import transforms as T
+
+    from lrc.data import cifar_transforms
+
+    train, test = cifar_transforms(name)  # CNNs at 32×32: a horizontal flip, then normalisation
+    assert [type(t) for t in train.transforms] == [T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
+    assert [type(t) for t in test.transforms] == [T.ToTensor, T.Normalize]
+    for tf in (train, test):
+        assert tuple(tf.transforms[-1].mean) == mean and tuple(tf.transforms[-1].std) == std
+    train, test = cifar_transforms(name, 224)  # ViTs at 224×224
+    assert [type(t) for t in train.transforms] == [T.Resize, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
+    assert train.transforms[0].size == test.transforms[0].size == 224
+
+
+def test_ucm_transforms_are_the_papers():
+    from torchvision import transforms as T
+
+    from lrc.data import ucm_transforms
+
+    for size in (256, 224):  # CNNs, ViTs
+        for tf in ucm_transforms(size):
+            assert [type(t) for t in tf.transforms] == [T.Resize, T.ToTensor, T.Normalize]
+            assert tuple(tf.transforms[0].size) == (size, size)
+            assert tuple(tf.transforms[-1].mean) == (0.485, 0.456, 0.406)
+            assert tuple(tf.transforms[-1].std) == (0.229, 0.224, 0.225)

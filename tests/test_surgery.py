@@ -82,3 +82,41 @@ def test_factorize_by_tau_picks_rank_per_layer():
         model[0].weight.copy_(torch.randn(40, 3) @ torch.randn(3, 40) + 1e-6 * torch.randn(40, 40))
     report = factorize(model, tau=0.01)
     assert report.replaced[0].rank == 3
+
+
+class SamePadConv(nn.Conv2d):
+    """A convolution that pads in its own forward, as TensorFlow's "same" (asymmetric when
+    the padding is odd), like the convolutions of efficientnet-lite-pytorch."""
+
+    def forward(self, x):
+        ih, iw = x.shape[-2:]
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        ph = max((-(-ih // sh) - 1) * sh + kh - ih, 0)
+        pw = max((-(-iw // sw) - 1) * sw + kw - iw, 0)
+        x = nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class PlainSubclass(nn.Conv2d):
+    pass
+
+
+def test_conv2d_subclasses_are_factorized_only_where_their_forward_is_a_plain_convolution():
+    torch.manual_seed(0)
+    model = nn.Sequential(SamePadConv(3, 16, 3, stride=2), SamePadConv(16, 32, 1), PlainSubclass(32, 32, 3),
+                          SamePadConv(32, 32, 3, groups=32)).to(f64)
+    x = torch.randn(2, 3, 15, 15, dtype=f64)
+    want = model(x)
+    report = factorize(model, rank=16, adapter=True)  # exact: frozen weights plus U S Vᵀ = 0
+    skipped = dict(report.skipped)
+    assert [r.name for r in report.replaced] == ["1", "2"]  # 1×1 "same" = no padding; a plain subclass
+    assert "SamePadConv" in skipped["0"] and "padding" in skipped["0"]  # its asymmetric padding is kept
+    assert "groups=32" in skipped["3"]
+    torch.testing.assert_close(model(x), want, rtol=1e-10, atol=1e-10)
+
+
+def test_conv2d_subclass_probe_works_on_the_meta_device():
+    with torch.device("meta"):
+        model = nn.Sequential(SamePadConv(3, 64, 3, stride=2), SamePadConv(64, 64, 1))
+    report = factorize(model, rank=4)
+    assert [r.name for r in report.replaced] == ["1"] and "0" in dict(report.skipped)

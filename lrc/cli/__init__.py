@@ -145,12 +145,18 @@ def compare_cmd(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the data set lies."),
     set_: List[str] = typer.Option([], "--set", help="Override any preset field: section.key=value."),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Runs trained at once (one thread each; CPU cores or one GPU)."),
+    lrs: Optional[str] = typer.Option(None, "--lrs", help="Learning-rate grid, comma-separated (e.g. 1e-3,3e-3,1e-2): "
+                                      "every method × seed × lr is a run (default: the preset's lr)."),
+    from_dense: Optional[Path] = typer.Option(None, "--from-dense", metavar="RUN|CHECKPOINT",
+                                              help="Start every method from this dense model: a run directory of "
+                                              "`lrc train --method dense` or a checkpoint file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Train several methods over several seeds and write a comparison table and plots.
+    """Train several methods over several seeds (and learning rates) and write a comparison
+    table and plots.
 
     Every method gets the same preset; lora is matched to lowrank-adam's parameter count.
-    Runs already finished in OUT are not run again.
+    Runs already finished in OUT are not run again (they must have the settings asked for).
 
     Example: lrc compare --preset digits-mlp --methods dense,lowrank-adam,lora,dlrt-naive --seeds 3 --jobs 2
     """
@@ -168,9 +174,22 @@ def compare_cmd(
         raise ValueError("--seeds must be ≥ 1")
     out_dir = out or Path("runs") / f"compare-{Path(preset).stem}"
     compare(cfg, [m.strip() for m in methods.split(",") if m.strip()], list(range(seeds)), out_dir,
-            progress=not quiet, log=lambda msg: typer.echo(msg, err=True), jobs=jobs)
+            progress=not quiet, log=lambda msg: typer.echo(msg, err=True), jobs=jobs,
+            lrs=None if lrs is None else _parse_lrs(lrs), from_dense=from_dense)
     typer.echo((out_dir / "results.md").read_text())
     typer.echo(f"wrote {out_dir / 'results.md'}, {out_dir / 'results.csv'}")
+
+
+def _parse_lrs(text: str) -> list[float]:
+    """``"1e-3,3e-3"`` → ``[0.001, 0.003]``; a ValueError names what is not a number."""
+    lrs = []
+    for item in (part.strip() for part in text.split(",")):
+        if item:
+            try:
+                lrs.append(float(item))
+            except ValueError:
+                raise ValueError(f"--lrs {text}: {item!r} is not a number (e.g. --lrs 1e-3,3e-3,1e-2)") from None
+    return lrs
 
 
 @app.command("factorize")
@@ -248,8 +267,9 @@ def evaluate_cmd(
     name = data or meta["summary"].get("data")
     if not name:
         raise ValueError(f"{model_path} does not record its data set; pass --data NAME")
-    image_size = meta["summary"].get("image_size") if name == meta["summary"].get("data") else None
-    _, test = build_data(name, data_dir, image_size=image_size).loaders(batch_size, 0, batch_size)
+    same = name == meta["summary"].get("data")  # the input form the model was trained on
+    _, test = build_data(name, data_dir, image_size=meta["summary"].get("image_size") if same else None,
+                         channels=meta["summary"].get("channels") if same else None).loaders(batch_size, 0, batch_size)
     result = evaluate(model, test, dev)
     result.update(model=str(model_path), architecture=meta["architecture"], data=name)
     if as_json:

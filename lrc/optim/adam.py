@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor, nn
 
 from .base import LowRankOptimizer
 from .functional import adamw_update_
 
-__all__ = ["LowRankAdam"]
+__all__ = ["LowRankAdam", "LR_SCALINGS"]
+
+LR_SCALINGS = ("dense", "none")
 
 
 class LowRankAdam(LowRankOptimizer):
@@ -24,7 +28,8 @@ class LowRankAdam(LowRankOptimizer):
         S̄, M̄, Q̄ = diag(S, 0), diag(M, 0), diag(Q, 0)
         G_S = Ûᵀ ∇W V̂                                           (mode: fused | two_pass | parallel)
         M̂ = β₁ M̄ + (1 − β₁) G_S,   Q̂ = β₂ Q̄ + (1 − β₂) G_S²
-        Ŝ = S̄ − lr·wd·S̄ − lr · (M̂ / (1 − β₁ᵗ)) / (√(Q̂ / (1 − β₂ᵗ)) + ε)
+        Ŝ = S̄ − lr·wd·S̄ − c·lr · (M̂ / (1 − β₁ᵗ)) / (√(Q̂ / (1 − β₂ᵗ)) + ε)
+                      c = √(n·m / (2r)²)   (lr_scaling="dense"),   c = 1   (lr_scaling="none": the paper)
         P Σ Rᵀ = svd(Ŝ);  r₁ = min{k : ‖σ_{k+1:}‖ ≤ τ ‖Ŝ‖_F}, clipped to [min_rank, max_rank]
         U, S, V ← Û P₁, Σ₁, V̂ R₁;   M ← P₁ᵀ M̂ R₁;   Q ← (P₁ᵀ √Q̂ R₁)²   (second_moment="paper")
                                                     Q ← (P₁∘P₁)ᵀ Q̂ (R₁∘R₁) (second_moment="squared")
@@ -52,6 +57,13 @@ class LowRankAdam(LowRankOptimizer):
         project_moments (bool): carry ``M`` and ``Q`` to the new bases as above. ``False`` is the
             "DLRT without projection" baseline: the moments stay in the old coordinates, cut to
             the new rank (``M ← M̂[:r₁, :r₁]``), as a naive implementation would. Default: ``True``.
+        lr_scaling (str): what ``lr`` means for the coefficient. ``"dense"``: the step on the
+            ``2r×2r`` coefficient is scaled by ``c = √(n·m/(2r)²)`` (for a Tucker core, entries of
+            the kernel over entries of the augmented core), so that ``‖ΔW‖_F`` is what dense Adam
+            with the same ``lr`` would take (``≈ lr·√(n·m)``) and one learning rate suits dense,
+            LoRA and low-rank training alike. ``"none"``: Algorithm 2 as printed, every entry of
+            ``S`` moves by about ``lr`` and ``‖ΔW‖_F ≈ lr·2r`` — 10–100× smaller on typical
+            layers. The decay per step stays ``lr·wd`` either way. Default: ``"dense"``.
         distributed (bool | None): average gradients over the processes of ``torch.distributed``
             (one flat all-reduce per phase; the fused backward averages ``G_K``, ``G_L`` and
             ``G_S`` itself) and take rank 0's new ranks. ``None``: when a process group of
@@ -67,7 +79,9 @@ class LowRankAdam(LowRankOptimizer):
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, tau: float = 0.1, min_rank: int = 1,
                  max_rank: int | None = None, mode: str = "fused", second_moment: str = "squared",
-                 project_moments: bool = True, distributed: bool | None = None) -> None:
+                 project_moments: bool = True, distributed: bool | None = None, lr_scaling: str = "dense") -> None:
+        if lr_scaling not in LR_SCALINGS:
+            raise ValueError(f"Invalid lr_scaling: {lr_scaling!r} (one of {LR_SCALINGS})")
         if not 0.0 <= lr:
             raise ValueError(f"Invalid lr: {lr!r} (must be ≥ 0)")
         if not 0.0 <= eps:
@@ -80,6 +94,13 @@ class LowRankAdam(LowRankOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(model, defaults, mode=mode, tau=tau, min_rank=min_rank, max_rank=max_rank,
                          second_moment=second_moment, project_moments=project_moments, distributed=distributed)
+        self.lr_scaling = lr_scaling
+
+    def coefficient_lr_scale(self, layer, S_bar: Tensor) -> float:
+        if self.lr_scaling == "none":
+            return 1.0
+        # √(entries of W / entries of Ŝ): n·m / (a·b), the spatial modes of a Tucker core cancel
+        return math.sqrt(layer.U.shape[0] * layer.V.shape[0] / (S_bar.shape[0] * S_bar.shape[1]))
 
     def _update_(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
         beta1, beta2 = group["betas"]

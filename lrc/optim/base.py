@@ -61,6 +61,10 @@ class LowRankOptimizer(Optimizer):
         self.project_moments = project_moments
         self.distributed = is_distributed() if distributed is None else distributed
         self.bytes_communicated = 0  # payload this process all-reduced in the last step
+        # per layer, summed over steps on the device (read by pop_diagnostics, never in step()):
+        # ‖ΔW‖_F of the coefficient step, RMS sine of the basis rotation, relative energy the
+        # truncation removed, its maximum, and the number of steps
+        self._diagnostics: dict = {}
         self._layers: dict[Tensor, LowRankMatrixModule | TuckerConv2d] = {}  # S (core) -> its layer
         factor_ids: set[int] = set()
         for module in model.modules():
@@ -94,6 +98,30 @@ class LowRankOptimizer(Optimizer):
         super().zero_grad(set_to_none)
         for layer in self._layers.values():
             layer.clear_fused_grads()
+
+    def coefficient_lr_scale(self, layer, S_bar: Tensor) -> float:
+        """Factor on ``lr`` for the coefficient step of ``layer`` (augmented to ``S_bar``);
+        1 unless a subclass's step-size rule says otherwise."""
+        return 1.0
+
+    @torch.no_grad()
+    def pop_diagnostics(self) -> dict:
+        """Per factorized layer, the means over the steps since the last call: ``step_norm``
+        (‖ΔW‖_F of the coefficient step, before truncation; exact, since the augmented bases are
+        orthonormal), ``rotation`` (RMS sine of the principal angles between the old and the new
+        bases, ``U`` and ``V`` averaged), ``truncated_energy`` (``1 − ‖S_new‖²/‖Ŝ‖²``) and its
+        maximum ``truncated_energy_max``. Reads the device once; resets the sums."""
+        layers = list(self._diagnostics)
+        if not layers:
+            return {}
+        values = torch.stack([self._diagnostics[layer] for layer in layers]).double().cpu().tolist()
+        self._diagnostics.clear()
+        out = {}
+        for layer, (dw, rot, energy, energy_max, n) in zip(layers, values):
+            n = max(n, 1.0)
+            out[layer] = {"step_norm": dw / n, "rotation": rot / n, "truncated_energy": energy / n,
+                          "truncated_energy_max": energy_max, "steps": int(n)}
+        return out
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None):
@@ -240,8 +268,13 @@ class LowRankOptimizer(Optimizer):
         state["step"] += 1
         S_bar = pad_block(S.detach(), a, b)
         padded = {"step": state["step"], **{k: pad_block(state[k], a, b) for k in self._state_keys}}
+        scale = self.coefficient_lr_scale(layer, S_bar)
+        if scale != 1.0:  # a larger step on S̄, the same decay per step (lr·wd) as without it
+            group = dict(group, lr=group["lr"] * scale, weight_decay=group["weight_decay"] / scale)
+        before = S_bar.clone()
         self._update_(S_bar, G_S.to(S_bar.dtype), padded, group)
-        return layer, group, Ut, Vt, S_bar, padded
+        step_norm = torch.linalg.vector_norm(S_bar - before)
+        return layer, group, Ut, Vt, S_bar, padded, step_norm
 
     def _truncate(self, pending: list[tuple]) -> None:
         """Steps 6–7 for all layers at once: one batched SVD per shape of ``Ŝ`` (per channel
@@ -250,7 +283,7 @@ class LowRankOptimizer(Optimizer):
         by_shape: dict[tuple, list[int]] = {}
         svds: list = [None] * len(pending)
         raw, order = [], []
-        for i, (layer, group, _, _, S_bar, _) in enumerate(pending):
+        for i, (layer, group, _, _, S_bar, _, _) in enumerate(pending):
             if isinstance(layer, TuckerConv2d):  # the SVDs of the two channel-mode unfoldings
                 svds[i] = mode_svds(S_bar)
                 raw.append(untruncated_rank(_pad_stack(svds[i][0][1], svds[i][1][1]), group["tau"]))
@@ -268,22 +301,42 @@ class LowRankOptimizer(Optimizer):
         if self.distributed and pending:  # every process takes rank 0's decision: shapes agree
             new_ranks = broadcast_ints(new_ranks, pending[0][4].device)
         ranks = dict(zip(order, new_ranks))
-        for i, (layer, group, Ut, Vt, S_bar, padded) in enumerate(pending):
+        for i, (layer, group, Ut, Vt, S_bar, padded, step_norm) in enumerate(pending):
             if isinstance(layer, TuckerConv2d):
                 (P_out, s_out), (P_in, s_in) = svds[i]
-                r_out = clip_rank(ranks[(i, 0)], s_out.shape[0], group["min_rank"], group["max_rank"])
-                r_in = clip_rank(ranks[(i, 1)], s_in.shape[0], group["min_rank"], group["max_rank"])
+                r_out = clip_rank(ranks[(i, 0)], s_out.shape[0], group["min_rank"], _cap(group, layer.S.shape[0]))
+                r_in = clip_rank(ranks[(i, 1)], s_in.shape[0], group["min_rank"], _cap(group, layer.S.shape[1]))
                 P1, R1 = P_out[:, :r_out], P_in[:, :r_in]
-                self._apply_truncation(layer, Ut, Vt, P1, in_channel_modes(rotate_first_moment, S_bar, P1, R1), R1,
-                                       padded)
+                S_new = in_channel_modes(rotate_first_moment, S_bar, P1, R1)
             else:
                 P, sigma, R = svds[i]
-                r1 = clip_rank(ranks[(i, None)], sigma.shape[0], group["min_rank"], group["max_rank"])
-                self._apply_truncation(layer, Ut, Vt, P[:, :r1], torch.diag(sigma[:r1]), R[:, :r1], padded)
+                r1 = clip_rank(ranks[(i, None)], sigma.shape[0], group["min_rank"], _cap(group, layer.S.shape[0]))
+                P1, S_new, R1 = P[:, :r1], torch.diag(sigma[:r1]), R[:, :r1]
+            self._record(layer, S_bar, S_new, P1, R1, step_norm)
+            self._apply_truncation(layer, Ut, Vt, P1, S_new, R1, padded)
         if self.distributed and pending:  # bit-identical factors and moments on every process
             self.bytes_communicated += broadcast_(
                 [t.data for item in pending for t in item[0].factor_parameters()]
                 + [self.state[item[0].S][k] for item in pending for k in self._state_keys])
+
+    def _record(self, layer, S_hat: Tensor, S_new: Tensor, P1: Tensor, R1: Tensor, step_norm: Tensor) -> None:
+        """Add one step's diagnostics of ``layer`` to its sums, on the device (no read)."""
+        r_out, r_in = layer.S.shape[0], layer.S.shape[1]
+        total = S_hat.square().sum()
+        energy = torch.where(total > 0, 1.0 - S_new.square().sum() / total.clamp_min(torch.finfo(total.dtype).tiny),
+                             0.0).clamp_min(0.0)
+        # the new basis Û P₁ has the component Ũ P₁[r:] outside the old span: its norm is ‖sin Θ‖_F
+        rotation = 0.5 * (P1[r_out:].square().sum() / max(P1.shape[1], 1)).sqrt() \
+            + 0.5 * (R1[r_in:].square().sum() / max(R1.shape[1], 1)).sqrt()
+        row = torch.stack([step_norm.to(total.dtype), rotation.to(total.dtype), energy, energy,
+                           torch.ones((), dtype=total.dtype, device=total.device)])
+        acc = self._diagnostics.get(layer)
+        if acc is None:
+            self._diagnostics[layer] = row
+        else:
+            acc[:3] += row[:3]
+            acc[3] = torch.maximum(acc[3], row[3])
+            acc[4] += 1
 
     def _apply_truncation(self, layer, Ut: Tensor, Vt: Tensor, P1: Tensor, S_new: Tensor, R1: Tensor,
                           padded: dict) -> None:
@@ -304,6 +357,14 @@ class LowRankOptimizer(Optimizer):
                 state[key] = rotate(rotate_first_moment, padded[key])
         layer.set_factors(U @ P1[: U.shape[1]] + Ut @ P1[U.shape[1]:], S_new,
                           V @ R1[: V.shape[1]] + Vt @ R1[V.shape[1]:])
+
+
+def _cap(group: dict, current: int) -> int | None:
+    """The highest rank a layer may take now: ``max_rank``, and its current rank while the
+    group says ``grow=False`` (a truncation warm-up lets ranks only shrink)."""
+    if group.get("grow", True):
+        return group["max_rank"]
+    return current if group["max_rank"] is None else min(group["max_rank"], current)
 
 
 def _pad_stack(a: Tensor, b: Tensor) -> Tensor:
