@@ -34,7 +34,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                   "match_cr": None},
     "optimizer": {"method": "lowrank-adam", "lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999],
                   "momentum": 0.9, "tau": 0.1, "min_rank": 1, "max_rank": None, "mode": "fused",
-                  "second_moment": "squared", "lr_scaling": "dense"},
+                  "second_moment": "squared", "lr_scaling": "dense",
+                  "new_moments": "zero"},
     "train": {"epochs": 10, "seed": 0, "device": "auto", "bf16": False, "grad_clip": None,
               "schedule": "cosine", "warmup_epochs": 0.0, "tau_warmup_epochs": 0.0},
 }
@@ -166,6 +167,8 @@ def validate(cfg: dict, source: str) -> None:
         raise PresetError(f"{source}: factorize.match_cr picks LoRA ranks; it needs optimizer.method=lora")
     if opt["lr_scaling"] not in ("dense", "none"):
         raise PresetError(f"{source}: optimizer.lr_scaling {opt['lr_scaling']!r}: choose dense or none")
+    if opt["new_moments"] not in ("zero", "second", "both"):
+        raise PresetError(f"{source}: optimizer.new_moments {opt['new_moments']!r}: choose zero, second or both")
     if fac["conv_format"] not in ("matrix", "tucker"):
         raise PresetError(f"{source}: factorize.conv_format {fac['conv_format']!r}: choose matrix or tucker")
     if opt["lr"] < 0:

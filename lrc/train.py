@@ -150,7 +150,7 @@ def build_run(cfg: dict, device: torch.device):
         if method in ("lowrank-adam", "dlrt-naive"):
             opt = LowRankAdam(model, betas=tuple(opt_cfg["betas"]), second_moment=opt_cfg["second_moment"],
                               project_moments=method == "lowrank-adam", lr_scaling=opt_cfg.get("lr_scaling", "none"),
-                              **common, **lowrank)
+                              new_moments=opt_cfg.get("new_moments", "zero"), **common, **lowrank)
         else:
             opt = LowRankSGD(model, momentum=opt_cfg["momentum"], **common, **lowrank)
     return model, opt, arch, report

@@ -16,11 +16,16 @@ def write_idx(path, array):
         f.write(header + array.astype(np.uint8).tobytes())
 
 
-def test_fashion_mnist_reads_idx_files(tmp_path):
+def write_mnist_like(path, n_train, n_test):
+    """The four IDX files of a random (Fashion-)MNIST of these sizes."""
     rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("t10k", 5)):
-        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+
+
+def test_fashion_mnist_reads_idx_files(tmp_path):
+    write_mnist_like(tmp_path, 12, 5)
     data = build_data("fashion-mnist", tmp_path)
     assert len(data.train) == 12 and len(data.test) == 5 and data.num_classes == 10
     x, y = data.train[0]
@@ -98,10 +103,7 @@ def test_lenet5_matches_the_dlrt_shapes():
 
 
 def test_fashion_mnist_resized_in_three_channels_on_a_fixed_subset(tmp_path):
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 20), ("t10k", 5)):
-        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    write_mnist_like(tmp_path, 20, 5)
     plain = build_data("fashion-mnist", tmp_path)
     data = build_data("fashion-mnist", tmp_path, seed=3, image_size=32, channels=3, train_samples=8)
     assert data.input_shape == (3, 32, 32) and len(data.train) == 8 and len(data.test) == 5

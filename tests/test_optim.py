@@ -466,3 +466,35 @@ def test_lr_scaling_is_checked():
     model, _, _ = one_layer()
     with pytest.raises(ValueError, match="lr_scaling"):
         LowRankAdam(model, lr_scaling="sqrt")
+
+
+@pytest.mark.parametrize("rule", ["zero", "second", "both"])
+def test_new_moments_set_the_first_step_of_the_new_directions(rule):
+    # entries outside the old r×r block have no history; at step t their update per unit lr is
+    #   zero:   (1−β₁)/(1−β₁ᵗ) / √((1−β₂)/(1−β₂ᵗ))  (→ 3.16 as t grows: a kick every step)
+    #   second: (1−β₁)/(1−β₁ᵗ)                    (a fresh second moment: v̂ = g²)
+    #   both:   1                                 (Adam's first step: m̂ = g, v̂ = g²)
+    from lrc.linalg import pad_block
+    from lrc.optim.functional import adamw_update_
+
+    model, _, _ = one_layer()
+    opt = LowRankAdam(model, new_moments=rule)
+    group, (b1, b2), t, r = opt.param_groups[0], (0.9, 0.999), 500, 4
+    torch.manual_seed(0)
+    G = torch.randn(2 * r, 2 * r, dtype=f64)
+    M, Q = torch.randn(r, r, dtype=f64), torch.rand(r, r, dtype=f64)
+    padded = {"step": torch.tensor(float(t)), "exp_avg": pad_block(M, 2 * r, 2 * r),
+              "exp_avg_sq": pad_block(Q, 2 * r, 2 * r)}
+    opt._fill_new_moments(padded, G, r, r, group)
+    torch.testing.assert_close(padded["exp_avg"][:r, :r], M)  # the old block is untouched
+    torch.testing.assert_close(padded["exp_avg_sq"][:r, :r], Q)
+    S = torch.zeros(2 * r, 2 * r, dtype=f64)
+    adamw_update_(S, G, padded["exp_avg"], padded["exp_avg_sq"], t, lr=1.0, beta1=b1, beta2=b2, eps=0.0,
+                  weight_decay=0.0)
+    factor = {"zero": (1 - b1) / (1 - b1**t) / ((1 - b2) / (1 - b2**t)) ** 0.5, "second": (1 - b1) / (1 - b1**t),
+              "both": 1.0}[rule]
+    new = torch.ones(2 * r, 2 * r, dtype=torch.bool)
+    new[:r, :r] = False
+    torch.testing.assert_close(S[new], -factor * G.sign()[new], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="new_moments"):
+        LowRankAdam(model, new_moments="ones")

@@ -39,7 +39,8 @@ def test_every_shipped_preset_names_real_layers_data_and_weights(name):
                        conv_format=cfg["factorize"]["conv_format"])
     # at the initial rank: the paper's are high (ViT-small: 200 on 512×2048, 31 % c.r.); τ lowers them in training
     assert report.replaced and all(r.params_after < r.params_before for r in report.replaced)
-    assert compression_ratio(model) > 25
+    if cfg["factorize"]["tau"] is None:  # else the dense weights' spectrum picks the ranks (no values on meta)
+        assert compression_ratio(model) > 25
 
 
 def test_overrides_parse_yaml_values_and_check_types():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from .base import LowRankOptimizer
@@ -12,6 +13,7 @@ from .functional import adamw_update_
 __all__ = ["LowRankAdam", "LR_SCALINGS"]
 
 LR_SCALINGS = ("dense", "none")
+NEW_MOMENTS = ("zero", "second", "both")
 
 
 class LowRankAdam(LowRankOptimizer):
@@ -64,6 +66,13 @@ class LowRankAdam(LowRankOptimizer):
             LoRA and low-rank training alike. ``"none"``: Algorithm 2 as printed, every entry of
             ``S`` moves by about ``lr`` and ``‖ΔW‖_F ≈ lr·2r`` — 10–100× smaller on typical
             layers. The decay per step stays ``lr·wd`` either way. Default: ``"dense"``.
+        new_moments (str): the moments of the new entries of ``S̄`` (outside the old ``r×r``
+            block). ``"zero"``: ``diag(M, 0)``, ``diag(Q, 0)`` as the paper; with the bias
+            correction of the layer's step ``t`` their first update is ``≈ 3.2·lr·sign(g)`` once
+            ``t`` is large — a kick to every new direction, i.e. to the basis rotation, at every
+            step. ``"second"``: ``Q`` there starts as ``(1 − β₂^(t−1))·G_S²`` (a fresh second
+            moment, ``v̂ = g²``; update ``≈ 0.1·lr·sign(g)``); ``"both"``: ``M`` too
+            (``m̂ = g``; update ``lr·sign(g)``, Adam's first step). Default: ``"zero"``.
         distributed (bool | None): average gradients over the processes of ``torch.distributed``
             (one flat all-reduce per phase; the fused backward averages ``G_K``, ``G_L`` and
             ``G_S`` itself) and take rank 0's new ranks. ``None``: when a process group of
@@ -79,9 +88,12 @@ class LowRankAdam(LowRankOptimizer):
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, tau: float = 0.1, min_rank: int = 1,
                  max_rank: int | None = None, mode: str = "fused", second_moment: str = "squared",
-                 project_moments: bool = True, distributed: bool | None = None, lr_scaling: str = "dense") -> None:
+                 project_moments: bool = True, distributed: bool | None = None, lr_scaling: str = "dense",
+                 new_moments: str = "zero") -> None:
         if lr_scaling not in LR_SCALINGS:
             raise ValueError(f"Invalid lr_scaling: {lr_scaling!r} (one of {LR_SCALINGS})")
+        if new_moments not in NEW_MOMENTS:
+            raise ValueError(f"Invalid new_moments: {new_moments!r} (one of {NEW_MOMENTS})")
         if not 0.0 <= lr:
             raise ValueError(f"Invalid lr: {lr!r} (must be ≥ 0)")
         if not 0.0 <= eps:
@@ -95,6 +107,25 @@ class LowRankAdam(LowRankOptimizer):
         super().__init__(model, defaults, mode=mode, tau=tau, min_rank=min_rank, max_rank=max_rank,
                          second_moment=second_moment, project_moments=project_moments, distributed=distributed)
         self.lr_scaling = lr_scaling
+        self.new_moments = new_moments
+
+    def _fill_new_moments(self, padded: dict, G_S: Tensor, r_out: int, r_in: int, group: dict) -> None:
+        if self.new_moments == "zero":
+            return
+        # With zero moments and the layer's step count t in the bias corrections, a new entry's
+        # first update is (1−β₁)/√(1−β₂) ≈ 3.2 times lr·sign(g) at large t: a kick to every new
+        # direction (and so to the basis rotation) at every step. Filled as if this gradient had
+        # been seen from the first step on, the bias-corrected second moment is g² (and, with
+        # "both", the first moment g): the new entry takes Adam's first step instead.
+        t = padded["step"].to(torch.float64)  # β^(t−1) in float32 would be off by ~1e-5 relative
+        beta1, beta2 = group["betas"]
+        new = torch.ones(G_S.shape[:2], dtype=torch.bool, device=G_S.device)
+        new[:r_out, :r_in] = False
+        new = new.reshape(*new.shape, *([1] * (G_S.dim() - 2)))
+        fill_sq = ((1 - beta2 ** (t - 1)).to(G_S.dtype) * G_S.square())
+        padded["exp_avg_sq"] = torch.where(new, fill_sq, padded["exp_avg_sq"])
+        if self.new_moments == "both":
+            padded["exp_avg"] = torch.where(new, (1 - beta1 ** (t - 1)).to(G_S.dtype) * G_S, padded["exp_avg"])
 
     def coefficient_lr_scale(self, layer, S_bar: Tensor) -> float:
         if self.lr_scaling == "none":

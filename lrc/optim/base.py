@@ -99,6 +99,10 @@ class LowRankOptimizer(Optimizer):
         for layer in self._layers.values():
             layer.clear_fused_grads()
 
+    def _fill_new_moments(self, padded: dict, G_S: Tensor, r_out: int, r_in: int, group: dict) -> None:
+        """Hook: the moments' entries of the new directions (outside the top-left ``r_out×r_in``
+        block) before the update; zero as the paper (``diag(M, 0)``) unless a subclass fills them."""
+
     def coefficient_lr_scale(self, layer, S_bar: Tensor) -> float:
         """Factor on ``lr`` for the coefficient step of ``layer`` (augmented to ``S_bar``);
         1 unless a subclass's step-size rule says otherwise."""
@@ -268,6 +272,7 @@ class LowRankOptimizer(Optimizer):
         state["step"] += 1
         S_bar = pad_block(S.detach(), a, b)
         padded = {"step": state["step"], **{k: pad_block(state[k], a, b) for k in self._state_keys}}
+        self._fill_new_moments(padded, G_S.to(S_bar.dtype), S.shape[0], S.shape[1], group)
         scale = self.coefficient_lr_scale(layer, S_bar)
         if scale != 1.0:  # a larger step on S̄, the same decay per step (lr·wd) as without it
             group = dict(group, lr=group["lr"] * scale, weight_decay=group["weight_decay"] / scale)
