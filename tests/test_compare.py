@@ -124,7 +124,7 @@ def test_a_rerun_with_the_same_settings_reuses_the_runs(grid):
 
 @pytest.mark.parametrize("change, message", [
     (["--epochs", "2"], "dense-lr3e-3-s0 was run with train.epochs = 1, this compare asks for train.epochs = 2"),
-    (["--set", "optimizer.tau=0.2"], "dense-lr3e-3-s0 was run with optimizer.tau = 0.1, this compare asks for "
+    (["--set", "optimizer.tau=0.2"], "dense-lr3e-3-s0 was run with optimizer.tau = 0.15, this compare asks for "
                                      "optimizer.tau = 0.2"),
 ])
 def test_a_rerun_with_other_settings_is_one_line_exit_2_and_writes_nothing(grid, change, message):
