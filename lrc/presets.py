@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from .optim.adam import LR_SCALINGS, NEW_MOMENTS
+
 __all__ = ["DEFAULTS", "PresetError", "PRESET_DIR", "list_presets", "load_preset", "resolve_config",
            "apply_override"]
 
@@ -165,10 +167,11 @@ def validate(cfg: dict, source: str) -> None:
         raise PresetError(f"{source}: method {opt['method']} needs factorize.rank or factorize.tau")
     if fac["match_cr"] and opt["method"] != "lora":
         raise PresetError(f"{source}: factorize.match_cr picks LoRA ranks; it needs optimizer.method=lora")
-    if opt["lr_scaling"] not in ("dense", "none"):
-        raise PresetError(f"{source}: optimizer.lr_scaling {opt['lr_scaling']!r}: choose dense or none")
-    if opt["new_moments"] not in ("zero", "second", "both"):
-        raise PresetError(f"{source}: optimizer.new_moments {opt['new_moments']!r}: choose zero, second or both")
+    if opt["lr_scaling"] not in LR_SCALINGS:
+        raise PresetError(f"{source}: optimizer.lr_scaling {opt['lr_scaling']!r}: choose {' or '.join(LR_SCALINGS)}")
+    if opt["new_moments"] not in NEW_MOMENTS:
+        raise PresetError(f"{source}: optimizer.new_moments {opt['new_moments']!r}: choose one of "
+                          f"{', '.join(NEW_MOMENTS)}")
     if fac["conv_format"] not in ("matrix", "tucker"):
         raise PresetError(f"{source}: factorize.conv_format {fac['conv_format']!r}: choose matrix or tucker")
     if opt["lr"] < 0:

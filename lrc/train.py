@@ -341,7 +341,7 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
                     stop(good, f"loss became {value} at epoch {epoch + 1}, batch {batch_done + 1}; stopped. The "
                                f"last good state is in {state_path}. Try a lower --lr or --set train.grad_clip=1.0", 1)
                 (loss * share).backward()
-                if tau_warmup:
+                if step < tau_warmup:  # the last warm-up step sets τ and lets ranks grow again
                     _tau_warmup(opt, taus, step, tau_warmup)
                 if tcfg["grad_clip"]:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip"])

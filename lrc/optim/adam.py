@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .base import LowRankOptimizer
 from .functional import adamw_update_
 
-__all__ = ["LowRankAdam", "LR_SCALINGS"]
+__all__ = ["LowRankAdam", "LR_SCALINGS", "NEW_MOMENTS"]
 
 LR_SCALINGS = ("dense", "none")
 NEW_MOMENTS = ("zero", "second", "both")
@@ -122,7 +122,7 @@ class LowRankAdam(LowRankOptimizer):
         new = torch.ones(G_S.shape[:2], dtype=torch.bool, device=G_S.device)
         new[:r_out, :r_in] = False
         new = new.reshape(*new.shape, *([1] * (G_S.dim() - 2)))
-        fill_sq = ((1 - beta2 ** (t - 1)).to(G_S.dtype) * G_S.square())
+        fill_sq = (1 - beta2 ** (t - 1)).to(G_S.dtype) * G_S.square()
         padded["exp_avg_sq"] = torch.where(new, fill_sq, padded["exp_avg_sq"])
         if self.new_moments == "both":
             padded["exp_avg"] = torch.where(new, (1 - beta1 ** (t - 1)).to(G_S.dtype) * G_S, padded["exp_avg"])

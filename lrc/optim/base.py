@@ -272,12 +272,13 @@ class LowRankOptimizer(Optimizer):
         state["step"] += 1
         S_bar = pad_block(S.detach(), a, b)
         padded = {"step": state["step"], **{k: pad_block(state[k], a, b) for k in self._state_keys}}
-        self._fill_new_moments(padded, G_S.to(S_bar.dtype), S.shape[0], S.shape[1], group)
+        G_S = G_S.to(S_bar.dtype)
+        self._fill_new_moments(padded, G_S, S.shape[0], S.shape[1], group)
         scale = self.coefficient_lr_scale(layer, S_bar)
         if scale != 1.0:  # a larger step on S̄, the same decay per step (lr·wd) as without it
             group = dict(group, lr=group["lr"] * scale, weight_decay=group["weight_decay"] / scale)
         before = S_bar.clone()
-        self._update_(S_bar, G_S.to(S_bar.dtype), padded, group)
+        self._update_(S_bar, G_S, padded, group)
         step_norm = torch.linalg.vector_norm(S_bar - before)
         return layer, group, Ut, Vt, S_bar, padded, step_norm
 
