@@ -253,8 +253,13 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False, progress: bool =
     tcfg = cfg["train"]
     rank, world, device, initialised = setup_distributed(tcfg["device"])
     try:
-        return _train(cfg, run_dir, state_path, saved if resume else None, rank, world, device,
-                      progress and rank == 0, max_steps)
+        result = _train(cfg, run_dir, state_path, saved if resume else None, rank, world, device,
+                        progress and rank == 0, max_steps)
+        if initialised:
+            # Gloo aborts a process whose peer tears its connection down first ("terminate called
+            # without an active exception"): leave together.
+            dist.barrier()
+        return result
     finally:
         if initialised:
             dist.destroy_process_group()

@@ -52,6 +52,7 @@ def worker(rank, world, port, case, mode, out):
         assert all(torch.equal(g, w) for g in gathered), "factors differ between processes"
     if rank == 0:
         torch.save({"weights": weights(model), "ranks": history, "bytes": opt.bytes_communicated}, out)
+    dist.barrier()  # Gloo aborts a process whose peer has already torn its connection down
     dist.destroy_process_group()
 
 
