@@ -3,25 +3,41 @@
     from lrc import factorize, LowRankAdam
     factorize(model, rank=64, tau=0.1)
     opt = LowRankAdam(model, lr=1e-3, tau=0.1)
+
+The names below are imported on first use (PEP 562), so that ``import lrc`` — and the
+``lrc`` command's start — does not wait for torch.
 """
 
-from .layers import LowRankConv2d, LowRankLinear, LowRankMatrixModule, TuckerConv2d
-from .optim import LowRankAdam, LowRankSGD
-from .surgery import FactorizeReport, compression_ratio, count_parameters, densify, factorize
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LowRankLinear",
-    "LowRankConv2d",
-    "LowRankMatrixModule",
-    "TuckerConv2d",
-    "LowRankAdam",
-    "LowRankSGD",
-    "factorize",
-    "densify",
-    "compression_ratio",
-    "count_parameters",
-    "FactorizeReport",
-    "__version__",
-]
+_EXPORTS = {
+    "LowRankLinear": ".layers",
+    "LowRankConv2d": ".layers",
+    "LowRankMatrixModule": ".layers",
+    "TuckerConv2d": ".layers",
+    "LowRankAdam": ".optim",
+    "LowRankSGD": ".optim",
+    "factorize": ".surgery",
+    "densify": ".surgery",
+    "compression_ratio": ".surgery",
+    "count_parameters": ".surgery",
+    "FactorizeReport": ".surgery",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lrc' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

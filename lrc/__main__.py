@@ -1,3 +1,5 @@
-from .cli import main
+"""``python -m lrc``: the ``lrc`` command."""
+
+from ._entry import main
 
 main()

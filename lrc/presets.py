@@ -8,12 +8,15 @@ as YAML, so ``[1, 2]``, ``null`` and ``true`` work).
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .linalg import SECOND_MOMENT_RULES
 from .optim.adam import LR_SCALINGS, NEW_MOMENTS
+from .optim.base import MODES
 
 __all__ = ["DEFAULTS", "PresetError", "PRESET_DIR", "list_presets", "load_preset", "resolve_config",
            "apply_override"]
@@ -47,6 +50,37 @@ _FLOAT_OR_NONE = {"tau", "grad_clip"}
 
 # keys whose value may be a mapping (everything else must be a scalar or a list)
 _MAPPING_KEYS = {("model", "args")}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional(check):
+    return lambda value: value is None or check(value)
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+# keys whose default (None, a list) says too little about what they take: (description, check)
+_TYPED: dict[tuple[str, str], tuple[str, Any]] = {
+    ("model", "checkpoint"): ("a path or null", _optional(lambda v: isinstance(v, str))),
+    ("data", "data_dir"): ("a path or null", _optional(lambda v: isinstance(v, str))),
+    ("data", "eval_batch_size"): ("an integer or null", _optional(_is_int)),
+    ("data", "image_size"): ("an integer or null", _optional(_is_int)),
+    ("data", "channels"): ("an integer or null", _optional(_is_int)),
+    ("data", "train_samples"): ("an integer or null", _optional(_is_int)),
+    ("factorize", "rank"): ("an integer or null", _optional(_is_int)),
+    ("factorize", "include"): ("a list of layer-name patterns or null", _optional(_strings)),
+    ("factorize", "exclude"): ("a list of layer-name patterns", _strings),
+    ("factorize", "match_cr"): ("a run directory or null", _optional(lambda v: isinstance(v, str))),
+    ("optimizer", "max_rank"): ("an integer or null", _optional(_is_int)),
+    ("optimizer", "betas"): ("two numbers, e.g. [0.9, 0.999]",
+                             lambda v: isinstance(v, list) and len(v) == 2
+                             and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in v)),
+}
 
 
 class PresetError(ValueError):
@@ -146,9 +180,14 @@ def _set_checked(cfg: dict, section: str, key: str, value: Any, source: str) -> 
         ok = isinstance(value, list)
     else:  # None default: any scalar or list
         ok = not isinstance(value, dict)
+    if ok and (section, key) in _TYPED:
+        expected, ok = _TYPED[section, key], _TYPED[section, key][1](value)
+    else:
+        expected = (type(default).__name__ if default is not None else "a value", None)
+    if ok and isinstance(value, float) and not math.isfinite(value):
+        raise PresetError(f"{source}: {section}.{key} = {value!r} must be a finite number")
     if not ok:
-        raise PresetError(f"{source}: {section}.{key} = {value!r} has the wrong type "
-                          f"(expected {type(default).__name__ if default is not None else 'a value'})")
+        raise PresetError(f"{source}: {section}.{key} = {value!r} has the wrong type (expected {expected[0]})")
     cfg[section][key] = value
 
 
@@ -188,5 +227,33 @@ def validate(cfg: dict, source: str) -> None:
         value = cfg["data"][key]
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise PresetError(f"{source}: data.{key} = {value!r} must be a positive integer (or null)")
-    if cfg["data"]["batch_size"] < 1:
+    data = cfg["data"]
+    if data["batch_size"] < 1:
         raise PresetError(f"{source}: data.batch_size must be ≥ 1")
+    if data["eval_batch_size"] is not None and data["eval_batch_size"] < 1:
+        raise PresetError(f"{source}: data.eval_batch_size = {data['eval_batch_size']} must be ≥ 1 (or null: "
+                          "the training batch)")
+    if data["workers"] < 0:
+        raise PresetError(f"{source}: data.workers = {data['workers']} must be ≥ 0")
+    if train["grad_clip"] is not None and not train["grad_clip"] > 0:
+        raise PresetError(f"{source}: train.grad_clip = {train['grad_clip']} must be > 0 (or null: no clipping)")
+    if not train["warmup_epochs"] >= 0:
+        raise PresetError(f"{source}: train.warmup_epochs = {train['warmup_epochs']} must be ≥ 0")
+    if not opt["weight_decay"] >= 0:
+        raise PresetError(f"{source}: optimizer.weight_decay = {opt['weight_decay']} must be ≥ 0")
+    if not all(0.0 <= b < 1.0 for b in opt["betas"]):
+        raise PresetError(f"{source}: optimizer.betas = {opt['betas']} must lie in [0, 1)")
+    if not 0.0 <= opt["momentum"] < 1.0:
+        raise PresetError(f"{source}: optimizer.momentum = {opt['momentum']} must lie in [0, 1)")
+    if opt["min_rank"] < 1:
+        raise PresetError(f"{source}: optimizer.min_rank = {opt['min_rank']} must be ≥ 1")
+    if opt["max_rank"] is not None and opt["max_rank"] < opt["min_rank"]:
+        raise PresetError(f"{source}: optimizer.max_rank = {opt['max_rank']} must be ≥ optimizer.min_rank "
+                          f"({opt['min_rank']})")
+    if opt["mode"] not in MODES:
+        raise PresetError(f"{source}: optimizer.mode {opt['mode']!r}: choose one of {', '.join(MODES)}")
+    if opt["second_moment"] not in SECOND_MOMENT_RULES:
+        raise PresetError(f"{source}: optimizer.second_moment {opt['second_moment']!r}: choose one of "
+                          f"{', '.join(SECOND_MOMENT_RULES)}")
+    if not isinstance(cfg["model"]["name"], str):
+        raise PresetError(f"{source}: model.name = {cfg['model']['name']!r} must be a name (`lrc presets`)")

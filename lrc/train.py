@@ -36,8 +36,8 @@ from tqdm import tqdm
 from .data import build_data
 from .distributed import all_reduce_mean_, broadcast_
 from .evaluate import evaluate, layer_ranks
-from .io import (is_lrc_file, load_model, load_state, load_weights, read_checkpoint, read_metadata, save_model,
-                 save_state)
+from .io import (CheckpointError, atomic_path, is_lrc_file, load_model, load_state, load_weights, read_checkpoint,
+                 read_metadata, save_model, save_state)
 from .layers import FACTORIZED
 from .models import build_model
 from .optim import LowRankAdam, LowRankOptimizer, LowRankSGD
@@ -62,11 +62,21 @@ class RunResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``; a ValueError otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but CUDA is not available here; use --device cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: choose auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -239,22 +249,107 @@ class _Interrupts:
 
 
 def train(cfg: dict, run_dir: str | Path, resume: bool = False, progress: bool = True,
-          max_steps: int | None = None) -> RunResult:
+          max_steps: int | None = None, changes: dict | None = None) -> RunResult:
     """Run (or resume) the configured training in ``run_dir``; ``max_steps`` stops early
-    with a saved state, as an interrupt would (for tests). Under torchrun, every process
-    runs this; rank 0 alone writes files."""
+    with a saved state, as an interrupt would (for tests). ``changes`` (resume only):
+    ``{"train.epochs": 20, …}``, keys of :data:`RESUMABLE_CHANGES`. Under torchrun, every
+    process runs this; rank 0 alone writes files."""
     run_dir = Path(run_dir)
     state_path = run_dir / "state.pt"
-    if resume:
-        saved = load_state(state_path)
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    elif state_path.exists():
+    created = not run_dir.exists()
+    lock = _lock_run_dir(run_dir, create=not resume) if _is_main_process() else None
+    try:
+        if resume:
+            saved = load_state(state_path)
+            cfg = _resumed_config(run_dir, saved, changes or {})
+        else:
+            _check_fresh(run_dir)
+        return _train_in_group(cfg, run_dir, state_path, saved if resume else None, progress, max_steps)
+    finally:
+        if lock is not None:
+            os.close(lock)
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):  # failed before writing anything
+            run_dir.rmdir()
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _lock_run_dir(run_dir: Path, create: bool) -> int | None:
+    """Hold an exclusive lock on the run directory for the life of the run, so that a second
+    ``lrc train`` into the same directory stops with a clear line instead of overwriting it."""
+    if create:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    elif not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run directory to resume")
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ValueError(f"{run_dir} is in use by another lrc run; wait for it or choose another --out") from None
+    return fd
+
+
+def _check_fresh(run_dir: Path) -> None:
+    """A new run never overwrites a run's state or a finished model."""
+    if (run_dir / "state.pt").exists():
         raise ValueError(f"{run_dir} already holds a run; resume it with --resume or choose another --out")
+    if (run_dir / "model.safetensors").exists():
+        raise ValueError(f"{run_dir} already holds a model (model.safetensors); choose another --out or remove it")
+
+
+# what ``--resume`` may change: where and how long the run goes on and its learning rate (after a
+# non-finite loss), never what it trains
+RESUMABLE_CHANGES = ("train.epochs", "train.device", "data.data_dir", "data.workers", "optimizer.lr")
+
+
+def _resumed_config(run_dir: Path, saved: dict, changes: dict) -> dict:
+    """The run's ``config.yaml``, checked against the schema (it may have been edited) and
+    against its state, with ``changes`` (keys of :data:`RESUMABLE_CHANGES`) applied and saved."""
+    from .presets import PresetError, apply_override, resolve_config
+
+    path = run_dir / "config.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the run cannot be resumed without its configuration") from None
+    except yaml.YAMLError as e:
+        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not valid YAML ({problem}); fix it or start a new run") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a mapping of sections; fix it or start a new run")
+    label = raw.pop("_preset", None)
+    try:
+        cfg = resolve_config(raw, source=str(path))
+        for key, value in changes.items():
+            if key not in RESUMABLE_CHANGES:
+                raise PresetError(f"{key} cannot change when a run is resumed (only "
+                                  f"{', '.join(RESUMABLE_CHANGES)}); start a new run with --out")
+            cfg = apply_override(cfg, f"{key}={json.dumps(value)}")
+    except PresetError as e:
+        raise PresetError(str(e)) from None
+    done = int(saved.get("epoch", 0)) if isinstance(saved, dict) else 0
+    if cfg["train"]["epochs"] < done:
+        raise PresetError(f"{run_dir} has trained {done} epochs already; train.epochs = {cfg['train']['epochs']} "
+                          f"must be ≥ {done}")
+    cfg["_preset"] = label
+    if changes and _is_main_process():
+        with atomic_path(path) as tmp:
+            tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return cfg
+
+
+def _train_in_group(cfg, run_dir, state_path, saved, progress, max_steps) -> RunResult:
     tcfg = cfg["train"]
     rank, world, device, initialised = setup_distributed(tcfg["device"])
     try:
-        result = _train(cfg, run_dir, state_path, saved if resume else None, rank, world, device,
-                        progress and rank == 0, max_steps)
+        result = _train(cfg, run_dir, state_path, saved, rank, world, device, progress and rank == 0, max_steps)
         if initialised:
             # Gloo aborts a process whose peer tears its connection down first ("terminate called
             # without an active exception"): leave together.
@@ -289,24 +384,34 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
 
     epoch, batch_done, step = 0, 0, 0
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        _set_rng_state(saved["rng"])
-        epoch, batch_done, step = int(saved["epoch"]), int(saved["batch"]), int(saved["step"])
-        epoch_sums = saved["epoch_sums"].tolist()
+        try:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+            _set_base_lr(opt, sched, cfg["optimizer"]["lr"])
+            _set_rng_state(saved["rng"])
+            epoch, batch_done, step = int(saved["epoch"]), int(saved["batch"]), int(saved["step"])
+            epoch_sums = saved["epoch_sums"].tolist()
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{state_path} does not match {run_dir / 'config.yaml'} ({problem[:200]}); "
+                                  "restore the run's own files or start a new run") from None
     else:
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+            with atomic_path(run_dir / "config.yaml") as tmp:
+                tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
             for name in ("metrics.jsonl", "metrics.csv"):
                 (run_dir / name).unlink(missing_ok=True)
         epoch_sums = [0.0, 0.0, 0.0]  # loss·n, correct, n (global)
 
-    def snapshot(epoch_, batch_, step_, sums) -> dict:
-        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": _rng_state(), "epoch": epoch_, "batch": batch_, "step": step_,
-                "epoch_sums": torch.tensor(sums, dtype=torch.float64), "world": world}
+    def snapshot(epoch_, batch_, step_, sums, own: bool = False) -> dict:
+        """The training state; ``own``: copies on the CPU, so that later steps cannot change it
+        (the last good state kept for a non-finite loss)."""
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "rng": _rng_state(), "epoch": epoch_, "batch": batch_, "step": step_,
+                 "epoch_sums": torch.tensor(sums, dtype=torch.float64), "world": world}
+        return _owned_copy(state) if own else state
 
     def stop(state: dict, message: str, code: int):
         if main:
@@ -324,7 +429,7 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
             started = time.perf_counter()
             bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{tcfg['epochs']}", disable=not progress,
                        leave=False, initial=batch_done, total=steps_per_epoch)
-            good = snapshot(epoch, batch_done, step, epoch_sums)  # the last good state
+            good = snapshot(epoch, batch_done, step, epoch_sums, own=main)  # the last good state
             for x, y in bar:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 share = y.numel() * world / sampler.global_size(batch_done)  # local mean → global mean
@@ -344,7 +449,9 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
                 if nonfinite:
                     value = local_loss.item() if not math.isfinite(local_loss.item()) else "non-finite on another process"
                     stop(good, f"loss became {value} at epoch {epoch + 1}, batch {batch_done + 1}; stopped. The "
-                               f"last good state is in {state_path}. Try a lower --lr or --set train.grad_clip=1.0", 1)
+                               f"last good state is in {state_path}: go on from it with a lower learning rate, "
+                               f"lrc train --resume {run_dir} --lr LR (or start anew with --set "
+                               "train.grad_clip=1.0)", 1)
                 (loss * share).backward()
                 if step < tau_warmup:  # the last warm-up step sets τ and lets ranks grow again
                     _tau_warmup(opt, taus, step, tau_warmup)
@@ -415,6 +522,27 @@ def _tau_warmup(opt: LowRankOptimizer, taus: list[float], step: int, steps: int)
         group["tau"], group["grow"] = tau * frac, frac >= 1.0
 
 
+def _set_base_lr(opt: torch.optim.Optimizer, sched, lr: float) -> None:
+    """A resumed run's learning rate is its configuration's (``--resume --lr`` may lower it after a
+    non-finite loss); the schedule's factor at the current step stays."""
+    if all(base == lr for base in sched.base_lrs):
+        return  # unchanged: leave the restored values bit for bit
+    sched.base_lrs = [lr] * len(opt.param_groups)
+    for group, factor in zip(opt.param_groups, sched.lr_lambdas):
+        group["initial_lr"], group["lr"] = lr, lr * factor(sched.last_epoch)
+
+
+def _owned_copy(obj):
+    """``obj`` with every tensor copied to the CPU (containers rebuilt, everything else shared)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, _owned_copy(v)) for k, v in obj.items())  # keeps OrderedDict
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_owned_copy(v) for v in obj)
+    return obj
+
+
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
                if isinstance(v, torch.Tensor) and v.dim() > 0)
@@ -427,14 +555,30 @@ def _mean_rank(model: nn.Module) -> float:
 
 
 def _append_metrics(run_dir: Path, row: dict) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
-    flat = {k: v for k, v in row.items() if k not in ("ranks", "layers")}
-    flat["ranks"] = " ".join(f"{k}:{v}" for k, v in row["ranks"].items())
-    path = run_dir / "metrics.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(flat))
-        if new:
+    """Record the row of an epoch, replacing any row of that epoch or later (left by a run that
+    stopped between this write and its state's, then resumed): one row per epoch, always.
+    Both files are rewritten atomically."""
+    rows = []
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                old = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+            if isinstance(old, dict) and isinstance(old.get("epoch"), int) and old["epoch"] < row["epoch"]:
+                rows.append(old)
+    rows.append(row)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flats = []
+    for r in rows:
+        flat = {k: v for k, v in r.items() if k not in ("ranks", "layers")}
+        flat["ranks"] = " ".join(f"{k}:{v}" for k, v in r.get("ranks", {}).items())
+        flats.append(flat)
+    fields = list(dict.fromkeys(k for flat in flats for k in flat))
+    with atomic_path(run_dir / "metrics.csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
-        w.writerow(flat)
+            w.writerows(flats)

@@ -16,6 +16,7 @@ from typing import List, Optional
 import typer
 
 from .. import __version__
+from .._entry import Terminated
 
 app = typer.Typer(help="Compress neural networks by dynamical low-rank training.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -60,6 +61,9 @@ def friendly_errors(fn):
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except Terminated:
+            typer.echo("terminated", err=True)
+            raise typer.Exit(143) from None
         except Exception as e:  # a bug or an environment failure: still one line
             if os.environ.get("LRC_DEBUG"):
                 raise
@@ -85,9 +89,10 @@ def presets_cmd() -> None:
 @app.command("train")
 @friendly_errors
 def train_cmd(
-    preset: str = typer.Option("digits-mlp", "--preset", "-p", help="Preset name (`lrc presets`) or a YAML file."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", show_default=False,
+                                         help="Preset name (`lrc presets`) or a YAML file [default: digits-mlp]."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory [default: runs/PRESET]."),
-    epochs: Optional[int] = typer.Option(None, help="Number of epochs."),
+    epochs: Optional[int] = typer.Option(None, help="Number of epochs (with --resume: train on to this many)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate."),
     tau: Optional[float] = typer.Option(None, help="Truncation tolerance τ in (0, 1)."),
     method: Optional[str] = typer.Option(None, help="lowrank-adam, lowrank-sgd, dense, lora or dlrt-naive."),
@@ -98,7 +103,8 @@ def train_cmd(
     checkpoint: Optional[str] = typer.Option(None, help="Start from: a dense checkpoint (.pt/.pth/.safetensors, "
                                              "torchvision:WEIGHTS) or a factorized lrc file."),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Resume the run in this directory."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Resume the run in this directory (its own "
+                                          "settings; --epochs, --lr, --device, --data-dir may change)."),
     set_: List[str] = typer.Option([], "--set", help="Override any preset field: section.key=value."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -110,8 +116,19 @@ def train_cmd(
     from ..train import train
 
     if resume is not None:
-        result = train({}, resume, resume=True, progress=not quiet)
+        fixed = [option for option, value in (
+            ("--preset", preset), ("--out", out), ("--tau", tau), ("--method", method),
+            ("--match-cr", match_cr), ("--conv-format", conv_format), ("--checkpoint", checkpoint),
+            ("--seed", seed), ("--set", set_ or None)) if value is not None]
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} cannot change a resumed run (its config.yaml fixes them; "
+                             "--epochs, --lr, --device and --data-dir can); start a new run with --out instead")
+        changes = {key: value for key, value in (("train.epochs", epochs), ("optimizer.lr", lr), ("train.device", device),
+                                                  ("data.data_dir", str(data_dir) if data_dir else None))
+                   if value is not None}
+        result = train({}, resume, resume=True, progress=not quiet, changes=changes)
     else:
+        preset = preset or "digits-mlp"
         cfg = load_preset(preset)
         for option, key, value in (("--epochs", "train.epochs", epochs), ("--lr", "optimizer.lr", lr),
                                    ("--tau", "optimizer.tau", tau), ("--method", "optimizer.method", method),
@@ -335,8 +352,12 @@ def info_cmd(path: Path = typer.Argument(..., metavar="FILE", help="A compressed
 
 
 def main() -> None:
+    """The command (installed as the ``lrc`` script through :func:`lrc._entry.main`, which also
+    turns SIGTERM into :class:`~lrc._entry.Terminated`)."""
     app(prog_name="lrc")
 
 
 if __name__ == "__main__":  # python -m lrc.cli
-    sys.exit(main())
+    from .._entry import main as entry
+
+    entry()

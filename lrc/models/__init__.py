@@ -7,6 +7,8 @@ rebuild the model from the file alone.
 
 from __future__ import annotations
 
+import json
+import warnings
 from typing import Callable
 
 from torch import nn
@@ -28,9 +30,17 @@ def build_model(name: str, **args) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
     try:
-        return MODELS[name](**args)
-    except TypeError as e:
-        raise ValueError(f"bad arguments for model {name!r}: {e}") from None
+        with warnings.catch_warnings():  # e.g. torch's "zero-element tensors": the check below says it
+            warnings.simplefilter("ignore", UserWarning)
+            model = MODELS[name](**args)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"bad arguments for model {name!r} ({json.dumps(args, default=str)}): "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    empty = next((n for n, p in model.named_parameters() if p.numel() == 0), None)
+    if empty is not None:
+        raise ValueError(f"bad arguments for model {name!r} ({json.dumps(args, default=str)}): parameter "
+                         f"{empty} has no entries (a size of 0?)")
+    return model
 
 
 @register_model("mlp")
