@@ -131,6 +131,9 @@ def build_run(cfg: dict, device: torch.device):
     report = None
     if path and is_lrc_file(path):  # an lrc file (factorized, or a dense run's): continue from it
         model, meta = load_model(path)
+        if _canonical(meta["architecture"]) != _canonical(arch):
+            raise ValueError(f"{path} holds a {_show_arch(meta['architecture'])}, the configuration asks for a "
+                             f"{_show_arch(arch)}; use a preset of that model or --set model.args…")
         arch = meta["architecture"]
         if opt_cfg["method"] == "dense" and meta["layers"]:  # a dense run's file is fine
             raise ValueError(f"{path} is a factorized model; train it with a low-rank method, or export it "
@@ -164,6 +167,14 @@ def build_run(cfg: dict, device: torch.device):
         else:
             opt = LowRankSGD(model, momentum=opt_cfg["momentum"], **common, **lowrank)
     return model, opt, arch, report
+
+
+def _canonical(arch: dict) -> str:
+    return json.dumps({"name": arch.get("name"), "args": arch.get("args", {})}, sort_keys=True)
+
+
+def _show_arch(arch: dict) -> str:
+    return f"{arch.get('name')} {json.dumps(arch.get('args', {}), sort_keys=True)}"
 
 
 def matched_lora_ranks(reference: str | Path, model: nn.Module) -> dict[str, int]:

@@ -172,3 +172,10 @@ def test_ctrl_c_during_start_up_is_one_line(delay, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
     assert proc.returncode in (0, 130, -signal.SIGINT)  # 0: it had finished; -2: before Python's handler
+
+
+def test_a_factorized_file_of_another_architecture_is_one_line(tmp_path):
+    lrc("factorize", "--preset", "lenet5-fashion-mnist", "--rank", "4", "--out", tmp_path / "lenet.safetensors")
+    one_line_error(lrc("train", "--checkpoint", tmp_path / "lenet.safetensors", "--out", tmp_path / "r", check=False),
+                   2, "holds a lenet5")
+    assert not (tmp_path / "r").exists()
