@@ -40,7 +40,7 @@ def friendly_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from ..data import DataError
-        from ..io import CheckpointError
+        from ..io import CheckpointError, WriteError
         from ..train import TrainingStopped
 
         try:
@@ -50,6 +50,11 @@ def friendly_errors(fn):
         except TrainingStopped as e:
             typer.echo(str(e), err=True)
             raise typer.Exit(e.exit_code) from None
+        except WriteError as e:  # not bad input: the disk (exit 1)
+            if os.environ.get("LRC_DEBUG"):
+                raise
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
         except (ValueError, DataError, CheckpointError, FileNotFoundError) as e:
             if os.environ.get("LRC_DEBUG"):
                 raise
