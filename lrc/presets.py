@@ -40,7 +40,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "optimizer": {"method": "lowrank-adam", "lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999],
                   "momentum": 0.9, "tau": 0.1, "min_rank": 1, "max_rank": None, "mode": "fused",
                   "second_moment": "squared", "lr_scaling": "dense",
-                  "new_moments": "zero"},
+                  "new_moments": "zero", "update_every": 1},
     "train": {"epochs": 10, "seed": 0, "device": "auto", "bf16": False, "grad_clip": None,
               "schedule": "cosine", "warmup_epochs": 0.0, "tau_warmup_epochs": 0.0},
 }
@@ -245,6 +245,8 @@ def validate(cfg: dict, source: str) -> None:
         raise PresetError(f"{source}: optimizer.betas = {opt['betas']} must lie in [0, 1)")
     if not 0.0 <= opt["momentum"] < 1.0:
         raise PresetError(f"{source}: optimizer.momentum = {opt['momentum']} must lie in [0, 1)")
+    if opt["update_every"] < 1:
+        raise PresetError(f"{source}: optimizer.update_every = {opt['update_every']} must be ≥ 1")
     if opt["min_rank"] < 1:
         raise PresetError(f"{source}: optimizer.min_rank = {opt['min_rank']} must be ≥ 1")
     if opt["max_rank"] is not None and opt["max_rank"] < opt["min_rank"]:

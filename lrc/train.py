@@ -159,7 +159,7 @@ def build_run(cfg: dict, device: torch.device):
         opt = torch.optim.AdamW(model.parameters(), betas=tuple(opt_cfg["betas"]), **common)
     else:
         lowrank = dict(tau=opt_cfg["tau"], min_rank=opt_cfg["min_rank"], max_rank=opt_cfg["max_rank"],
-                       mode=opt_cfg["mode"])
+                       mode=opt_cfg["mode"], update_every=opt_cfg.get("update_every", 1))
         if method in ("lowrank-adam", "dlrt-naive"):
             opt = LowRankAdam(model, betas=tuple(opt_cfg["betas"]), second_moment=opt_cfg["second_moment"],
                               project_moments=method == "lowrank-adam", lr_scaling=opt_cfg.get("lr_scaling", "none"),

@@ -498,3 +498,62 @@ def test_new_moments_set_the_first_step_of_the_new_directions(rule):
     torch.testing.assert_close(S[new], -factor * G.sign()[new], rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="new_moments"):
         LowRankAdam(model, new_moments="ones")
+
+
+# ---- update_every: one augmentation and one truncation per cycle ---------------------------------
+@pytest.mark.parametrize("name, opt_cls, kw, rank", [
+    ("mlp", LowRankAdam, {"lr": 5e-2, "second_moment": "squared", "lr_scaling": "none"}, 8),
+    ("conv", LowRankAdam, {"lr": 2e-2, "second_moment": "squared", "lr_scaling": "dense"}, 4),
+    ("mlp", LowRankSGD, {"lr": 0.2}, 20),
+])
+def test_update_every_fused_equals_two_pass_and_truncates_once_per_cycle(name, opt_cls, kw, rank):
+    def make():
+        return MODELS[name](rank)
+
+    w_two, h_two = run(make, "two_pass", 12, opt_cls, update_every=3, **kw)
+    w_fused, h_fused = run(make, "fused", 12, opt_cls, update_every=3, **kw)
+    assert h_fused == h_two and rel(w_fused, w_two) < 1e-8
+    model, *_ = make()
+    dims = [min(m.U.shape[0], m.V.shape[0]) for m in model if hasattr(m, "rank")]
+    for cycle in range(4):  # steps 3c, 3c+1 hold the augmented bases; step 3c+2 truncates
+        before = [rank] * len(dims) if cycle == 0 else h_two[3 * cycle - 1]
+        grown = [min(2 * r, d) for r, d in zip(before, dims)]
+        assert h_two[3 * cycle] == grown and h_two[3 * cycle + 1] == grown
+    assert any(h_two[3 * c + 2] != h_two[3 * c + 1] for c in range(4)), "the truncation should cut"
+    w_one, _ = run(make, "fused", 12, opt_cls, **kw)
+    assert rel(w_one, w_two) > 1e-4  # really another schedule
+
+
+def test_update_every_one_is_the_default_and_full_rank_heavy_ball_stays_exact():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)).to(f64)
+    model = copy.deepcopy(dense)
+    model[0] = LowRankLinear.from_linear(dense[0], rank=8)
+    model[2] = LowRankLinear.from_linear(dense[2], rank=8)
+    x, y = torch.randn(32, 8, dtype=f64), torch.randn(32, 8, dtype=f64)
+    ref = torch.optim.SGD(dense.parameters(), lr=0.1, momentum=0.9)
+    opt = LowRankSGD(model, lr=0.1, momentum=0.9, tau=0.0, update_every=4)
+    for _ in range(10):
+        for m, o in ((dense, ref), (model, opt)):
+            o.zero_grad()
+            F.mse_loss(m(x), y).backward()
+            o.step()
+        assert rel(model[0].matrix_weight().detach(), dense[0].weight.detach()) < 1e-12
+    assert LowRankAdam(mlp()[0]).update_every == 1
+    with pytest.raises(ValueError, match="update_every"):
+        LowRankAdam(mlp()[0], update_every=0)
+
+
+def test_update_every_state_dict_resumes_mid_cycle(tmp_path):
+    model, x, y = mlp(8)
+    opt = LowRankAdam(model, lr=1e-2, update_every=3)
+    train(model, x, y, opt, 4)  # one step into the second cycle
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    fresh, _, _ = mlp(8)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    fresh.load_state_dict(ckpt["model"])
+    fresh_opt = LowRankAdam(fresh, lr=1e-2, update_every=3)
+    fresh_opt.load_state_dict(ckpt["opt"])
+    assert fresh_opt.param_groups[0]["phase"] == 1
+    assert train(fresh, x, y, fresh_opt, 5) == train(model, x, y, opt, 5)
+    assert rel(weights(fresh), weights(model)) < 1e-10

@@ -73,6 +73,12 @@ class LowRankAdam(LowRankOptimizer):
             step. ``"second"``: ``Q`` there starts as ``(1 − β₂^(t−1))·G_S²`` (a fresh second
             moment, ``v̂ = g²``; update ``≈ 0.1·lr·sign(g)``); ``"both"``: ``M`` too
             (``m̂ = g``; update ``lr·sign(g)``, Adam's first step). Default: ``"zero"``.
+        update_every (int): the bases are augmented and truncated once per ``update_every``
+            steps: the first step of a cycle augments (``Û = [U | Ũ]``, ``V̂``) and keeps the
+            augmented bases, the steps between update the ``2r×2r`` coefficient in them, the
+            last truncates. ``1``: every step, as the paper. Larger values give the new
+            directions several steps (and consistent moments) before the truncation decides
+            and take one QR/SVD per cycle. Default: ``1``.
         distributed (bool | None): average gradients over the processes of ``torch.distributed``
             (one flat all-reduce per phase; the fused backward averages ``G_K``, ``G_L`` and
             ``G_S`` itself) and take rank 0's new ranks. ``None``: when a process group of
@@ -89,7 +95,7 @@ class LowRankAdam(LowRankOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, tau: float = 0.1, min_rank: int = 1,
                  max_rank: int | None = None, mode: str = "fused", second_moment: str = "squared",
                  project_moments: bool = True, distributed: bool | None = None, lr_scaling: str = "dense",
-                 new_moments: str = "zero") -> None:
+                 new_moments: str = "zero", update_every: int = 1) -> None:
         if lr_scaling not in LR_SCALINGS:
             raise ValueError(f"Invalid lr_scaling: {lr_scaling!r} (one of {LR_SCALINGS})")
         if new_moments not in NEW_MOMENTS:
@@ -105,7 +111,8 @@ class LowRankAdam(LowRankOptimizer):
             raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be ≥ 0)")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(model, defaults, mode=mode, tau=tau, min_rank=min_rank, max_rank=max_rank,
-                         second_moment=second_moment, project_moments=project_moments, distributed=distributed)
+                         second_moment=second_moment, project_moments=project_moments, distributed=distributed,
+                         update_every=update_every)
         self.lr_scaling = lr_scaling
         self.new_moments = new_moments
 

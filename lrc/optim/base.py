@@ -43,7 +43,7 @@ class LowRankOptimizer(Optimizer):
 
     def __init__(self, model: nn.Module, defaults: dict, *, mode: str, tau: float, min_rank: int,
                  max_rank: int | None, second_moment: str = "squared", project_moments: bool = True,
-                 distributed: bool | None = None) -> None:
+                 distributed: bool | None = None, update_every: int = 1) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
         if mode not in MODES:
@@ -56,7 +56,10 @@ class LowRankOptimizer(Optimizer):
             raise ValueError(f"Invalid max_rank: {max_rank!r} (must be an integer ≥ min_rank={min_rank})")
         if second_moment not in SECOND_MOMENT_RULES:
             raise ValueError(f"Invalid second_moment: {second_moment!r} (one of {SECOND_MOMENT_RULES})")
+        if not isinstance(update_every, int) or isinstance(update_every, bool) or update_every < 1:
+            raise ValueError(f"Invalid update_every: {update_every!r} (must be an integer ≥ 1)")
         self.mode = mode
+        self.update_every = update_every
         self.second_moment = second_moment
         self.project_moments = project_moments
         self.distributed = is_distributed() if distributed is None else distributed
@@ -82,7 +85,9 @@ class LowRankOptimizer(Optimizer):
         groups = [g for g in ({"params": lowrank}, {"params": dense}) if g["params"]]
         if not groups:
             raise ValueError("the model has no trainable parameters")
-        super().__init__(groups, dict(defaults, tau=tau, min_rank=min_rank, max_rank=max_rank))
+        # phase: the step's place in a basis-update cycle of ``update_every`` steps (kept in the
+        # groups so that it travels with state_dict())
+        super().__init__(groups, dict(defaults, tau=tau, min_rank=min_rank, max_rank=max_rank, phase=0))
 
     # ---- hooks for subclasses ---------------------------------------------------------
     def _update_(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
@@ -133,7 +138,14 @@ class LowRankOptimizer(Optimizer):
         ``mode="two_pass"``, which calls it twice; otherwise it is optional."""
         loss = None
         self.bytes_communicated = 0
-        if self.mode == "two_pass":
+        phase = self.param_groups[0].get("phase", 0) % self.update_every
+        if phase:  # inside a cycle of update_every > 1: a plain step of S in the bases it holds
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self._average_grads(with_bases=False, coefficients=self.mode != "fused")
+            coefficient_grads = self._coefficient_grads()
+        elif self.mode == "two_pass":
             if closure is None:
                 raise RuntimeError("mode='two_pass' needs a closure: opt.step(closure), where closure "
                                    "zeroes the grads, runs forward and backward and returns the loss")
@@ -148,6 +160,8 @@ class LowRankOptimizer(Optimizer):
             self._average_grads(with_bases=self.mode == "parallel")
             coefficient_grads = self._fused_grads() if self.mode == "fused" else self._parallel_grads()
 
+        if self.update_every > 1 and not phase:
+            coefficient_grads = {layer: _square(layer, *grads) for layer, grads in coefficient_grads.items()}
         pending = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -157,20 +171,27 @@ class LowRankOptimizer(Optimizer):
                         pending.append(self._update_coefficient(layer, *coefficient_grads[layer], group))
                 elif p.grad is not None and p not in self._bases:
                     self._step_dense(p, group)
-        self._truncate(pending)
+        if phase == self.update_every - 1:
+            self._truncate(pending)
+        else:  # the first steps of a cycle: the layers keep (take) the augmented bases
+            self._keep(pending)
+        for group in self.param_groups:
+            group["phase"] = (phase + 1) % self.update_every
         for layer in self._layers.values():
             for p in layer.factor_parameters():
                 p.grad = None  # consumed; shapes may have changed
             layer.clear_fused_grads()
         return loss
 
-    def _average_grads(self, with_bases: bool) -> None:
+    def _average_grads(self, with_bases: bool, coefficients: bool = False) -> None:
         """Data-parallel: one all-reduce of the dense grads and, unless the fused backward
-        already averaged them, of ``G_K``/``G_L`` (``U.grad``/``V.grad``)."""
+        already averaged them, of ``G_K``/``G_L`` (``U.grad``/``V.grad``); ``coefficients``:
+        also of the coefficients' grads (a step without augmentation outside mode="fused")."""
         if not self.distributed:
             return
         grads = [p.grad for g in self.param_groups for p in g["params"]
-                 if p.grad is not None and p not in self._layers and (with_bases or p not in self._bases)]
+                 if p.grad is not None and (p not in self._layers or coefficients)
+                 and (with_bases or p not in self._bases)]
         if self.mode == "parallel":  # a Tucker layer's full mode gradients
             grads += [D for layer in self._layers.values() if getattr(layer, "_mode_grads", None) is not None
                       for D in layer._mode_grads]
@@ -194,6 +215,15 @@ class LowRankOptimizer(Optimizer):
             denom = (top * top).sum()
             scale = torch.where(denom > 0, (layer.S.grad * top).sum() / denom.clamp_min(torch.finfo(denom.dtype).tiny), 1.0)
             out[layer] = (Ut, Vt, G_S * scale)
+        return out
+
+    def _coefficient_grads(self) -> dict:
+        """A step without augmentation: ``∂L/∂S`` in the bases the layer holds (no new columns)."""
+        out = {}
+        for layer in self._layers.values():
+            U, S, V = layer.factor_parameters()
+            if S.grad is not None:
+                out[layer] = (U.new_zeros(U.shape[0], 0), V.new_zeros(V.shape[0], 0), S.grad)
         return out
 
     def _parallel_grads(self) -> dict:
@@ -325,6 +355,21 @@ class LowRankOptimizer(Optimizer):
                 [t.data for item in pending for t in item[0].factor_parameters()]
                 + [self.state[item[0].S][k] for item in pending for k in self._state_keys])
 
+    def _keep(self, pending: list[tuple]) -> None:
+        """``update_every > 1``, before the last step of a cycle: no truncation; each layer takes
+        (or keeps) the augmented bases ``Û = [U | Ũ]``, ``V̂``, the updated ``S̄`` and the padded
+        moments — exact, since ``Û S̄ V̂ᵀ`` is the updated weight."""
+        for layer, _, Ut, Vt, S_bar, padded, step_norm in pending:
+            U, S, V = layer.factor_parameters()
+            state = self.state[S]
+            for key in self._state_keys:
+                state[key] = padded[key]
+            layer.set_factors(torch.cat([U.detach(), Ut], 1), S_bar, torch.cat([V.detach(), Vt], 1))
+        if self.distributed and pending:
+            self.bytes_communicated += broadcast_(
+                [t.data for item in pending for t in item[0].factor_parameters()]
+                + [self.state[item[0].S][k] for item in pending for k in self._state_keys])
+
     def _record(self, layer, S_hat: Tensor, S_new: Tensor, P1: Tensor, R1: Tensor, step_norm: Tensor) -> None:
         """Add one step's diagnostics of ``layer`` to its sums, on the device (no read)."""
         r_out, r_in = layer.S.shape[0], layer.S.shape[1]
@@ -363,6 +408,16 @@ class LowRankOptimizer(Optimizer):
                 state[key] = rotate(rotate_first_moment, padded[key])
         layer.set_factors(U @ P1[: U.shape[1]] + Ut @ P1[U.shape[1]:], S_new,
                           V @ R1[: V.shape[1]] + Vt @ R1[V.shape[1]:])
+
+
+def _square(layer, Ut: Tensor, Vt: Tensor, G_S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A matrix layer keeps a square ``S``: the augmented bases it keeps for a cycle get as many
+    new columns on both sides (the narrower side's, e.g. ``min(r, m − r)``); ``G_S`` restricted
+    to them is still exactly ``Ûᵀ∇W V̂``. A Tucker core may be rectangular."""
+    if isinstance(layer, TuckerConv2d) or Ut.shape[1] == Vt.shape[1]:
+        return Ut, Vt, G_S
+    w, r = min(Ut.shape[1], Vt.shape[1]), layer.S.shape[0]
+    return Ut[:, :w], Vt[:, :w], G_S[: r + w, : r + w]
 
 
 def _cap(group: dict, current: int) -> int | None:
