@@ -488,6 +488,8 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
                     stop(snapshot(epoch, batch_done, step, epoch_sums),
                          f"{why}; the state is saved: lrc train --resume {run_dir}", code)
             bar.close()
+            if isinstance(opt, LowRankOptimizer):
+                opt.finish_cycle()  # update_every > 1: the epoch's model at its truncated ranks
             ev = evaluate(model, test_loader, device, bf16=use_bf16)
             last = {"epoch": epoch + 1, "train_loss": epoch_sums[0] / max(epoch_sums[2], 1),
                     "train_accuracy": epoch_sums[1] / max(epoch_sums[2], 1), "test_loss": ev["loss"],

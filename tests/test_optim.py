@@ -557,3 +557,22 @@ def test_update_every_state_dict_resumes_mid_cycle(tmp_path):
     assert fresh_opt.param_groups[0]["phase"] == 1
     assert train(fresh, x, y, fresh_opt, 5) == train(model, x, y, opt, 5)
     assert rel(weights(fresh), weights(model)) < 1e-10
+
+
+def test_finish_cycle_truncates_the_held_bases_exactly_as_a_last_step_would():
+    model, x, y = mlp(8)
+    opt = LowRankAdam(model, lr=1e-2, tau=0.1, update_every=4)
+    train(model, x, y, opt, 2)  # mid-cycle: the layers hold the augmented bases
+    assert ranks(model) == [16, 16]
+    before = weights(model)
+    S = model[2].S.detach().clone()
+    opt.finish_cycle()
+    assert opt.param_groups[0]["phase"] == 0 and all(r < 16 for r in ranks(model))
+    sigma = torch.linalg.svdvals(S)
+    r = ranks(model)[1]
+    assert (sigma[r:].square().sum().sqrt() <= 0.1 * sigma.norm()) and r == model[2].S.shape[0]
+    assert rel(weights(model), before) < 0.1  # only the tail (≤ τ of each layer) is gone
+    opt.finish_cycle()  # between cycles: nothing to do
+    assert ranks(model) == [ranks(model)[0], r]
+    train(model, x, y, opt, 4)  # a new cycle from phase 0
+    assert opt.param_groups[0]["phase"] == 0

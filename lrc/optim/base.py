@@ -183,6 +183,31 @@ class LowRankOptimizer(Optimizer):
             layer.clear_fused_grads()
         return loss
 
+    @torch.no_grad()
+    def finish_cycle(self) -> None:
+        """With ``update_every > 1``: end the cycle now — truncate the augmented bases the layers
+        hold (as the cycle's last step would, without a step) — so that the model has its
+        truncated ranks, e.g. before an evaluation or saving it. ``lrc train`` calls it at the
+        end of every epoch. Nothing to do with ``update_every=1`` or between cycles."""
+        if not self.param_groups[0].get("phase", 0) % self.update_every:
+            return
+        pending = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                layer = self._layers.get(p)
+                if layer is None:
+                    continue
+                U, S, V = layer.factor_parameters()
+                state = self.state[S]
+                if not state:  # never stepped: nothing augmented
+                    continue
+                padded = {"step": state["step"], **{k: state[k] for k in self._state_keys}}
+                pending.append((layer, group, U.new_zeros(U.shape[0], 0), V.new_zeros(V.shape[0], 0),
+                                S.detach().clone(), padded, S.new_zeros(())))
+        self._truncate(pending)
+        for group in self.param_groups:
+            group["phase"] = 0
+
     def _average_grads(self, with_bases: bool, coefficients: bool = False) -> None:
         """Data-parallel: one all-reduce of the dense grads and, unless the fused backward
         already averaged them, of ``G_K``/``G_L`` (``U.grad``/``V.grad``); ``coefficients``:
