@@ -576,3 +576,43 @@ def test_finish_cycle_truncates_the_held_bases_exactly_as_a_last_step_would():
     assert ranks(model) == [ranks(model)[0], r]
     train(model, x, y, opt, 4)  # a new cycle from phase 0
     assert opt.param_groups[0]["phase"] == 0
+
+
+# ---- new_moments="project": the cut directions' moments carried to the next augmentation ----------
+def test_project_carries_the_cut_moments_and_recovers_them_on_the_same_directions():
+    model, x, y = mlp(8)
+    opt = LowRankAdam(model, lr=1e-2, tau=0.3, new_moments="project")
+    train(model, x, y, opt, 3)
+    layer = model[2]
+    state = opt.state[layer.S]
+    U, V, r = layer.U.detach(), layer.V.detach(), layer.rank
+    C_U, C_V = state["carry_U"], state["carry_V"]
+    assert C_U.shape[1] > 0, "the truncation should have cut something"
+    for basis in (torch.cat([U, C_U], 1), torch.cat([V, C_V], 1)):  # orthonormal, kept then cut
+        assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1], dtype=f64), atol=1e-12)
+    for key in ("exp_avg", "exp_avg_sq"):  # the kept block is the paper's projected moment
+        assert torch.equal(state["carry_" + key][:r, :r], state[key])
+    padded = {"exp_avg": None, "exp_avg_sq": None}
+    opt._project_carried(layer, C_U, C_V, state, padded)  # augmenting by the cut directions again
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert rel(padded[key], state["carry_" + key]) < 1e-12
+        assert torch.equal(padded[key][:r, :r], state[key])
+    flipped = {"exp_avg": None, "exp_avg_sq": None}  # a sign of a new column: M flips, Q does not
+    opt._project_carried(layer, -C_U, C_V, state, flipped)
+    assert rel(flipped["exp_avg"][r:, :r], -padded["exp_avg"][r:, :r]) < 1e-12
+    assert rel(flipped["exp_avg_sq"], padded["exp_avg_sq"]) < 1e-12
+
+
+def test_project_is_exact_in_every_mode_and_another_run_than_zero():
+    def make():
+        return mlp(8)
+
+    kw = {"lr": 5e-2, "second_moment": "squared", "lr_scaling": "none", "new_moments": "project"}
+    w_two, h_two = run(make, "two_pass", 20, LowRankAdam, **kw)
+    w_fused, h_fused = run(make, "fused", 20, LowRankAdam, **kw)
+    assert h_fused == h_two and rel(w_fused, w_two) < 1e-6
+    w_one, _ = run(make, "fused", 1, LowRankAdam, **kw)  # no carry before the first truncation
+    w_zero_one, _ = run(make, "fused", 1, LowRankAdam, **dict(kw, new_moments="zero"))
+    assert torch.equal(w_one, w_zero_one)
+    w_zero, _ = run(make, "fused", 20, LowRankAdam, **dict(kw, new_moments="zero"))
+    assert rel(w_zero, w_fused) > 1e-4

@@ -13,7 +13,7 @@ from .functional import adamw_update_
 __all__ = ["LowRankAdam", "LR_SCALINGS", "NEW_MOMENTS"]
 
 LR_SCALINGS = ("dense", "none")
-NEW_MOMENTS = ("zero", "second", "both")
+NEW_MOMENTS = ("zero", "second", "both", "project")
 
 
 class LowRankAdam(LowRankOptimizer):
@@ -72,7 +72,11 @@ class LowRankAdam(LowRankOptimizer):
             ``t`` is large — a kick to every new direction, i.e. to the basis rotation, at every
             step. ``"second"``: ``Q`` there starts as ``(1 − β₂^(t−1))·G_S²`` (a fresh second
             moment, ``v̂ = g²``; update ``≈ 0.1·lr·sign(g)``); ``"both"``: ``M`` too
-            (``m̂ = g``; update ``lr·sign(g)``, Adam's first step). Default: ``"zero"``.
+            (``m̂ = g``; update ``lr·sign(g)``, Adam's first step). ``"project"``: the moments
+            of the directions the last truncation cut are kept (with those directions) and
+            projected onto the next augmentation — the paper's projection applied to the whole
+            augmented moment instead of its kept block; costs a second ``n×r``/``m×r`` pair of
+            bases per layer (matrix layers; Tucker cores start at zero). Default: ``"zero"``.
         update_every (int): the bases are augmented and truncated once per ``update_every``
             steps: the first step of a cycle augments (``Û = [U | Ũ]``, ``V̂``) and keeps the
             augmented bases, the steps between update the ``2r×2r`` coefficient in them, the
@@ -115,9 +119,10 @@ class LowRankAdam(LowRankOptimizer):
                          update_every=update_every)
         self.lr_scaling = lr_scaling
         self.new_moments = new_moments
+        self.carry_moments = new_moments == "project"
 
     def _fill_new_moments(self, padded: dict, G_S: Tensor, r_out: int, r_in: int, group: dict) -> None:
-        if self.new_moments == "zero":
+        if self.new_moments in ("zero", "project"):  # "project": filled by the base class
             return
         # With zero moments and the layer's step count t in the bias corrections, a new entry's
         # first update is (1−β₁)/√(1−β₂) ≈ 3.2 times lr·sign(g) at large t: a kick to every new

@@ -60,6 +60,9 @@ class LowRankOptimizer(Optimizer):
             raise ValueError(f"Invalid update_every: {update_every!r} (must be an integer ≥ 1)")
         self.mode = mode
         self.update_every = update_every
+        # carry the moments of the directions a truncation cut, to be projected onto the next
+        # augmentation (set by a subclass option, e.g. LowRankAdam(new_moments="project"))
+        self.carry_moments = False
         self.second_moment = second_moment
         self.project_moments = project_moments
         self.distributed = is_distributed() if distributed is None else distributed
@@ -328,6 +331,8 @@ class LowRankOptimizer(Optimizer):
         S_bar = pad_block(S.detach(), a, b)
         padded = {"step": state["step"], **{k: pad_block(state[k], a, b) for k in self._state_keys}}
         G_S = G_S.to(S_bar.dtype)
+        if self.carry_moments:
+            self._project_carried(layer, Ut, Vt, state, padded)
         self._fill_new_moments(padded, G_S, S.shape[0], S.shape[1], group)
         scale = self.coefficient_lr_scale(layer, S_bar)
         if scale != 1.0:  # a larger step on S̄, the same decay per step (lr·wd) as without it
@@ -336,6 +341,31 @@ class LowRankOptimizer(Optimizer):
         self._update_(S_bar, G_S, padded, group)
         step_norm = torch.linalg.vector_norm(S_bar - before)
         return layer, group, Ut, Vt, S_bar, padded, step_norm
+
+    def _project_carried(self, layer, Ut: Tensor, Vt: Tensor, state: dict, padded: dict) -> None:
+        """Moments of the new directions from those the last truncation cut: with ``C_U``, ``C_V``
+        the cut directions and ``M_c`` the moment in the coordinates ``[U | C_U]``, ``[V | C_V]``,
+        ``M̄ = Bᵀ M_c C`` for ``B = diag(I, C_Uᵀ Ũ)``, ``C = diag(I, C_Vᵀ Ṽ)`` — the projection of
+        the whole previous augmented moment onto the new augmented space (the paper projects only
+        its kept block and starts the new directions at zero). The kept block stays bit for bit."""
+        C_U, C_V = state.get("carry_U"), state.get("carry_V")
+        r = layer.S.shape[0]
+        if (C_U is None or isinstance(layer, TuckerConv2d) or C_U.shape[0] != Ut.shape[0]
+                or C_V.shape[0] != Vt.shape[0] or state["carry_" + self._state_keys[0]].shape[0] != r + C_U.shape[1]
+                or not (Ut.shape[1] or Vt.shape[1])):
+            return
+        B = pad_block(torch.eye(r, dtype=Ut.dtype, device=Ut.device), r + C_U.shape[1], r + Ut.shape[1])
+        B[r:, r:] = C_U.mT @ Ut
+        C = pad_block(torch.eye(r, dtype=Vt.dtype, device=Vt.device), r + C_V.shape[1], r + Vt.shape[1])
+        C[r:, r:] = C_V.mT @ Vt
+        for key in self._state_keys:
+            carried = state["carry_" + key]
+            if key in self._second_moment_keys:
+                full = rotate_second_moment(carried, B, C, self.second_moment)
+            else:
+                full = rotate_first_moment(carried, B, C)
+            full[:r, :r] = state[key]
+            padded[key] = full
 
     def _truncate(self, pending: list[tuple]) -> None:
         """Steps 6–7 for all layers at once: one batched SVD per shape of ``Ŝ`` (per channel
@@ -373,12 +403,27 @@ class LowRankOptimizer(Optimizer):
                 P, sigma, R = svds[i]
                 r1 = clip_rank(ranks[(i, None)], sigma.shape[0], group["min_rank"], _cap(group, layer.S.shape[0]))
                 P1, S_new, R1 = P[:, :r1], torch.diag(sigma[:r1]), R[:, :r1]
+                if self.carry_moments and self.project_moments:
+                    self._store_carried(layer, Ut, Vt, P, R, r1, padded)
             self._record(layer, S_bar, S_new, P1, R1, step_norm)
             self._apply_truncation(layer, Ut, Vt, P1, S_new, R1, padded)
         if self.distributed and pending:  # bit-identical factors and moments on every process
             self.bytes_communicated += broadcast_(
                 [t.data for item in pending for t in item[0].factor_parameters()]
-                + [self.state[item[0].S][k] for item in pending for k in self._state_keys])
+                + [t for item in pending for t in self._shared_state(item[0])])
+
+    def _store_carried(self, layer, Ut: Tensor, Vt: Tensor, P: Tensor, R: Tensor, r1: int, padded: dict) -> None:
+        """Keep what the truncation to rank ``r1`` cuts: the directions ``Û P[:, r₁:]``,
+        ``V̂ R[:, r₁:]`` and the moments in the coordinates of all singular vectors."""
+        U, S, V = layer.factor_parameters()
+        state, r = self.state[S], U.shape[1]
+        state["carry_U"] = U @ P[:r, r1:] + Ut @ P[r:, r1:]
+        state["carry_V"] = V @ R[:r, r1:] + Vt @ R[r:, r1:]
+        for key in self._state_keys:
+            if key in self._second_moment_keys:
+                state["carry_" + key] = rotate_second_moment(padded[key], P, R, self.second_moment)
+            else:
+                state["carry_" + key] = rotate_first_moment(padded[key], P, R)
 
     def _keep(self, pending: list[tuple]) -> None:
         """``update_every > 1``, before the last step of a cycle: no truncation; each layer takes
@@ -393,7 +438,14 @@ class LowRankOptimizer(Optimizer):
         if self.distributed and pending:
             self.bytes_communicated += broadcast_(
                 [t.data for item in pending for t in item[0].factor_parameters()]
-                + [self.state[item[0].S][k] for item in pending for k in self._state_keys])
+                + [t for item in pending for t in self._shared_state(item[0])])
+
+    def _shared_state(self, layer) -> list[Tensor]:
+        """A layer's state tensors that every process must hold bit for bit."""
+        state = self.state[layer.S]
+        keys = list(self._state_keys) + [k for k in ("carry_U", "carry_V") if k in state] \
+            + ["carry_" + k for k in self._state_keys if "carry_" + k in state]
+        return [state[k] for k in keys]
 
     def _record(self, layer, S_hat: Tensor, S_new: Tensor, P1: Tensor, R1: Tensor, step_norm: Tensor) -> None:
         """Add one step's diagnostics of ``layer`` to its sums, on the device (no read)."""
@@ -431,8 +483,15 @@ class LowRankOptimizer(Optimizer):
                 state[key] = rotate(rotate_second_moment, padded[key], self.second_moment)
             else:
                 state[key] = rotate(rotate_first_moment, padded[key])
+            carried = state.get("carry_" + key)
+            if carried is not None and carried.shape[0] >= P1.shape[1] and _is_matrix(carried):
+                carried[: P1.shape[1], : R1.shape[1]] = state[key]  # one value for the kept block
         layer.set_factors(U @ P1[: U.shape[1]] + Ut @ P1[U.shape[1]:], S_new,
                           V @ R1[: V.shape[1]] + Vt @ R1[V.shape[1]:])
+
+
+def _is_matrix(T: Tensor) -> bool:
+    return T.dim() == 2
 
 
 def _square(layer, Ut: Tensor, Vt: Tensor, G_S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
