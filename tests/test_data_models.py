@@ -129,3 +129,20 @@ def test_efficientnet_lite0_with_its_packaged_imagenet_weights():
     load_weights(model, read_checkpoint("efficientnet-lite0:imagenet"), "lite0", new_head=True)
     assert model._fc.out_features == 10
     assert sum(p.numel() for p in model.parameters()) == 3_383_818
+
+
+def test_any_torchvision_classification_model_by_name_round_trips_through_an_lrc_file(tmp_path):
+    from lrc import factorize
+    from lrc.io import load_model, save_model
+    from lrc.models import build_model
+
+    model = build_model("torchvision:mobilenet_v3_small", num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    report = factorize(model, rank=8, exclude=["classifier.3"])
+    assert report.replaced and any("group" in reason for _, reason in report.skipped)  # depthwise kept
+    path = tmp_path / "m.safetensors"
+    save_model(path, model, {"name": "torchvision:mobilenet_v3_small", "args": {"num_classes": 10}})
+    loaded, meta = load_model(path)
+    assert torch.equal(loaded.eval()(x), model(x))
+    with pytest.raises(ValueError, match="unknown model torchvision:resnet9000; torchvision's classification"):
+        build_model("torchvision:resnet9000")

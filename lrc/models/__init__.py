@@ -25,14 +25,38 @@ def register_model(name: str):
     return wrap
 
 
+TORCHVISION = "torchvision:"
+
+
+def _torchvision_any(name: str):
+    """``torchvision:<name>``: any classification model of ``torchvision.models.get_model``,
+    randomly initialised (weights come from a checkpoint, e.g. ``torchvision:ResNet18_Weights.DEFAULT``)."""
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        raise ValueError(f"unknown model {TORCHVISION}{name}; torchvision's classification models are: "
+                         f"{', '.join(available)}")
+    return lambda **args: torchvision.models.get_model(name, weights=None, **args)
+
+
 def build_model(name: str, **args) -> nn.Module:
-    """Build the dense architecture ``name`` with ``args``; ``ValueError`` names the choices."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
+    """Build the dense architecture ``name`` with ``args``: a registry name, or
+    ``torchvision:<name>`` for any of torchvision's classification models; ``ValueError``
+    names the choices."""
+    if not isinstance(name, str):
+        raise ValueError(f"a model name is a string, got {name!r}")
+    if name.startswith(TORCHVISION):
+        make = _torchvision_any(name[len(TORCHVISION):])
+    elif name in MODELS:
+        make = MODELS[name]
+    else:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}, "
+                         f"or {TORCHVISION}<name> for any torchvision classification model")
     try:
         with warnings.catch_warnings():  # e.g. torch's "zero-element tensors": the check below says it
             warnings.simplefilter("ignore", UserWarning)
-            model = MODELS[name](**args)
+            model = make(**args)
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"bad arguments for model {name!r} ({json.dumps(args, default=str)}): "
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
