@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .layers import FACTORIZED, LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear, TuckerConv2d
-from .models import build_model
+from .models import FACTORY, build_model
 from .surgery import densify, replace_module
 
 __all__ = ["FORMAT", "CheckpointError", "WriteError", "save_model", "load_model", "is_lrc_file", "read_checkpoint",
@@ -338,8 +338,13 @@ def is_lrc_file(path: str | Path) -> bool:
         return False
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               trust_code: bool = False) -> tuple[nn.Module, dict]:
     """Rebuild the model of an lrc file from the file alone; returns ``(model, metadata)``.
+
+    A file built by a user's factory (architecture ``factory:<module>:<callable>``) names code
+    to import: it is imported only with ``trust_code=True`` (``--trust-code``), never because a
+    file says so — as ``transformers``' ``trust_remote_code``.
 
     Each factorized layer is built at the rank the metadata records, and every tensor of
     the file must then have exactly the model's shape: a file whose factors disagree with
@@ -348,6 +353,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     path = Path(path)
     meta = read_metadata(path)
     arch = meta["architecture"]
+    if arch["name"].startswith(FACTORY) and not trust_code:
+        raise CheckpointError(f"{path} was built by {arch['name'][len(FACTORY):]}, code of your own that lrc would "
+                              "have to import: pass --trust-code (trust_code=True) if you trust it")
     try:
         model = build_model(arch["name"], **arch.get("args", {}))
     except Exception as e:  # ValueError for an unknown name or bad arguments, or worse

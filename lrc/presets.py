@@ -32,7 +32,7 @@ PRESET_DIR = _preset_dir()
 METHODS = ("lowrank-adam", "lowrank-sgd", "dense", "lora", "dlrt-naive")
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "model": {"name": "mlp", "args": {}, "checkpoint": None, "new_head": False},
+    "model": {"name": "mlp", "args": {}, "checkpoint": None, "new_head": False, "factory": None},
     "data": {"name": "digits", "data_dir": None, "batch_size": 64, "eval_batch_size": None, "workers": 0,
              "image_size": None, "channels": None, "train_samples": None},
     "factorize": {"rank": None, "tau": None, "include": None, "exclude": [], "conv_format": "matrix",
@@ -67,6 +67,7 @@ def _strings(value: Any) -> bool:
 # keys whose default (None, a list) says too little about what they take: (description, check)
 _TYPED: dict[tuple[str, str], tuple[str, Any]] = {
     ("model", "checkpoint"): ("a path or null", _optional(lambda v: isinstance(v, str))),
+    ("model", "factory"): ("'package.module:callable' or null", _optional(lambda v: isinstance(v, str) and ":" in v)),
     ("data", "data_dir"): ("a path or null", _optional(lambda v: isinstance(v, str))),
     ("data", "eval_batch_size"): ("an integer or null", _optional(_is_int)),
     ("data", "image_size"): ("an integer or null", _optional(_is_int)),

@@ -39,7 +39,7 @@ from .evaluate import evaluate, layer_ranks
 from .io import (CheckpointError, atomic_path, is_lrc_file, load_model, load_state, load_weights, read_checkpoint,
                  read_metadata, save_model, save_state)
 from .layers import FACTORIZED
-from .models import build_model
+from .models import architecture_name, build_model
 from .optim import LowRankAdam, LowRankOptimizer, LowRankSGD
 from .surgery import compression_ratio, factorize
 
@@ -125,12 +125,14 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:
 
 def build_run(cfg: dict, device: torch.device):
     """Model (dense, from checkpoint, factorized), optimizer and architecture record."""
-    arch = {"name": cfg["model"]["name"], "args": dict(cfg["model"]["args"])}
+    arch = {"name": architecture_name(cfg["model"]["name"], cfg["model"].get("factory")),
+            "args": dict(cfg["model"]["args"])}
     path = cfg["model"]["checkpoint"]
     fac, opt_cfg = cfg["factorize"], cfg["optimizer"]
     report = None
     if path and is_lrc_file(path):  # an lrc file (factorized, or a dense run's): continue from it
-        model, meta = load_model(path)
+        # its factory is imported only if it is the one this (the user's own) configuration names
+        model, meta = load_model(path, trust_code=read_metadata(path)["architecture"]["name"] == arch["name"])
         if _canonical(meta["architecture"]) != _canonical(arch):
             raise ValueError(f"{path} holds a {_show_arch(meta['architecture'])}, the configuration asks for a "
                              f"{_show_arch(arch)}; use a preset of that model or --set model.args…")

@@ -179,3 +179,39 @@ def test_a_factorized_file_of_another_architecture_is_one_line(tmp_path):
     one_line_error(lrc("train", "--checkpoint", tmp_path / "lenet.safetensors", "--out", tmp_path / "r", check=False),
                    2, "holds a lenet5")
     assert not (tmp_path / "r").exists()
+
+
+TINY = """
+from torch import nn
+
+def tiny(hidden=32, num_classes=10):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+"""
+
+
+def test_a_model_factory_of_ones_own_is_rebuilt_only_with_trust_code(tmp_path):
+    (tmp_path / "mynets.py").write_text(TINY)
+
+    def run(*args):
+        return subprocess.run([*LRC, *map(str, args)], capture_output=True, text=True, env=ENV, cwd=tmp_path,
+                              timeout=300)
+
+    proc = run("train", "--set", "model.factory=mynets:tiny", "--set", "model.args={hidden: 64}", "--set",
+               "factorize.rank=8", "--set", "factorize.exclude=['3']", "--epochs", "1", "--quiet", "--out", "run")
+    assert proc.returncode == 0, proc.stderr
+    model = tmp_path / "run" / "model.safetensors"
+    one_line_error(run("info", model), 2, "built by mynets:tiny, code of your own")
+    assert "LowRankLinear" in run("info", model, "--trust-code").stdout
+    out = json.loads(run("evaluate", model, "--json", "--trust-code").stdout)
+    assert out["architecture"]["name"] == "factory:mynets:tiny" and out["top1"] > 0.2  # 1 epoch; chance is 0.1
+    # a file that names a factory never runs it by itself
+    from lrc.io import read_metadata
+    from safetensors.torch import save_file
+
+    meta = read_metadata(model)
+    evil = {"format": meta["format"], "layers": "{}", "summary": "{}",
+            "architecture": json.dumps({"name": "factory:os:system", "args": {"command": "touch PWNED"}})}
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "evil.safetensors"), metadata=evil)
+    one_line_error(run("info", "evil.safetensors"), 2, "code of your own")
+    one_line_error(run("train", "--checkpoint", "evil.safetensors", "--out", "r2"), 2, "built by os:system")
+    assert not (tmp_path / "PWNED").exists()

@@ -235,7 +235,7 @@ def factorize_cmd(
     Example: lrc factorize --preset lenet5-fashion-mnist --checkpoint lenet5.pt --tau 0.05 --out lenet5-lr.safetensors
     """
     from ..io import load_weights, read_checkpoint, save_model
-    from ..models import build_model
+    from ..models import architecture_name, build_model
     from ..presets import apply_override, load_preset
     from ..surgery import CONV_FORMATS, compression_ratio, factorize
 
@@ -249,7 +249,7 @@ def factorize_cmd(
         fac = dict(fac, rank=rank, tau=tau)
     if tau is not None and not 0.0 < tau < 1.0:
         raise ValueError(f"--tau {tau}: must lie in (0, 1)")
-    arch = {"name": cfg["model"]["name"], "args": dict(cfg["model"]["args"])}
+    arch = {"name": architecture_name(cfg["model"]["name"], cfg["model"]["factory"]), "args": dict(cfg["model"]["args"])}
     model = build_model(arch["name"], **arch["args"])
     if checkpoint:
         load_weights(model, read_checkpoint(checkpoint), str(checkpoint), new_head=cfg["model"]["new_head"])
@@ -274,6 +274,8 @@ def evaluate_cmd(
     device: str = typer.Option("auto"),
     batch_size: int = typer.Option(256, "--batch-size"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    trust_code: bool = typer.Option(False, "--trust-code", help="Import the model factory (code of your own) "
+                                    "that the file names."),
 ) -> None:
     """Rebuild a model from its file alone and report accuracy, loss, parameters, c.r., ranks, FLOPs.
 
@@ -285,7 +287,7 @@ def evaluate_cmd(
     from ..train import resolve_device
 
     dev = resolve_device(device)
-    model, meta = load_model(model_path, dev)
+    model, meta = load_model(model_path, dev, trust_code=trust_code)
     name = data or meta["summary"].get("data")
     if not name:
         raise ValueError(f"{model_path} does not record its data set; pass --data NAME")
@@ -313,6 +315,7 @@ def export_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="File to write (.safetensors; .pt for --dense also)."),
     dtype: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
     dense: bool = typer.Option(False, "--dense", help="Merge into a plain state dict of the original architecture."),
+    trust_code: bool = typer.Option(False, "--trust-code", help="Import the model factory the file names."),
 ) -> None:
     """Write the compressed model (or, with --dense, a plain state dict that loads strict
     into the original architecture).
@@ -327,7 +330,7 @@ def export_cmd(
     if dtype not in dtypes:
         raise ValueError(f"--dtype {dtype!r}: choose fp32, fp16 or bf16")
     path = source / "model.safetensors" if source.is_dir() else source
-    model, meta = load_model(path)
+    model, meta = load_model(path, trust_code=trust_code)
     if dense:
         save_dense(out, model, dtypes[dtype])
     else:
@@ -337,14 +340,16 @@ def export_cmd(
 
 @app.command("info")
 @friendly_errors
-def info_cmd(path: Path = typer.Argument(..., metavar="FILE", help="A compressed .safetensors written by lrc.")) -> None:
+def info_cmd(path: Path = typer.Argument(..., metavar="FILE", help="A compressed .safetensors written by lrc."),
+             trust_code: bool = typer.Option(False, "--trust-code",
+                                             help="Import the model factory the file names.")) -> None:
     """Print what a compressed model file holds, without a data set.
 
     Example: lrc info runs/digits-mlp/model.safetensors
     """
     from ..io import load_model
 
-    model, meta = load_model(path)
+    model, meta = load_model(path, trust_code=trust_code)
     from ..surgery import compression_ratio, count_parameters
 
     arch = meta["architecture"]

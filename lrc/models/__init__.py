@@ -7,13 +7,16 @@ rebuild the model from the file alone.
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
+import sys
 import warnings
 from typing import Callable
 
 from torch import nn
 
-__all__ = ["MODELS", "build_model", "register_model"]
+__all__ = ["MODELS", "build_model", "register_model", "architecture_name", "FACTORY", "TORCHVISION"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -40,13 +43,56 @@ def _torchvision_any(name: str):
     return lambda **args: torchvision.models.get_model(name, weights=None, **args)
 
 
+FACTORY = "factory:"
+
+
+def architecture_name(name: str, factory: str | None = None) -> str:
+    """The name an lrc file records: ``factory:<module>:<callable>`` when a factory builds the
+    model, else the registry (or ``torchvision:``) name."""
+    return f"{FACTORY}{factory}" if factory else name
+
+
+def _factory(target: str):
+    """``package.module:callable`` of the user's own code, imported as ``python -m`` would
+    (the working directory first on the path)."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"model.factory {target!r}: expected 'package.module:callable'")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"model.factory {target!r}: cannot import {module_name} ({e}); run lrc where it is "
+                         "importable (the working directory is on the path) or install it") from None
+    make = module
+    for part in attr.split("."):
+        make = getattr(make, part, None)
+        if make is None:
+            raise ValueError(f"model.factory {target!r}: {module_name} has no {attr}")
+    if not callable(make):
+        raise ValueError(f"model.factory {target!r}: {attr} is not callable")
+
+    def build(**args):
+        model = make(**args)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"returned a {type(model).__name__}, not an nn.Module")
+        return model
+
+    return build
+
+
 def build_model(name: str, **args) -> nn.Module:
-    """Build the dense architecture ``name`` with ``args``: a registry name, or
-    ``torchvision:<name>`` for any of torchvision's classification models; ``ValueError``
-    names the choices."""
+    """Build the dense architecture ``name`` with ``args``: a registry name,
+    ``torchvision:<name>`` for any of torchvision's classification models, or
+    ``factory:<module>:<callable>`` (the user's own code; :func:`lrc.io.load_model` imports it
+    only when trusted); ``ValueError`` names the choices."""
     if not isinstance(name, str):
         raise ValueError(f"a model name is a string, got {name!r}")
-    if name.startswith(TORCHVISION):
+    if name.startswith(FACTORY):
+        make = _factory(name[len(FACTORY):])
+    elif name.startswith(TORCHVISION):
         make = _torchvision_any(name[len(TORCHVISION):])
     elif name in MODELS:
         make = MODELS[name]
