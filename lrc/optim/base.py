@@ -483,15 +483,11 @@ class LowRankOptimizer(Optimizer):
                 state[key] = rotate(rotate_second_moment, padded[key], self.second_moment)
             else:
                 state[key] = rotate(rotate_first_moment, padded[key])
-            carried = state.get("carry_" + key)
-            if carried is not None and carried.shape[0] >= P1.shape[1] and _is_matrix(carried):
+            carried = state.get("carry_" + key)  # new_moments="project", matrix layers only
+            if carried is not None and carried.shape[0] >= P1.shape[1]:
                 carried[: P1.shape[1], : R1.shape[1]] = state[key]  # one value for the kept block
         layer.set_factors(U @ P1[: U.shape[1]] + Ut @ P1[U.shape[1]:], S_new,
                           V @ R1[: V.shape[1]] + Vt @ R1[V.shape[1]:])
-
-
-def _is_matrix(T: Tensor) -> bool:
-    return T.dim() == 2
 
 
 def _square(layer, Ut: Tensor, Vt: Tensor, G_S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
