@@ -48,7 +48,7 @@ import torch
 import yaml
 
 from .io import CheckpointError, is_lrc_file, read_checkpoint, read_metadata
-from .presets import METHODS, PresetError
+from .presets import DEFAULTS, METHODS, PresetError
 from .train import TrainingStopped, train
 
 __all__ = ["RunFailed", "check_arguments", "compare", "dense_checkpoint", "lr_name", "run_name"]
@@ -59,6 +59,8 @@ LOW_RANK = ("lowrank-adam", "lowrank-sgd", "dlrt-naive")
 # preset's name (a label) and lora's reference run (fixed by the layout of OUT, wherever it lies)
 _PER_RUN_KEYS = ("_preset", "factorize.match_cr")
 _UNSET = object()
+# keys added with a default that is not what lrc did before they existed
+_BEFORE_THE_KEY = {"optimizer.lr_scaling": "none"}
 
 STOP_TIMEOUT_S = 60.0  # how long stopped workers may take to save their state before SIGKILL
 _RESUME_HINT = "run the same lrc compare command again to resume"
@@ -208,6 +210,9 @@ def check_same_config(run_cfg: dict, run_dir: Path) -> None:
         raise ValueError(f"{run_dir} holds a run without a readable config.yaml; use another --out or delete it")
     wanted = yaml.safe_load(yaml.safe_dump(run_cfg))  # the types config.yaml would hold
     old, new = _flatten(saved), _flatten(wanted)
+    for key, value in _flatten(DEFAULTS).items():  # a key an older lrc did not have: it behaved so
+        if key not in old and not isinstance(value, dict):  # (model.args is flattened away)
+            old[key] = _BEFORE_THE_KEY.get(key, value)
     keys = list(new) + [k for k in old if k not in new]
     diffs = [k for k in keys if k not in _PER_RUN_KEYS and old.get(k, _UNSET) != new.get(k, _UNSET)]
     if diffs:

@@ -198,3 +198,22 @@ def test_bad_from_dense_or_lrs_is_one_line_and_exit_2(args, message, tmp_path):
     assert message.replace("{tmp}", str(tmp_path)) in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "cmp").exists()
+
+
+def test_a_run_of_an_older_lrc_without_a_newer_key_counts_as_that_key_at_its_old_behaviour(tmp_path):
+    from lrc.compare import check_same_config
+    from lrc.presets import load_preset
+
+    cfg = load_preset("digits-mlp")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"")
+    older = yaml.safe_load(yaml.safe_dump(cfg))
+    del older["model"]["factory"], older["optimizer"]["update_every"]  # keys this lrc added, old behaviour
+    (run / "config.yaml").write_text(yaml.safe_dump(older))
+    check_same_config(cfg, run)
+    del older["optimizer"]["lr_scaling"]  # before the key, the step was the paper's ("none"), not the default
+    (run / "config.yaml").write_text(yaml.safe_dump(older))
+    with pytest.raises(ValueError, match='was run with optimizer.lr_scaling = "none", this compare asks for '
+                                         'optimizer.lr_scaling = "dense"'):
+        check_same_config(cfg, run)
