@@ -208,7 +208,7 @@ def validate(cfg: dict, source: str) -> None:
     if fac["match_cr"] and opt["method"] != "lora":
         raise PresetError(f"{source}: factorize.match_cr picks LoRA ranks; it needs optimizer.method=lora")
     if opt["lr_scaling"] not in LR_SCALINGS:
-        raise PresetError(f"{source}: optimizer.lr_scaling {opt['lr_scaling']!r}: choose {' or '.join(LR_SCALINGS)}")
+        raise PresetError(f"{source}: optimizer.lr_scaling {opt['lr_scaling']!r}: choose one of {', '.join(LR_SCALINGS)}")
     if opt["new_moments"] not in NEW_MOMENTS:
         raise PresetError(f"{source}: optimizer.new_moments {opt['new_moments']!r}: choose one of "
                           f"{', '.join(NEW_MOMENTS)}")

@@ -430,6 +430,20 @@ def test_dense_lr_scaling_is_the_paper_step_with_lr_times_c_and_the_same_decay(m
     assert rel(a[0].matrix_weight(), b[0].matrix_weight()) < 1e-12
 
 
+@pytest.mark.parametrize("mode", ["fused", "parallel"])
+def test_lora_lr_scaling_is_the_paper_step_with_lr_times_c(mode):
+    # c = √((n + m)·r / (2r)²): LoRA's entries at rank r over the augmented coefficient's
+    (a, x, y), (b, _, _) = one_layer(), one_layer()
+    for model in (a, b):
+        model[2].requires_grad_(False)
+        model[0].bias.requires_grad_(False)
+    lr, wd, c = 1e-3, 0.1, ((30 + 20) * 4 / 8**2) ** 0.5
+    ha = train(a, x, y, LowRankAdam(a, lr=lr, weight_decay=wd, tau=0.2, mode=mode, lr_scaling="lora"), 3)
+    hb = train(b, x, y, LowRankAdam(b, lr=lr * c, weight_decay=wd / c, tau=0.2, mode=mode, lr_scaling="none"), 3)
+    assert ha == hb == [[4]] * 3
+    assert rel(a[0].matrix_weight(), b[0].matrix_weight()) < 1e-12
+
+
 def test_dense_lr_scaling_moves_w_as_far_as_dense_adam_on_the_first_step():
     # Adam's first step is lr·sign(g) per entry: ‖ΔW‖_F = lr·√(n·m) for dense Adam on W, and
     # c·lr·√k = lr·√(n·m)·√(k/(2r)²) for the scaled coefficient step, where k = (2r)² − r(r−1)

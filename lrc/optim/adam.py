@@ -12,7 +12,7 @@ from .functional import adamw_update_
 
 __all__ = ["LowRankAdam", "LR_SCALINGS", "NEW_MOMENTS"]
 
-LR_SCALINGS = ("dense", "none")
+LR_SCALINGS = ("dense", "lora", "none")
 NEW_MOMENTS = ("zero", "second", "both", "project")
 
 
@@ -65,7 +65,9 @@ class LowRankAdam(LowRankOptimizer):
             with the same ``lr`` would take (``≈ lr·√(n·m)``) and one learning rate suits dense,
             LoRA and low-rank training alike. ``"none"``: Algorithm 2 as printed, every entry of
             ``S`` moves by about ``lr`` and ``‖ΔW‖_F ≈ lr·2r`` — 10–100× smaller on typical
-            layers. The decay per step stays ``lr·wd`` either way. Default: ``"dense"``.
+            layers. ``"lora"``: scaled by ``√((n+m)·r/(2r)²)``, so that ``‖ΔW‖_F`` is what LoRA's
+            Adam on ``A``, ``B`` takes at the same ``lr`` (``≈ lr·√((n+m)·r)``). The decay per step
+            stays ``lr·wd`` either way. Default: ``"dense"``.
         new_moments (str): the moments of the new entries of ``S̄`` (outside the old ``r×r``
             block). ``"zero"``: ``diag(M, 0)``, ``diag(Q, 0)`` as the paper; with the bias
             correction of the layer's step ``t`` their first update is ``≈ 3.2·lr·sign(g)`` once
@@ -142,8 +144,12 @@ class LowRankAdam(LowRankOptimizer):
     def coefficient_lr_scale(self, layer, S_bar: Tensor) -> float:
         if self.lr_scaling == "none":
             return 1.0
+        n, m, a, b = layer.U.shape[0], layer.V.shape[0], S_bar.shape[0], S_bar.shape[1]
+        if self.lr_scaling == "lora":  # √(entries of LoRA's A, B at this rank / entries of Ŝ)
+            k, r = S_bar[0, 0].numel(), layer.S.shape[0]  # k: a Tucker core's spatial entries
+            return math.sqrt((n + m * k) * r / (a * b * k))
         # √(entries of W / entries of Ŝ): n·m / (a·b), the spatial modes of a Tucker core cancel
-        return math.sqrt(layer.U.shape[0] * layer.V.shape[0] / (S_bar.shape[0] * S_bar.shape[1]))
+        return math.sqrt(n * m / (a * b))
 
     def _update_(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
         beta1, beta2 = group["betas"]
