@@ -95,8 +95,8 @@ def presets_cmd() -> None:
 @friendly_errors
 def train_cmd(
     preset: Optional[str] = typer.Option(None, "--preset", "-p", show_default=False,
-                                         help="Preset name (`lrc presets`) or a YAML file [default: digits-mlp]."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory [default: runs/PRESET]."),
+                                         help="Preset name (`lrc presets`) or a YAML file (default: digits-mlp)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/PRESET)."),
     epochs: Optional[int] = typer.Option(None, help="Number of epochs (with --resume: train on to this many)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate."),
     tau: Optional[float] = typer.Option(None, help="Truncation tolerance τ in (0, 1)."),
@@ -162,7 +162,7 @@ def compare_cmd(
     preset: str = typer.Option("digits-mlp", "--preset", "-p", help="Preset name or YAML file."),
     methods: str = typer.Option("dense,lowrank-adam,lora,dlrt-naive", help="Comma-separated methods."),
     seeds: int = typer.Option(3, help="Number of seeds (0, 1, …)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory [default: runs/compare-PRESET]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: runs/compare-PRESET)."),
     epochs: Optional[int] = typer.Option(None, help="Number of epochs."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the data set lies."),
     set_: List[str] = typer.Option([], "--set", help="Override any preset field: section.key=value."),
@@ -222,7 +222,7 @@ def factorize_cmd(
     checkpoint: Optional[str] = typer.Option(None, help="Dense weights: .pt/.pth/.safetensors, or torchvision:WEIGHTS."),
     rank: Optional[int] = typer.Option(None, help="Initial rank per layer."),
     conv_format: Optional[str] = typer.Option(None, "--conv-format",
-                                              help="How convolutions are factorized: matrix or tucker [default: the preset's]."),
+                                              help="How convolutions are factorized: matrix or tucker (default: the preset's)."),
     tau: Optional[float] = typer.Option(None, help="Truncation tolerance τ in (0, 1) for the initial ranks."),
     include: List[str] = typer.Option([], "--include", help="Glob of layer names to factorize (repeatable)."),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Glob of layers kept dense (repeatable)."),
@@ -269,7 +269,7 @@ def factorize_cmd(
 @friendly_errors
 def evaluate_cmd(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="A compressed .safetensors written by lrc."),
-    data: Optional[str] = typer.Option(None, help="Data set [default: the one it was trained on]."),
+    data: Optional[str] = typer.Option(None, help="Data set (default: the one it was trained on)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
     device: str = typer.Option("auto"),
     batch_size: int = typer.Option(256, "--batch-size"),
