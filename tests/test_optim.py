@@ -569,6 +569,10 @@ def test_update_every_state_dict_resumes_mid_cycle(tmp_path):
     fresh_opt = LowRankAdam(fresh, lr=1e-2, update_every=3)
     fresh_opt.load_state_dict(ckpt["opt"])
     assert fresh_opt.param_groups[0]["phase"] == 1
+    assert not any(layer.fused for layer in fresh_opt.layers)  # inside a cycle: no augmentation formed
+    F.cross_entropy(fresh(x), y).backward()
+    assert all(layer._fused_grads is None and layer.S.grad is not None for layer in fresh_opt.layers)
+    fresh_opt.zero_grad()
     assert train(fresh, x, y, fresh_opt, 5) == train(model, x, y, opt, 5)
     assert rel(weights(fresh), weights(model)) < 1e-10
 

@@ -146,7 +146,7 @@ class LowRankOptimizer(Optimizer):
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            self._average_grads(with_bases=False, coefficients=self.mode != "fused")
+            self._average_grads(with_bases=False, coefficients=True)  # no fused backward averaged S.grad
             coefficient_grads = self._coefficient_grads()
         elif self.mode == "two_pass":
             if closure is None:
@@ -180,11 +180,24 @@ class LowRankOptimizer(Optimizer):
             self._keep(pending)
         for group in self.param_groups:
             group["phase"] = (phase + 1) % self.update_every
+        self._sync_fused()
         for layer in self._layers.values():
             for p in layer.factor_parameters():
                 p.grad = None  # consumed; shapes may have changed
             layer.clear_fused_grads()
         return loss
+
+    def _sync_fused(self) -> None:
+        """The fused backward forms the augmentation only where the next step uses it: in
+        mode="fused", on the first step of a cycle (every step with ``update_every=1``)."""
+        augment = not self.param_groups[0].get("phase", 0) % self.update_every
+        for layer in self._layers.values():
+            layer.fused = self.mode == "fused" and augment
+            layer.distributed = self.distributed and layer.fused
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._sync_fused()  # a state saved inside a cycle resumes there
 
     @torch.no_grad()
     def finish_cycle(self) -> None:
@@ -210,6 +223,7 @@ class LowRankOptimizer(Optimizer):
         self._truncate(pending)
         for group in self.param_groups:
             group["phase"] = 0
+        self._sync_fused()
 
     def _average_grads(self, with_bases: bool, coefficients: bool = False) -> None:
         """Data-parallel: one all-reduce of the dense grads and, unless the fused backward
