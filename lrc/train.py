@@ -338,15 +338,12 @@ def _resumed_config(run_dir: Path, saved: dict, changes: dict) -> dict:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a mapping of sections; fix it or start a new run")
     label = raw.pop("_preset", None)
-    try:
-        cfg = resolve_config(raw, source=str(path))
-        for key, value in changes.items():
-            if key not in RESUMABLE_CHANGES:
-                raise PresetError(f"{key} cannot change when a run is resumed (only "
-                                  f"{', '.join(RESUMABLE_CHANGES)}); start a new run with --out")
-            cfg = apply_override(cfg, f"{key}={json.dumps(value)}")
-    except PresetError as e:
-        raise PresetError(str(e)) from None
+    cfg = resolve_config(raw, source=str(path))
+    for key, value in changes.items():
+        if key not in RESUMABLE_CHANGES:
+            raise PresetError(f"{key} cannot change when a run is resumed (only "
+                              f"{', '.join(RESUMABLE_CHANGES)}); start a new run with --out")
+        cfg = apply_override(cfg, f"{key}={json.dumps(value)}")
     done = int(saved.get("epoch", 0)) if isinstance(saved, dict) else 0
     if cfg["train"]["epochs"] < done:
         raise PresetError(f"{run_dir} has trained {done} epochs already; train.epochs = {cfg['train']['epochs']} "
