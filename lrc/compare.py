@@ -18,7 +18,8 @@ on SIGINT/SIGTERM it hands out no further run, passes the signal on to the runni
 (which save a resumable state), waits for them and raises ``TrainingStopped`` (exit status
 128 + signal); workers whose parent dies (even by SIGKILL) save their state and exit.
 ``lora`` is matched to the parameter count of the ``lowrank-adam`` run of the same seed and
-learning rate, as in the paper. ``from_dense`` starts every method from one dense model.
+learning rate, as in the paper — or, when the configuration sets ``factorize.target_cr``, every
+method is held at that c.r. on its own. ``from_dense`` starts every method from one dense model.
 """
 
 from __future__ import annotations
@@ -81,15 +82,16 @@ def compare(cfg: dict, methods: list[str], seeds: list[int], out_dir: str | Path
     configuration differs from the one asked for now is a ``ValueError``, before anything runs.
     """
     out_dir = Path(out_dir)
-    check_arguments(methods, seeds, jobs, lrs)
+    budgeted = cfg["factorize"].get("target_cr") is not None  # every method at one c.r.: nothing to match
+    check_arguments(methods, seeds, jobs, lrs, lora_matched=not budgeted)
     if from_dense is not None:
         cfg = copy.deepcopy(cfg)
         cfg["model"]["checkpoint"] = dense_checkpoint(from_dense)
         cfg["model"]["new_head"] = False  # the dense model's head is already the trained one
     grid = [None] if lrs is None else list(lrs)
     # lowrank-adam before lora, whose ranks it fixes: two waves
-    waves = [[(m, s, lr) for lr in grid for s in seeds for m in methods if m != "lora"],
-             [("lora", s, lr) for lr in grid for s in seeds if "lora" in methods]]
+    waves = [[(m, s, lr) for lr in grid for s in seeds for m in methods if m != "lora" or budgeted],
+             [("lora", s, lr) for lr in grid for s in seeds if "lora" in methods and not budgeted]]
     planned = [[(method, seed, lr, _run_config(cfg, method, seed, out_dir, lr),
                  out_dir / "runs" / run_name(method, seed, lr)) for method, seed, lr in wave] for wave in waves]
     for wave in planned:  # every run already there must be the one asked for, before anything trains
@@ -134,10 +136,12 @@ def run_name(method: str, seed: int, lr: float | None = None) -> str:
     return f"{method}-s{seed}" if lr is None else f"{method}-lr{lr_name(lr)}-s{seed}"
 
 
-def check_arguments(methods: list[str], seeds: list[int], jobs: int, lrs: list[float] | None = None) -> None:
+def check_arguments(methods: list[str], seeds: list[int], jobs: int, lrs: list[float] | None = None,
+                    lora_matched: bool = True) -> None:
     """A ``PresetError`` (one line) for what :func:`compare` cannot run: no or unknown or
-    repeated methods, lora without lowrank-adam, no or negative or repeated seeds, ``jobs`` < 1,
-    an empty learning-rate grid or one with a rate that is not a finite number > 0."""
+    repeated methods, lora without lowrank-adam (unless ``lora_matched`` is false), no or negative
+    or repeated seeds, ``jobs`` < 1, an empty learning-rate grid or one with a rate that is not a
+    finite number > 0."""
     if not methods:
         raise PresetError(f"--methods needs at least one method; choose from {', '.join(METHODS)}")
     unknown = [m for m in methods if m not in METHODS]
@@ -146,7 +150,7 @@ def check_arguments(methods: list[str], seeds: list[int], jobs: int, lrs: list[f
     twice = [m for i, m in enumerate(methods) if m in methods[:i]]
     if twice:
         raise PresetError(f"--methods: {twice[0]} is given twice")
-    if "lora" in methods and "lowrank-adam" not in methods:
+    if lora_matched and "lora" in methods and "lowrank-adam" not in methods:
         raise PresetError("lora is matched to the c.r. of lowrank-adam: include lowrank-adam in --methods")
     if not seeds:
         raise PresetError("--seeds must be ≥ 1")
@@ -245,7 +249,7 @@ def _run_config(cfg: dict, method: str, seed: int, out_dir: Path, lr: float | No
     run_cfg["train"]["seed"] = seed
     if lr is not None:
         run_cfg["optimizer"]["lr"] = float(lr)
-    if method == "lora":
+    if method == "lora" and cfg["factorize"].get("target_cr") is None:
         run_cfg["factorize"]["match_cr"] = str(out_dir / "runs" / run_name("lowrank-adam", seed, lr))
     return run_cfg
 

@@ -7,6 +7,9 @@ Everything here works on plain tensors, holds no state and is differentiable-agn
 
 from __future__ import annotations
 
+import heapq
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -20,6 +23,8 @@ __all__ = [
     "untruncated_rank",
     "clip_rank",
     "truncate",
+    "allocate_ranks",
+    "factor_parameter_count",
     "rotate_first_moment",
     "rotate_second_moment",
     "SECOND_MOMENT_RULES",
@@ -162,6 +167,68 @@ def truncate(
     P, sigma, R = sign_fixed_svd(S_hat)
     r1 = truncation_rank(sigma, tau, min_rank, max_rank)
     return P[:, :r1], sigma[:r1], R[:, :r1]
+
+
+def factor_parameter_count(shape: Sequence[int], ranks: Sequence[int], kind: str = "lowrank") -> int:
+    """Parameters of a layer's factors at ``ranks``: ``U S Vᵀ`` of an n×m matrix
+    (``shape = (n, m)``, one rank) holds ``r(n + m) + r²``; LoRA's ``A Bᵀ`` ``r(n + m)``; a Tucker
+    kernel (``shape = (out, in, kh·kw)``, ranks ``(r_out, r_in)``) ``out·r_out + in·r_in +
+    r_out·r_in·kh·kw``."""
+    if len(ranks) == 2:
+        (out, inp, k), (r_out, r_in) = shape, ranks
+        return out * r_out + inp * r_in + r_out * r_in * k
+    (n, m), (r,) = shape, ranks
+    return r * (n + m) + (0 if kind == "lora" else r * r)
+
+
+def allocate_ranks(spectra: Sequence[Sequence[Sequence[float]]], cost, budget: int,
+                   floors: Sequence[Sequence[int]], caps: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    """Ranks for many layers under one parameter budget (a global truncation).
+
+    Layer ``ℓ`` has one mode (a matrix: the singular values of ``W``) or two (a Tucker core:
+    those of its two channel-mode unfoldings), each descending; ``cost(ℓ, ranks)`` is its
+    parameter count at ``ranks``. The ranks minimise the sum over layers (and modes) of the
+    relative truncation error ``Σ_{i>r} σ_i² / Σ σ_i²`` with ``Σ_ℓ cost(ℓ, ranks_ℓ) ≤ budget``,
+    greedily: starting from ``floors``, the next singular value with the most relative energy
+    per added parameter is kept while it fits (the solution of the Lagrangian relaxation when
+    costs are linear in the rank), never beyond ``caps``; a zero singular value is never kept.
+    Host-side Python on lists (a few thousand values: well under a millisecond per hundred).
+    Raises ``ValueError`` if ``floors`` alone exceed ``budget``.
+    """
+    ranks = [list(f) for f in floors]
+    spent = sum(cost(i, tuple(r)) for i, r in enumerate(ranks))
+    if spent > budget:
+        raise ValueError(f"the budget of {budget:,} parameters is below the {spent:,} the smallest ranks need")
+    totals = [[sum(s * s for s in sigma) for sigma in modes] for modes in spectra]
+
+    def entry(i: int, mode: int):
+        r = ranks[i][mode]
+        sigma = spectra[i][mode]
+        if r >= caps[i][mode] or r >= len(sigma) or not totals[i][mode] or sigma[r] <= 0:
+            return None
+        grown = list(ranks[i])
+        grown[mode] += 1
+        added = cost(i, tuple(grown)) - cost(i, tuple(ranks[i]))
+        gain = sigma[r] * sigma[r] / totals[i][mode]
+        return (-gain / max(added, 1), i, mode, r, added)
+
+    heap = [e for i, modes in enumerate(spectra) for mode in range(len(modes)) if (e := entry(i, mode))]
+    heapq.heapify(heap)
+    while heap:
+        _, i, mode, r, added = heapq.heappop(heap)
+        fresh = entry(i, mode)
+        if fresh is None:
+            continue
+        if fresh[3] != r or fresh[4] != added:  # the other mode grew since: its cost changed
+            heapq.heappush(heap, fresh)
+            continue
+        if spent + added > budget:  # does not fit: this mode stops growing, cheaper ones may go on
+            continue
+        ranks[i][mode] += 1
+        spent += added
+        if (e := entry(i, mode)) is not None:
+            heapq.heappush(heap, e)
+    return [tuple(r) for r in ranks]
 
 
 def rotate_first_moment(M: Tensor, P1: Tensor, R1: Tensor) -> Tensor:

@@ -36,7 +36,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"name": "digits", "data_dir": None, "batch_size": 64, "eval_batch_size": None, "workers": 0,
              "image_size": None, "channels": None, "train_samples": None},
     "factorize": {"rank": None, "tau": None, "include": None, "exclude": [], "conv_format": "matrix",
-                  "match_cr": None},
+                  "match_cr": None, "target_cr": None},
     "optimizer": {"method": "lowrank-adam", "lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999],
                   "momentum": 0.9, "tau": 0.1, "min_rank": 1, "max_rank": None, "mode": "fused",
                   "second_moment": "squared", "lr_scaling": "dense",
@@ -46,7 +46,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 # keys that default to None but take a number
-_FLOAT_OR_NONE = {"tau", "grad_clip"}
+_FLOAT_OR_NONE = {"tau", "grad_clip", "target_cr"}
 
 # keys whose value may be a mapping (everything else must be a scalar or a list)
 _MAPPING_KEYS = {("model", "args")}
@@ -156,6 +156,16 @@ def apply_override(cfg: dict, assignment: str, source: str | None = None) -> dic
     return cfg
 
 
+def with_target_cr(cfg: dict, target_cr: float, source: str) -> dict:
+    """``cfg`` with ``factorize.target_cr`` set and ``factorize.tau`` (which it replaces) cleared."""
+    cfg = copy.deepcopy(cfg)
+    if isinstance(target_cr, bool) or not isinstance(target_cr, (int, float)):
+        raise PresetError(f"{source}: a compression ratio in percent, e.g. 90")
+    cfg["factorize"]["target_cr"], cfg["factorize"]["tau"] = float(target_cr), None
+    validate(cfg, source)
+    return cfg
+
+
 def _set_checked(cfg: dict, section: str, key: str, value: Any, source: str) -> None:
     if section not in cfg:
         raise PresetError(f"{source}: unknown section {section!r} (sections: {', '.join(cfg)})")
@@ -203,8 +213,18 @@ def validate(cfg: dict, source: str) -> None:
         raise PresetError(f"{source}: factorize.tau = {fac['tau']} must lie in (0, 1)")
     if fac["rank"] is not None and not (isinstance(fac["rank"], int) and fac["rank"] >= 1):
         raise PresetError(f"{source}: factorize.rank = {fac['rank']!r} must be a positive integer")
-    if opt["method"] != "dense" and fac["rank"] is None and fac["tau"] is None and not fac["match_cr"]:
-        raise PresetError(f"{source}: method {opt['method']} needs factorize.rank or factorize.tau")
+    if fac["target_cr"] is not None:
+        if not 0.0 < fac["target_cr"] < 100.0:
+            raise PresetError(f"{source}: factorize.target_cr = {fac['target_cr']} must lie in (0, 100) "
+                              "(a compression ratio in percent)")
+        if fac["tau"] is not None or fac["match_cr"]:
+            which = "factorize.tau" if fac["tau"] is not None else "factorize.match_cr"
+            raise PresetError(f"{source}: factorize.target_cr and {which} both choose the ranks; set one "
+                              f"(--target-cr clears factorize.tau)")
+    if (opt["method"] != "dense" and fac["rank"] is None and fac["tau"] is None and not fac["match_cr"]
+            and fac["target_cr"] is None):
+        raise PresetError(f"{source}: method {opt['method']} needs factorize.rank, factorize.tau or "
+                          "factorize.target_cr")
     if fac["match_cr"] and opt["method"] != "lora":
         raise PresetError(f"{source}: factorize.match_cr picks LoRA ranks; it needs optimizer.method=lora")
     if opt["lr_scaling"] not in LR_SCALINGS:

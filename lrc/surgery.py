@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from .layers import FACTORIZED, LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear, TuckerConv2d
+from .layers.tucker import unfold
+from .linalg import allocate_ranks, factor_parameter_count
 
 __all__ = ["factorize", "densify", "compression_ratio", "count_parameters", "FactorizeReport", "LayerReport"]
 
@@ -65,15 +67,20 @@ def _linear_candidate(module, rank, tau, adapter, kind, conv_format):
     return None
 
 
+def _check_conv(module: nn.Conv2d) -> None:
+    """Raise :class:`_Skip` with the reason if ``module`` cannot be factorized."""
+    if module.groups != 1:
+        raise _Skip(f"groups={module.groups} (grouped convolutions are not factorized)")
+    if module.padding_mode != "zeros":
+        raise _Skip(f"padding_mode={module.padding_mode!r}")
+    if type(module) is not nn.Conv2d and not _acts_as_plain_conv(module):
+        raise _Skip(f"{type(module).__name__} (an nn.Conv2d subclass) does more in its forward than the "
+                    "convolution, e.g. its own padding")
+
+
 def _conv_candidate(module, rank, tau, adapter, kind, conv_format):
     if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            raise _Skip(f"groups={module.groups} (grouped convolutions are not factorized)")
-        if module.padding_mode != "zeros":
-            raise _Skip(f"padding_mode={module.padding_mode!r}")
-        if type(module) is not nn.Conv2d and not _acts_as_plain_conv(module):
-            raise _Skip(f"{type(module).__name__} (an nn.Conv2d subclass) does more in its forward than the "
-                        "convolution, e.g. its own padding")
+        _check_conv(module)
         if conv_format == "tucker" and kind == "lowrank":
             if adapter:
                 raise ValueError("adapter mode is for the matrix format; use conv_format='matrix'")
@@ -121,7 +128,7 @@ class _Skip(Exception):
 def factorize(model: nn.Module, rank: int | None = None, tau: float | None = None, *,
               include: Sequence[str] | None = None, exclude: Sequence[str] = (),
               adapter: bool = False, kind: str = "lowrank", ranks: dict[str, int] | None = None,
-              conv_format: str = "matrix") -> FactorizeReport:
+              conv_format: str = "matrix", target_cr: float | None = None) -> FactorizeReport:
     """Replace ``nn.Linear`` and ``nn.Conv2d`` layers of ``model`` in place by
     :class:`~lrc.LowRankLinear` / :class:`~lrc.LowRankConv2d` (truncated-SVD initialisation).
 
@@ -138,12 +145,24 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
         conv_format: ``"matrix"`` (the kernel as ``out × (in·kh·kw)``, ``U S Vᵀ``) or
             ``"tucker"`` (:class:`~lrc.layers.TuckerConv2d`, ``rank`` per channel mode; the
             paper's format for VGG); LoRA layers are always matrices.
+        target_cr: a compression ratio in percent (over all parameters of the model, against
+            the dense model): the ranks of all layers are chosen together under one parameter
+            budget (the singular values of the dense weights with the most relative energy
+            per parameter are kept, :func:`~lrc.linalg.allocate_ranks`), in place of ``tau``;
+            ``rank``, if given, caps every layer.
 
     Layers whose factorization would not save parameters are kept dense (unless
     ``adapter``); the report says which and why.
     """
-    if rank is None and tau is None and not ranks:
-        raise ValueError("factorize needs a rank, a tolerance tau, or both")
+    if rank is None and tau is None and not ranks and target_cr is None:
+        raise ValueError("factorize needs a rank, a tolerance tau, or both (or a target_cr)")
+    if target_cr is not None:
+        if isinstance(target_cr, bool) or not isinstance(target_cr, (int, float)) or not 0.0 < target_cr < 100.0:
+            raise ValueError(f"target_cr must be a compression ratio in percent, in (0, 100), got {target_cr!r}")
+        if tau is not None or ranks:
+            raise ValueError("give target_cr or tau/ranks, not both: target_cr chooses every layer's rank")
+        if adapter:
+            raise ValueError("target_cr sets the size of a compressed model; adapters keep their dense weights")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if conv_format not in CONV_FORMATS:
@@ -170,11 +189,13 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
     if include is not None:
         report.unmatched = [p for p in include if p not in matched]
 
+    if target_cr is not None:
+        ranks = _budget_ranks(model, targets, target_cr, rank, kind, conv_format)
     for name, module in targets:
         weight = module.weight.detach()
         n, m = weight.shape[0], weight.numel() // weight.shape[0]
         wanted = ranks.get(name, rank) if ranks else rank
-        layer_rank = None if wanted is None else min(wanted, n, m)
+        layer_rank = wanted if wanted is None or isinstance(wanted, tuple) else min(wanted, n, m)
         try:
             new = next(x for x in (d(module, layer_rank, tau, adapter, kind, conv_format) for d in _DISPATCH)
                        if x is not None)
@@ -190,6 +211,54 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
         replace_module(model, name, new)
         report.replaced.append(LayerReport(name, type(new).__name__, tuple(weight.shape), new.rank, before, after))
     return report
+
+
+def _budget_ranks(model: nn.Module, targets: list, target_cr: float, rank: int | None, kind: str,
+                  conv_format: str) -> dict[str, int | tuple[int, int]]:
+    """Ranks of the layers in ``targets`` that make the model's c.r. ``target_cr``: one budget,
+    allocated over the spectra of their dense weights (Tucker: of both channel-mode unfoldings).
+    Each layer is capped where its factors would stop saving parameters."""
+    names, shapes, spectra, caps = [], [], [], []
+    for name, module in targets:
+        if isinstance(module, nn.Conv2d):
+            try:
+                _check_conv(module)
+            except _Skip:
+                continue  # kept dense: the main loop reports why
+        W = module.weight.detach()
+        W = W.to(torch.promote_types(W.dtype, torch.float32))
+        n, m = W.shape[0], W[0].numel()
+        if isinstance(module, nn.Conv2d) and conv_format == "tucker" and kind == "lowrank":
+            shape = (W.shape[0], W.shape[1], W[0, 0].numel())
+            modes = [torch.linalg.svdvals(unfold(W, mode)) for mode in (0, 1)]
+            bounds = [min(shape[0], rank or shape[0]), min(shape[1], rank or shape[1])]
+            while bounds[0] > 1 and factor_parameter_count(shape, bounds) >= n * m:  # shrink both alike
+                bounds = [max(1, b - max(1, round(b / max(bounds)))) for b in bounds]
+        else:
+            shape = (n, m)
+            modes = [torch.linalg.svdvals(W.reshape(n, m))]
+            bounds = [min(n, m, rank or n)]
+            while bounds[0] > 1 and factor_parameter_count(shape, bounds, kind) >= n * m:
+                bounds[0] -= 1
+        names.append(name)
+        shapes.append(shape)
+        spectra.append([v.double().tolist() for v in modes])
+        caps.append(tuple(bounds))
+    if not names:
+        return {}
+    weights = sum(dict(targets)[name].weight.numel() for name in names)
+    total = dense_parameters(model)
+    fixed = count_parameters(model) - weights
+    budget = int((1.0 - target_cr / 100.0) * total) - fixed
+    floors = [tuple(1 for _ in c) for c in caps]
+    cost = lambda i, r: factor_parameter_count(shapes[i], r, kind)  # noqa: E731
+    least = sum(cost(i, f) for i, f in enumerate(floors))
+    if budget < least:
+        raise ValueError(f"target_cr={target_cr:g} is out of reach: the parameters kept dense (layers not "
+                         f"factorized, biases, norms) and rank 1 everywhere leave at most "
+                         f"{(1 - (fixed + least) / total) * 100:.1f}% c.r.; ask for less, or factorize more layers")
+    chosen = allocate_ranks(spectra, cost, budget, floors, caps)
+    return {name: r if len(r) == 2 else r[0] for name, r in zip(names, chosen)}
 
 
 def densify(model: nn.Module) -> nn.Module:

@@ -150,8 +150,10 @@ def build_run(cfg: dict, device: torch.device):
         if method == "lora" and fac["match_cr"]:
             ranks = matched_lora_ranks(fac["match_cr"], model)
             include = list(ranks)
-        report = factorize(model, rank=fac["rank"], tau=fac["tau"], include=include, exclude=fac["exclude"],
-                           kind="lora" if method == "lora" else "lowrank", ranks=ranks, conv_format=fac["conv_format"])
+        budgeted = fac.get("target_cr") is not None  # the budget chooses the ranks; no preset cap
+        report = factorize(model, rank=None if budgeted else fac["rank"], tau=fac["tau"], include=include,
+                           exclude=fac["exclude"], kind="lora" if method == "lora" else "lowrank", ranks=ranks,
+                           conv_format=fac["conv_format"], target_cr=fac.get("target_cr"))
         if not report.replaced:
             raise ValueError("factorize replaced no layer: check factorize.rank/include/exclude "
                              "(a rank must be below what a layer allows to save parameters)")
@@ -161,7 +163,8 @@ def build_run(cfg: dict, device: torch.device):
         opt = torch.optim.AdamW(model.parameters(), betas=tuple(opt_cfg["betas"]), **common)
     else:
         lowrank = dict(tau=opt_cfg["tau"], min_rank=opt_cfg["min_rank"], max_rank=opt_cfg["max_rank"],
-                       mode=opt_cfg["mode"], update_every=opt_cfg.get("update_every", 1))
+                       mode=opt_cfg["mode"], update_every=opt_cfg.get("update_every", 1),
+                       target_cr=fac.get("target_cr"))
         if method in ("lowrank-adam", "dlrt-naive"):
             opt = LowRankAdam(model, betas=tuple(opt_cfg["betas"]), second_moment=opt_cfg["second_moment"],
                               project_moments=method == "lowrank-adam", lr_scaling=opt_cfg.get("lr_scaling", "none"),

@@ -60,7 +60,7 @@ def test_overrides_parse_yaml_values_and_check_types():
 def test_config_validation():
     with pytest.raises(PresetError, match="unknown section"):
         resolve_config({"trainer": {}})
-    with pytest.raises(PresetError, match="needs factorize.rank or factorize.tau"):
+    with pytest.raises(PresetError, match="needs factorize.rank, factorize.tau or factorize.target_cr"):
         resolve_config({})
     assert resolve_config({"optimizer": {"method": "dense"}})["optimizer"]["method"] == "dense"
     with pytest.raises(PresetError, match="method"):

@@ -102,6 +102,8 @@ def train_cmd(
     tau: Optional[float] = typer.Option(None, help="Truncation tolerance τ in (0, 1)."),
     method: Optional[str] = typer.Option(None, help="lowrank-adam, lowrank-sgd, dense, lora or dlrt-naive."),
     match_cr: Optional[Path] = typer.Option(None, "--match-cr", help="lora: match the parameters of this low-rank run."),
+    target_cr: Optional[float] = typer.Option(None, "--target-cr", help="Compression ratio in percent to reach and "
+                                              "keep: one parameter budget over all layers, in place of factorize.tau."),
     conv_format: Optional[str] = typer.Option(None, "--conv-format", help="Convolutions as matrix or tucker."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the data set lies."),
@@ -123,7 +125,8 @@ def train_cmd(
     if resume is not None:
         fixed = [option for option, value in (
             ("--preset", preset), ("--out", out), ("--tau", tau), ("--method", method),
-            ("--match-cr", match_cr), ("--conv-format", conv_format), ("--checkpoint", checkpoint),
+            ("--match-cr", match_cr), ("--target-cr", target_cr), ("--conv-format", conv_format),
+            ("--checkpoint", checkpoint),
             ("--seed", seed), ("--set", set_ or None)) if value is not None]
         if fixed:
             raise ValueError(f"{', '.join(fixed)} cannot change a resumed run (its config.yaml fixes them; "
@@ -146,6 +149,7 @@ def train_cmd(
                 cfg = apply_override(cfg, f"{key}={json.dumps(value)}", f"{option} {value}")
         for assignment in set_:
             cfg = apply_override(cfg, assignment)
+        cfg = _with_target_cr(cfg, target_cr)
         if tau is not None and cfg["factorize"]["tau"] is None and cfg["factorize"]["rank"] is None:
             cfg = apply_override(cfg, f"factorize.tau={tau}")
         cfg["_preset"] = Path(preset).stem
@@ -169,6 +173,8 @@ def compare_cmd(
     jobs: int = typer.Option(1, "--jobs", "-j", help="Runs trained at once (one thread each; CPU cores or one GPU)."),
     lrs: Optional[str] = typer.Option(None, "--lrs", help="Learning-rate grid, comma-separated (e.g. 1e-3,3e-3,1e-2): "
                                       "every method × seed × lr is a run (default: the preset's lr)."),
+    target_cr: Optional[float] = typer.Option(None, "--target-cr", help="Hold every low-rank method and LoRA at "
+                                              "this compression ratio (percent; in place of factorize.tau)."),
     from_dense: Optional[Path] = typer.Option(None, "--from-dense", metavar="RUN|CHECKPOINT",
                                               help="Start every method from this dense model: a run directory of "
                                               "`lrc train --method dense` or a checkpoint file."),
@@ -192,6 +198,7 @@ def compare_cmd(
             cfg = apply_override(cfg, f"{key}={json.dumps(value)}", f"{option} {value}")
     for assignment in set_:
         cfg = apply_override(cfg, assignment)
+    cfg = _with_target_cr(cfg, target_cr)
     if seeds < 1:
         raise ValueError("--seeds must be ≥ 1")
     out_dir = out or Path("runs") / f"compare-{Path(preset).stem}"
@@ -200,6 +207,13 @@ def compare_cmd(
             lrs=None if lrs is None else _parse_lrs(lrs), from_dense=from_dense)
     typer.echo((out_dir / "results.md").read_text())
     typer.echo(f"wrote {out_dir / 'results.md'}, {out_dir / 'results.csv'}")
+
+
+def _with_target_cr(cfg: dict, target_cr: float | None) -> dict:
+    """``--target-cr``: factorize.target_cr set, factorize.tau (which it replaces) cleared."""
+    from ..presets import with_target_cr
+
+    return cfg if target_cr is None else with_target_cr(cfg, target_cr, f"--target-cr {target_cr:g}")
 
 
 def _parse_lrs(text: str) -> list[float]:
@@ -224,6 +238,8 @@ def factorize_cmd(
     conv_format: Optional[str] = typer.Option(None, "--conv-format",
                                               help="How convolutions are factorized: matrix or tucker (default: the preset's)."),
     tau: Optional[float] = typer.Option(None, help="Truncation tolerance τ in (0, 1) for the initial ranks."),
+    target_cr: Optional[float] = typer.Option(None, "--target-cr", help="Compression ratio in percent: the ranks "
+                                              "of all layers chosen together under one budget (in place of --tau)."),
     include: List[str] = typer.Option([], "--include", help="Glob of layer names to factorize (repeatable)."),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Glob of layers kept dense (repeatable)."),
     set_: List[str] = typer.Option([], "--set", help="Override any preset field: section.key=value."),
@@ -244,8 +260,11 @@ def factorize_cmd(
         cfg = apply_override(cfg, assignment)
     if conv_format is not None and conv_format not in CONV_FORMATS:
         raise ValueError(f"--conv-format {conv_format!r}: choose one of {', '.join(CONV_FORMATS)}")
+    cfg = _with_target_cr(cfg, target_cr)
     fac = cfg["factorize"]
-    if rank is not None or tau is not None:
+    if tau is not None and target_cr is not None:
+        raise ValueError("--tau and --target-cr both choose the ranks; give one")
+    if rank is not None or tau is not None or target_cr is not None:  # the preset's cap does not bind a budget
         fac = dict(fac, rank=rank, tau=tau)
     if tau is not None and not 0.0 < tau < 1.0:
         raise ValueError(f"--tau {tau}: must lie in (0, 1)")
@@ -255,7 +274,7 @@ def factorize_cmd(
         load_weights(model, read_checkpoint(checkpoint), str(checkpoint), new_head=cfg["model"]["new_head"])
     report = factorize(model, rank=fac["rank"], tau=fac["tau"], include=include or fac["include"],
                        exclude=fac["exclude"] if exclude is None else exclude,
-                       conv_format=conv_format or fac["conv_format"])
+                       conv_format=conv_format or fac["conv_format"], target_cr=fac["target_cr"])
     if not report.replaced:
         raise ValueError("no layer was factorized: every candidate was excluded or would not save parameters "
                          "at this rank (a rank must be below what a layer allows)")

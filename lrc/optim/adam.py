@@ -85,6 +85,13 @@ class LowRankAdam(LowRankOptimizer):
             last truncates. ``1``: every step, as the paper. Larger values give the new
             directions several steps (and consistent moments) before the truncation decides
             and take one QR/SVD per cycle. Default: ``1``.
+        target_cr (float | None): a compression ratio in percent (over all the model's parameters,
+            against the dense model) that every truncation keeps, in place of ``tau``: the ranks of
+            all layers are chosen together, under one parameter budget, so as to minimise the
+            sum of the layers' relative truncation errors (:func:`~lrc.linalg.allocate_ranks`:
+            the singular values with the most relative energy per parameter are kept). Layers
+            trade rank with each other; the model's size stays at the target. ``None``: the
+            per-layer rule of ``tau``. Default: ``None``.
         distributed (bool | None): average gradients over the processes of ``torch.distributed``
             (one flat all-reduce per phase; the fused backward averages ``G_K``, ``G_L`` and
             ``G_S`` itself) and take rank 0's new ranks. ``None``: when a process group of
@@ -101,7 +108,8 @@ class LowRankAdam(LowRankOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, tau: float = 0.1, min_rank: int = 1,
                  max_rank: int | None = None, mode: str = "fused", second_moment: str = "squared",
                  project_moments: bool = True, distributed: bool | None = None, lr_scaling: str = "dense",
-                 new_moments: str = "zero", update_every: int = 1) -> None:
+                 new_moments: str = "zero", update_every: int = 1,
+                 target_cr: float | None = None) -> None:
         if lr_scaling not in LR_SCALINGS:
             raise ValueError(f"Invalid lr_scaling: {lr_scaling!r} (one of {LR_SCALINGS})")
         if new_moments not in NEW_MOMENTS:
@@ -118,7 +126,7 @@ class LowRankAdam(LowRankOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(model, defaults, mode=mode, tau=tau, min_rank=min_rank, max_rank=max_rank,
                          second_moment=second_moment, project_moments=project_moments, distributed=distributed,
-                         update_every=update_every)
+                         update_every=update_every, target_cr=target_cr)
         self.lr_scaling = lr_scaling
         self.new_moments = new_moments
         self.carry_moments = new_moments == "project"

@@ -18,7 +18,9 @@ from ..distributed import all_reduce_mean_, broadcast_, broadcast_ints, is_distr
 from ..layers import LowRankMatrixModule, TuckerConv2d
 from ..linalg import (
     SECOND_MOMENT_RULES,
+    allocate_ranks,
     augment_basis,
+    factor_parameter_count,
     clip_rank,
     in_channel_modes,
     mode_svds,
@@ -43,7 +45,8 @@ class LowRankOptimizer(Optimizer):
 
     def __init__(self, model: nn.Module, defaults: dict, *, mode: str, tau: float, min_rank: int,
                  max_rank: int | None, second_moment: str = "squared", project_moments: bool = True,
-                 distributed: bool | None = None, update_every: int = 1) -> None:
+                 distributed: bool | None = None, update_every: int = 1,
+                 target_cr: float | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
         if mode not in MODES:
@@ -58,6 +61,9 @@ class LowRankOptimizer(Optimizer):
             raise ValueError(f"Invalid second_moment: {second_moment!r} (one of {SECOND_MOMENT_RULES})")
         if not isinstance(update_every, int) or isinstance(update_every, bool) or update_every < 1:
             raise ValueError(f"Invalid update_every: {update_every!r} (must be an integer ≥ 1)")
+        if target_cr is not None and (isinstance(target_cr, bool) or not isinstance(target_cr, (int, float))
+                                      or not 0.0 < target_cr < 100.0):
+            raise ValueError(f"Invalid target_cr: {target_cr!r} (a compression ratio in percent, in (0, 100))")
         self.mode = mode
         self.update_every = update_every
         # carry the moments of the directions a truncation cut, to be projected onto the next
@@ -91,6 +97,28 @@ class LowRankOptimizer(Optimizer):
         # phase: the step's place in a basis-update cycle of ``update_every`` steps (kept in the
         # groups so that it travels with state_dict())
         super().__init__(groups, dict(defaults, tau=tau, min_rank=min_rank, max_rank=max_rank, phase=0))
+        self.target_cr = target_cr
+        self.budget = None if target_cr is None else self._budget(model, target_cr, min_rank)
+
+    def _budget(self, model: nn.Module, target_cr: float, min_rank: int) -> int:
+        """Parameters the factors of all trained layers may hold so that the model's c.r. (over all
+        its parameters, against the dense model) is ``target_cr``."""
+        if any(layer.adapter for layer in self._layers.values()):
+            raise ValueError("target_cr sets the size of a compressed model; adapter layers keep their dense "
+                             "weights (bound an adapter's size with max_rank instead)")
+        factor_ids = {id(p) for layer in self._layers.values() for p in layer.factor_parameters()}
+        fixed = sum(p.numel() for p in model.parameters() if id(p) not in factor_ids)
+        dense = fixed + sum(layer.num_dense_parameters() - (0 if layer.bias is None else layer.bias.numel())
+                            for layer in self._layers.values())
+        budget = int((1.0 - target_cr / 100.0) * dense) - fixed
+        floor = sum(_layer_cost(layer, tuple(min(min_rank, s) for s in _rank_bounds(layer)))
+                    for layer in self._layers.values())
+        if budget < floor:
+            best = (1.0 - (fixed + floor) / dense) * 100.0
+            raise ValueError(f"target_cr={target_cr:g} is out of reach: the parameters outside the factors "
+                             f"(layers kept dense, biases, norms) and rank {min_rank} everywhere leave at most "
+                             f"{best:.1f}% c.r.; ask for less, or factorize more layers")
+        return budget
 
     # ---- hooks for subclasses ---------------------------------------------------------
     def _update_(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
@@ -402,7 +430,10 @@ class LowRankOptimizer(Optimizer):
             for j, i in enumerate(idx):
                 svds[i] = (P[j], sigma[j], R[j])
             order += [(i, None) for i in idx]
-        new_ranks = torch.cat(raw).tolist() if raw else []
+        if self.budget is not None and pending:
+            new_ranks = self._allocate(pending, svds, order)
+        else:
+            new_ranks = torch.cat(raw).tolist() if raw else []
         if self.distributed and pending:  # every process takes rank 0's decision: shapes agree
             new_ranks = broadcast_ints(new_ranks, pending[0][4].device)
         ranks = dict(zip(order, new_ranks))
@@ -425,6 +456,34 @@ class LowRankOptimizer(Optimizer):
             self.bytes_communicated += broadcast_(
                 [t.data for item in pending for t in item[0].factor_parameters()]
                 + [t for item in pending for t in self._shared_state(item[0])])
+
+    def _allocate(self, pending: list[tuple], svds: list, order: list) -> list[int]:
+        """With ``target_cr``: the new ranks of all stepped layers from one budget
+        (:func:`~lrc.linalg.allocate_ranks` on every layer's singular values; one read from the
+        device), in the order of ``order``. Layers not stepped keep their size in the budget."""
+        stepped = {item[0] for item in pending}
+        budget = self.budget - sum(_layer_cost(layer, _ranks_of(layer))
+                                   for layer in self._layers.values() if layer not in stepped)
+        vectors = [[svds[i][0][1], svds[i][1][1]] if isinstance(item[0], TuckerConv2d) else [svds[i][1]]
+                   for i, item in enumerate(pending)]
+        values = torch.cat([v.double().reshape(-1) for modes in vectors for v in modes]).tolist()
+        layers, spectra, floors, caps, at = [], [], [], [], 0
+        for item, modes in zip(pending, vectors):
+            layer, group = item[0], item[1]
+            spectrum = []
+            for v in modes:
+                spectrum.append(values[at:at + v.numel()])
+                at += v.numel()
+            cap = tuple(len(m) if _cap(group, r) is None else min(_cap(group, r), len(m))
+                        for m, r in zip(spectrum, _ranks_of(layer)))
+            layers.append(layer)
+            spectra.append(spectrum)
+            caps.append(cap)
+            floors.append(tuple(min(group["min_rank"], c) for c in cap))
+        cost = lambda i, r: _layer_cost(layers[i], r)  # noqa: E731
+        least = sum(cost(i, f) for i, f in enumerate(floors))
+        chosen = allocate_ranks(spectra, cost, max(budget, least), floors, caps)
+        return [chosen[i][0 if mode is None else mode] for i, mode in order]
 
     def _store_carried(self, layer, Ut: Tensor, Vt: Tensor, P: Tensor, R: Tensor, r1: int, padded: dict) -> None:
         """Keep what the truncation to rank ``r1`` cuts: the directions ``Û P[:, r₁:]``,
@@ -520,6 +579,25 @@ def _cap(group: dict, current: int) -> int | None:
     if group.get("grow", True):
         return group["max_rank"]
     return current if group["max_rank"] is None else min(group["max_rank"], current)
+
+
+def _rank_bounds(layer) -> tuple[int, ...]:
+    """The largest rank(s) a layer's factors can hold."""
+    if isinstance(layer, TuckerConv2d):
+        return (layer.out_channels, layer.in_channels)
+    return (min(layer.out_dim, layer.in_dim),)
+
+
+def _ranks_of(layer) -> tuple[int, ...]:
+    return tuple(layer.ranks) if isinstance(layer, TuckerConv2d) else (layer.rank,)
+
+
+def _layer_cost(layer, ranks: tuple[int, ...]) -> int:
+    """Parameters of ``layer``'s factors at ``ranks``."""
+    if isinstance(layer, TuckerConv2d):
+        kh, kw = layer.kernel_size
+        return factor_parameter_count((layer.out_channels, layer.in_channels, kh * kw), ranks)
+    return factor_parameter_count((layer.out_dim, layer.in_dim), ranks)
 
 
 def _pad_stack(a: Tensor, b: Tensor) -> Tensor:

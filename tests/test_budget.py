@@ -1,0 +1,237 @@
+"""A target compression ratio: one parameter budget over all layers (allocate_ranks), in
+factorize, in the optimizers and through the CLI."""
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrc import LowRankAdam, LowRankLinear, LowRankSGD, factorize
+from lrc.layers import TuckerConv2d
+from lrc.linalg import allocate_ranks, factor_parameter_count
+from lrc.models import build_model
+from lrc.surgery import compression_ratio
+
+from .test_cli import lrc
+from .test_optim import weights
+
+f64 = torch.float64
+
+
+# ---- the allocation ------------------------------------------------------------------------
+def _matrix_cost(shapes):
+    return lambda i, r: factor_parameter_count(shapes[i], r)
+
+
+def test_allocation_with_equal_costs_keeps_the_largest_relative_energies():
+    """Where every added singular value costs the same, the greedy choice is the exact optimum:
+    the k largest relative energies over all layers."""
+    torch.manual_seed(0)
+    spectra = [[sorted(torch.rand(6).tolist(), reverse=True)] for _ in range(3)]
+    per_value = 10
+    cost = lambda i, r: per_value * r[0]  # noqa: E731
+    for k in range(3, 19):
+        ranks = allocate_ranks(spectra, cost, per_value * k, [(1,)] * 3, [(6,)] * 3)
+        assert sum(r[0] for r in ranks) == k
+        energy = [[s * s / sum(v * v for v in sp[0]) for s in sp[0]] for sp in spectra]
+        kept = sorted((e for i, es in enumerate(energy) for e in es[1:]), reverse=True)[: k - 3]
+        assert math.isclose(sum(sum(es[: r[0]]) for es, r in zip(energy, ranks)),
+                            sum(es[0] for es in energy) + sum(kept))
+
+
+def test_allocation_is_the_best_of_all_rank_choices_on_a_small_case():
+    """Against exhaustive search on two matrices of different shapes: the greedy ranks leave a
+    sum of relative errors within the value of one marginal singular value of the optimum, and
+    never exceed the budget."""
+    torch.manual_seed(1)
+    shapes = [(12, 20), (30, 8)]
+    spectra = [[sorted((torch.rand(8) ** 3).tolist(), reverse=True)] for _ in shapes]
+    cost = _matrix_cost(shapes)
+
+    def error(ranks):
+        return sum(sum(s * s for s in sp[0][r[0]:]) / sum(s * s for s in sp[0]) for sp, r in zip(spectra, ranks))
+
+    for budget in (80, 150, 300, 500, 700):
+        got = allocate_ranks(spectra, cost, budget, [(1,), (1,)], [(8,), (8,)])
+        assert sum(cost(i, r) for i, r in enumerate(got)) <= budget
+        best = min((error([(a,), (b,)]) for a, b in itertools.product(range(1, 9), repeat=2)
+                    if cost(0, (a,)) + cost(1, (b,)) <= budget))
+        slack = max(s * s / sum(v * v for v in sp[0]) for sp in spectra for s in sp[0])
+        assert error(got) <= best + slack
+
+
+def test_allocation_respects_floors_caps_zeros_and_tucker_costs():
+    spectra = [[[3.0, 2.0, 1.0, 0.0]], [[5.0, 4.0, 3.0], [6.0, 1.0, 0.5]]]
+    shapes = [(10, 10), (8, 6, 9)]
+    cost = lambda i, r: factor_parameter_count(shapes[i], r)  # noqa: E731
+    ranks = allocate_ranks(spectra, cost, 10**6, [(1,), (1, 1)], [(4,), (2, 3)])
+    assert ranks == [(3,), (2, 3)]  # the zero singular value is never kept; caps hold
+    assert allocate_ranks(spectra, cost, cost(0, (2,)) + cost(1, (1, 1)), [(2,), (1, 1)], [(4,), (3, 3)])[0] == (2,)
+    with pytest.raises(ValueError, match="below"):
+        allocate_ranks(spectra, cost, 10, [(1,), (1, 1)], [(4,), (3, 3)])
+
+
+def test_parameter_counts():
+    assert factor_parameter_count((10, 20), (3,)) == 3 * 30 + 9
+    assert factor_parameter_count((10, 20), (3,), "lora") == 3 * 30
+    assert factor_parameter_count((8, 6, 9), (2, 3)) == 16 + 18 + 54
+
+
+# ---- factorize -----------------------------------------------------------------------------
+@pytest.mark.parametrize("target", [50.0, 80.0, 90.0, 95.0])
+@pytest.mark.parametrize("case", ["lenet-matrix", "lenet-lora", "vgg-tucker"])
+def test_factorize_reaches_the_target_cr(case, target):
+    name, kw = {"lenet-matrix": ("lenet5", {}), "lenet-lora": ("lenet5", {"kind": "lora"}),
+                "vgg-tucker": ("vgg_small", {"conv_format": "tucker"})}[case]
+    model = build_model(name, num_classes=10, in_channels=1)
+    x = torch.randn(2, 1, 28, 28)
+    report = factorize(model, target_cr=target, exclude=["features.0"], **kw)
+    assert abs(compression_ratio(model) - target) <= 0.5
+    assert report.replaced and all(r.params_after < r.params_before for r in report.replaced)
+    assert torch.isfinite(model(x)).all()
+    if case == "vgg-tucker":
+        assert any(isinstance(m, TuckerConv2d) for m in model.modules())
+
+
+def test_factorize_target_cr_keeps_more_of_the_layer_with_the_slower_decaying_spectrum():
+    """Two equal layers, one with a fast-decaying spectrum: the budget goes to the other."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False))
+    with torch.no_grad():
+        for layer, decay in zip(model, (0.5, 0.95)):
+            P, _ = torch.linalg.qr(torch.randn(64, 64))
+            R, _ = torch.linalg.qr(torch.randn(64, 64))
+            layer.weight.copy_(P @ torch.diag(decay ** torch.arange(64.0)) @ R.T)
+    factorize(model, target_cr=70)
+    assert model[1].rank > 2 * model[0].rank
+    assert 70 <= compression_ratio(model) <= 70 + 100 * (128 + 2 * 14 + 1) / 8192  # within one component
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"target_cr": 99.99}, "out of reach"),
+    ({"target_cr": 0.0}, "in \\(0, 100\\)"),
+    ({"target_cr": 90, "tau": 0.1}, "not both"),
+    ({"target_cr": 90, "adapter": True}, "adapters"),
+])
+def test_factorize_target_cr_refuses_what_it_cannot_do(kwargs, message):
+    model = build_model("lenet5", num_classes=10, in_channels=1)
+    with pytest.raises(ValueError, match=message):
+        factorize(model, exclude=["features.0"], **kwargs)
+
+
+# ---- the optimizers ------------------------------------------------------------------------
+def _mlp(rank=12):
+    torch.manual_seed(0)
+    model = nn.Sequential(LowRankLinear(32, 64, rank, dtype=f64), nn.ReLU(), LowRankLinear(64, 48, rank, dtype=f64),
+                          nn.ReLU(), nn.Linear(48, 5, dtype=f64))
+    return model, torch.randn(128, 32, dtype=f64), torch.randint(0, 5, (128,))
+
+
+def _train(model, opt, x, y, steps=6):
+    for _ in range(steps):
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("mode", ["fused", "two_pass", "parallel"])
+def test_the_optimizers_hold_the_target_cr_at_every_step(optimizer, mode):
+    model, x, y = _mlp()
+    cls = {"adam": LowRankAdam, "sgd": LowRankSGD}[optimizer]
+    opt = cls(model, lr=1e-2, mode=mode, target_cr=80)
+    for _ in range(4):
+        _train(model, opt, x, y, steps=1)
+        assert 80 <= compression_ratio(model) <= 80.5 + 100 * (64 + 48 + 1) / 5405  # within one component
+    assert torch.isfinite(weights(model)).all()
+
+
+def test_tucker_layers_hold_the_target_cr():
+    torch.manual_seed(0)
+    model = nn.Sequential(TuckerConv2d(3, 16, 3, (3, 3), padding=1, dtype=f64), nn.ReLU(),
+                          TuckerConv2d(16, 24, 3, (8, 8), dtype=f64), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(24 * 6 * 6, 5, dtype=f64))
+    x, y = torch.randn(8, 3, 8, 8, dtype=f64), torch.randint(0, 5, (8,))
+    opt = LowRankAdam(model, lr=1e-2, target_cr=40)
+    _train(model, opt, x, y, steps=3)
+    assert 40 <= compression_ratio(model) <= 41.0
+
+
+@pytest.mark.parametrize("mode", ["fused", "two_pass"])
+def test_a_budget_that_does_not_bind_is_the_untruncated_update_in_float64(mode):
+    """A target c.r. whose budget holds every layer at its max_rank keeps every non-zero singular
+    value, as tau=0 does: the two runs agree to rounding."""
+    runs = []
+    for kwargs in ({"tau": 0.0}, {"target_cr": 1.0}):
+        model, x, y = _mlp(rank=3)
+        opt = LowRankAdam(model, lr=1e-2, mode=mode, max_rank=6, **kwargs)
+        _train(model, opt, x, y)
+        runs.append(model)
+    assert [m.rank for m in runs[0] if isinstance(m, LowRankLinear)] == [6, 6]
+    assert [m.rank for m in runs[1] if isinstance(m, LowRankLinear)] == [6, 6]
+    assert torch.allclose(weights(runs[0]), weights(runs[1]), rtol=0, atol=1e-10)
+
+
+def test_update_every_truncates_to_the_target_at_the_end_of_each_cycle():
+    model, x, y = _mlp()
+    opt = LowRankAdam(model, lr=1e-2, target_cr=85, update_every=3)
+    _train(model, opt, x, y, steps=3)
+    assert 85 <= compression_ratio(model) <= 86.5
+    _train(model, opt, x, y, steps=1)  # inside a cycle: augmented
+    opt.finish_cycle()
+    assert 85 <= compression_ratio(model) <= 86.5
+
+
+@pytest.mark.parametrize("target, message", [(99.9, "out of reach"), (0, "Invalid target_cr"),
+                                             (True, "Invalid target_cr")])
+def test_the_optimizer_refuses_a_target_it_cannot_keep(target, message):
+    model, _, _ = _mlp()
+    with pytest.raises(ValueError, match=message):
+        LowRankAdam(model, target_cr=target)
+
+
+def test_the_optimizer_refuses_target_cr_with_adapters():
+    model = nn.Sequential(LowRankLinear.from_linear(nn.Linear(16, 16), rank=2, adapter=True))
+    with pytest.raises(ValueError, match="adapter"):
+        LowRankAdam(model, target_cr=50)
+
+
+# ---- the CLI -------------------------------------------------------------------------------
+def test_train_target_cr_ends_at_the_target_for_lowrank_and_lora(tmp_path):
+    for method in ("lowrank-adam", "lora"):
+        out = tmp_path / method
+        proc = lrc("train", "--target-cr", "92", "--epochs", "1", "--method", method, "--quiet", "--out", out)
+        assert "c.r. 92." in proc.stdout
+        final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+        assert 92 <= final["compression_ratio"] <= 92.5
+
+
+@pytest.mark.parametrize("args, message", [
+    (("train", "--target-cr", "100"), "must lie in (0, 100)"),
+    (("train", "--target-cr", "99.9"), "out of reach"),
+    (("train", "--preset", "lenet5-fashion-mnist-compress", "--set", "factorize.target_cr=90"),
+     "both choose the ranks"),
+    (("factorize", "--target-cr", "90", "--tau", "0.1"), "give one"),
+])
+def test_target_cr_bad_input_is_one_line(args, message, tmp_path):
+    proc = lrc(*args, "--out", tmp_path / "x", check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_compare_with_a_target_cr_runs_lora_on_its_own_at_that_cr(tmp_path):
+    import csv
+
+    out = tmp_path / "cmp"
+    lrc("compare", "--methods", "lora,dlrt-naive", "--target-cr", "91", "--seeds", "1", "--epochs", "1",
+        "--quiet", "--out", out)
+    rows = {r["method"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert set(rows) == {"lora", "dlrt-naive"}
+    for row in rows.values():
+        assert 91 <= float(row["compression_ratio"]) <= 91.5
