@@ -523,6 +523,7 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
     for key in ("image_size", "channels"):
         if cfg["data"].get(key) is not None:
             summary[key] = cfg["data"][key]
+    summary["input_shape"] = list(next(iter(test_loader))[0].shape[1:])  # for latency and ONNX export
     if main:
         save_model(model_path, model, arch, summary)
     return RunResult(run_dir, model_path, last)

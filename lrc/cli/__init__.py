@@ -295,8 +295,11 @@ def evaluate_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
     trust_code: bool = typer.Option(False, "--trust-code", help="Import the model factory (code of your own) "
                                     "that the file names."),
+    latency: bool = typer.Option(True, "--latency/--no-latency", help="Time inference at batch 1 and 64 against "
+                                 "the dense model (CPU, and CUDA when present)."),
 ) -> None:
-    """Rebuild a model from its file alone and report accuracy, loss, parameters, c.r., ranks, FLOPs.
+    """Rebuild a model from its file alone and report accuracy, loss, parameters, c.r., ranks, FLOPs
+    and inference latency against the dense model it came from.
 
     Example: lrc evaluate runs/digits-mlp/model.safetensors --json
     """
@@ -315,6 +318,8 @@ def evaluate_cmd(
                          channels=meta["summary"].get("channels") if same else None).loaders(batch_size, 0, batch_size)
     result = evaluate(model, test, dev)
     result.update(model=str(model_path), architecture=meta["architecture"], data=name)
+    if latency:
+        result["latency_ms"] = _latency_table(model, next(iter(test))[0])
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -325,36 +330,130 @@ def evaluate_cmd(
                f"FLOPs/sample {result['flops_per_sample']:,}")
     for layer, rank in result["ranks"].items():
         typer.echo(f"  {layer:<28} rank {rank}")
+    for device_name, rows in result.get("latency_ms", {}).items():
+        for batch, row in rows.items():
+            typer.echo(f"  latency {device_name} batch {batch:>3}: dense {row['dense']:.3f} ms, compressed "
+                       f"{row['compressed']:.3f} ms ({row['compressed'] / row['dense']:.2f}×; median, "
+                       f"{row['threads']} threads)" if device_name == "cpu" else
+                       f"  latency {device_name} batch {batch:>3}: dense {row['dense']:.3f} ms, compressed "
+                       f"{row['compressed']:.3f} ms ({row['compressed'] / row['dense']:.2f}×; median)")
+
+
+def _latency_table(model, sample, batches=(1, 64)) -> dict:
+    """``{device: {batch: {"dense": ms, "compressed": ms}}}``: the median latency of the dense
+    model (every factorized layer merged) and of the compressed one (its inference form), on the
+    CPU and, when present, on CUDA; inputs are the first test samples, repeated to the batch."""
+    import torch
+
+    from ..inference import dense_form, inference_form, latency_ms
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    table: dict = {}
+    for device_name in devices:
+        dense, compressed = (form(model).to(device_name) for form in (dense_form, inference_form))
+        rows = {}
+        for batch in batches:
+            x = sample[:batch]
+            if len(x) < batch:  # a test set smaller than the batch: its samples repeated
+                x = x.repeat(-(-batch // len(x)), *([1] * (x.dim() - 1)))[:batch]
+            x = x.to(device_name)
+            rows[str(batch)] = {"dense": latency_ms(dense, x), "compressed": latency_ms(compressed, x)}
+            if device_name == "cpu":
+                rows[str(batch)]["threads"] = torch.get_num_threads()
+        table[device_name] = rows
+    return table
 
 
 @app.command("export")
 @friendly_errors
 def export_cmd(
     source: Path = typer.Argument(..., metavar="RUN_DIR|MODEL", help="A run directory or a compressed model."),
-    out: Path = typer.Option(..., "--out", "-o", help="File to write (.safetensors; .pt for --dense also)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="File to write (.safetensors; .pt for --dense "
+                                       "also)."),
     dtype: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
     dense: bool = typer.Option(False, "--dense", help="Merge into a plain state dict of the original architecture."),
+    inference: bool = typer.Option(False, "--inference", help="Per layer, keep it factorized or merge it to dense, "
+                                   "whichever measures faster here (--device, --batch-size)."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Also (or only) write an ONNX model to this file, "
+                                        "checked against PyTorch with onnxruntime (extra: lrc[onnx])."),
+    device: str = typer.Option("cpu", help="Where --inference measures: cpu, cuda or auto."),
+    batch_size: int = typer.Option(1, "--batch-size", help="The batch --inference measures at."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", metavar="C,H,W",
+                                              help="One sample's shape, for files that do not record it."),
     trust_code: bool = typer.Option(False, "--trust-code", help="Import the model factory the file names."),
 ) -> None:
     """Write the compressed model (or, with --dense, a plain state dict that loads strict
-    into the original architecture).
+    into the original architecture; with --onnx, an ONNX model).
 
     Example: lrc export runs/digits-mlp --out digits.safetensors --dtype bf16
     """
     import torch
 
     from ..io import load_model, save_dense, save_model
+    from ..train import resolve_device
 
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if dtype not in dtypes:
         raise ValueError(f"--dtype {dtype!r}: choose fp32, fp16 or bf16")
+    if out is None and onnx is None:
+        raise ValueError("say where to write: --out FILE (and/or --onnx FILE)")
+    if onnx is not None and onnx.suffix != ".onnx":
+        raise ValueError(f"--onnx {onnx}: the file name must end in .onnx")
+    if dense and inference:
+        raise ValueError("--dense merges every layer; --inference chooses per layer: give one")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: must be ≥ 1")
     path = source / "model.safetensors" if source.is_dir() else source
     model, meta = load_model(path, trust_code=trust_code)
-    if dense:
-        save_dense(out, model, dtypes[dtype])
-    else:
-        save_model(out, model, meta["architecture"], meta["summary"], dtypes[dtype])
-    typer.echo(f"wrote {out} ({out.stat().st_size:,} bytes)")
+    example = None
+    if inference or onnx is not None:
+        shape = _input_shape(input_shape, meta, path)
+        example = torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(0))
+    summary = dict(meta["summary"])
+    if inference:
+        from ..inference import choose_layers, merge_layers
+
+        dev = resolve_device(device)
+        model.to(dev)
+        choices = choose_layers(model, example.to(dev))
+        merge_layers(model, [name for name, c in choices.items() if c["kept"] == "dense"])
+        model.cpu()
+        for name, c in choices.items():
+            typer.echo(f"  {name:<28} {c['kept']:<10} (factorized {c['factorized_ms']:.3f} ms, "
+                       f"dense {c['dense_ms']:.3f} ms at batch {batch_size} on {dev.type})")
+        summary["inference"] = {"device": dev.type, "batch_size": batch_size,
+                                "kept": {name: c["kept"] for name, c in choices.items()}}
+    if out is not None:
+        if dense:
+            save_dense(out, model, dtypes[dtype])
+        else:
+            save_model(out, model, meta["architecture"], summary, dtypes[dtype])
+        typer.echo(f"wrote {out} ({out.stat().st_size:,} bytes)")
+    if onnx is not None:
+        from ..inference import export_onnx
+
+        checked = export_onnx(model, example, onnx)
+        line = f"wrote {onnx} ({onnx.stat().st_size:,} bytes)"
+        if "max_abs_diff" in checked:
+            line += (f"; onnxruntime agrees with PyTorch to {checked['max_abs_diff']:.1e} (outputs up to "
+                     f"{checked['max_abs_output']:.1f}), {checked['onnxruntime_ms']:.3f} ms at batch {batch_size}")
+        typer.echo(line)
+
+
+def _input_shape(text: str | None, meta: dict, path: Path) -> list[int]:
+    """One sample's shape: ``--input-shape C,H,W`` or the one the file records."""
+    if text is None:
+        shape = meta["summary"].get("input_shape")
+        if not (isinstance(shape, list) and shape and all(isinstance(v, int) and v > 0 for v in shape)):
+            raise ValueError(f"{path} does not record its input shape; pass --input-shape, e.g. --input-shape 1,28,28")
+        return shape
+    try:
+        shape = [int(v) for v in text.split(",")]
+    except ValueError:
+        shape = []
+    if not shape or any(v < 1 for v in shape):
+        raise ValueError(f"--input-shape {text}: one sample's shape as positive integers, e.g. 3,32,32 or 64")
+    return shape
 
 
 @app.command("info")
