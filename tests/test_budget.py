@@ -235,3 +235,37 @@ def test_compare_with_a_target_cr_runs_lora_on_its_own_at_that_cr(tmp_path):
     assert set(rows) == {"lora", "dlrt-naive"}
     for row in rows.values():
         assert 91 <= float(row["compression_ratio"]) <= 91.5
+
+
+# ---- lrc sweep -----------------------------------------------------------------------------
+def test_sweep_writes_the_table_and_the_pareto_plot_and_resumes(tmp_path):
+    from lrc.sweep import pareto_front
+
+    out = tmp_path / "sw"
+    args = ("sweep", "--target-crs", "85,95", "--epochs", "1", "--quiet", "--out", out, "--jobs", "2")
+    proc = lrc(*args)
+    assert "| target c.r. [%] |" in proc.stdout
+    rows = {float(r["target_cr"]): r for r in __import__("csv").DictReader((out / "sweep.csv").open())}
+    assert set(rows) == {85.0, 95.0}
+    for target, row in rows.items():
+        final = json.loads((out / "runs" / f"cr{target:g}-s0" / "metrics.jsonl").read_text().splitlines()[-1])
+        assert float(row["accuracy_mean"]) == pytest.approx(100 * final["test_accuracy"])
+        assert target <= float(row["compression_ratio"]) <= target + 0.5
+    assert (out / "pareto.png").stat().st_size > 1000
+    again = lrc(*args)
+    assert again.stderr.count("done already") == 2
+    assert pareto_front([(90, 80), (95, 70), (85, 75), (95, 60)]) == {0, 1}
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "give one of --taus or --target-crs"),
+    (("--taus", "0.1", "--target-crs", "90"), "give one of"),
+    (("--taus", "0.1,x"), "'x' is not a number"),
+    (("--taus", "1.5"), "must lie in (0, 1)"),
+    (("--target-crs", "90,90"), "given twice"),
+    (("--taus", "0.1", "--method", "lora"), "has no truncation"),
+])
+def test_sweep_bad_input_is_one_line(args, message, tmp_path):
+    proc = lrc("sweep", *args, "--out", tmp_path / "x", check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x").exists()

@@ -209,6 +209,67 @@ def compare_cmd(
     typer.echo(f"wrote {out_dir / 'results.md'}, {out_dir / 'results.csv'}")
 
 
+@app.command("sweep")
+@friendly_errors
+def sweep_cmd(
+    preset: str = typer.Option("digits-mlp", "--preset", "-p", help="Preset name or YAML file."),
+    taus: Optional[str] = typer.Option(None, "--taus", help="Truncation tolerances in training, comma-separated "
+                                       "(e.g. 0.05,0.1,0.2,0.3)."),
+    target_crs: Optional[str] = typer.Option(None, "--target-crs", help="Target compression ratios in percent, "
+                                             "comma-separated (e.g. 80,90,95)."),
+    seeds: int = typer.Option(1, help="Number of seeds (0, 1, …)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: runs/sweep-PRESET)."),
+    epochs: Optional[int] = typer.Option(None, help="Number of epochs."),
+    method: Optional[str] = typer.Option(None, help="A low-rank method or lora (default: the preset's)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the data set lies."),
+    set_: List[str] = typer.Option([], "--set", help="Override any preset field: section.key=value."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Runs trained at once (one thread each)."),
+    from_dense: Optional[Path] = typer.Option(None, "--from-dense", metavar="RUN|CHECKPOINT",
+                                              help="Start every run from this dense model."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Train one run per τ (or target c.r.) and seed; write the accuracy-against-c.r. table and
+    a Pareto plot. Finished runs are not run again.
+
+    Example: lrc sweep --preset digits-mlp --target-crs 80,90,95 --jobs 2
+    """
+    from ..presets import apply_override, load_preset
+    from ..sweep import sweep
+
+    if (taus is None) == (target_crs is None):
+        raise ValueError("give one of --taus or --target-crs")
+    knob, text = ("tau", taus) if taus is not None else ("target_cr", target_crs)
+    values = _parse_numbers(text, "--taus" if knob == "tau" else "--target-crs", "0.05,0.1,0.2" if knob == "tau"
+                            else "80,90,95")
+    cfg = load_preset(preset)
+    for option, key, value in (("--epochs", "train.epochs", epochs), ("--method", "optimizer.method", method),
+                               ("--data-dir", "data.data_dir", str(data_dir) if data_dir else None)):
+        if value is not None:
+            cfg = apply_override(cfg, f"{key}={json.dumps(value)}", f"{option} {value}")
+    for assignment in set_:
+        cfg = apply_override(cfg, assignment)
+    if seeds < 1:
+        raise ValueError("--seeds must be ≥ 1")
+    out_dir = out or Path("runs") / f"sweep-{Path(preset).stem}"
+    cfg["_preset"] = Path(preset).stem
+    sweep(cfg, knob, values, out_dir, list(range(seeds)), jobs=jobs, progress=not quiet,
+          log=lambda msg: typer.echo(msg, err=True), from_dense=from_dense)
+    typer.echo((out_dir / "sweep.md").read_text())
+    typer.echo(f"wrote {out_dir / 'sweep.md'}, {out_dir / 'sweep.csv'}"
+               + (f", {out_dir / 'pareto.png'}" if (out_dir / "pareto.png").exists() else ""))
+
+
+def _parse_numbers(text: str, option: str, example: str) -> list[float]:
+    values = []
+    for item in (part.strip() for part in text.split(",")):
+        if item:
+            try:
+                values.append(float(item))
+            except ValueError:
+                raise ValueError(f"{option} {text}: {item!r} is not a number (e.g. {option} {example})") from None
+    return values
+
+
 def _with_target_cr(cfg: dict, target_cr: float | None) -> dict:
     """``--target-cr``: factorize.target_cr set, factorize.tau (which it replaces) cleared."""
     from ..presets import with_target_cr
