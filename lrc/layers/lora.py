@@ -47,6 +47,15 @@ class LoRAModule(nn.Module):
     def matrix_weight(self) -> Tensor:
         return self.A @ self.B.mT
 
+    @property
+    def weight(self) -> Tensor:
+        """``A Bᵀ`` in the shape of the dense layer's ``weight`` (computed; plain autograd), for
+        model code that reads ``layer.weight``."""
+        return self.matrix_weight().reshape(self.out_dim, *self._kernel_shape())
+
+    def _kernel_shape(self) -> tuple[int, ...]:
+        return (self.in_dim,) if not hasattr(self, "kernel_size") else (self.in_channels, *self.kernel_size)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         A = state_dict.get(prefix + "A")
         if isinstance(A, Tensor) and A.shape[1] != self.rank:

@@ -78,6 +78,35 @@ class _FactorizedProduct(LayerFunction):
         return grad_x, G_K, grad_S, G_L, None
 
 
+class _WeightProduct(LayerFunction):
+    """``W = U S Vᵀ`` (n×m) for model code that reads ``layer.weight``: the backward receives
+    the whole ``∇W`` and hands the optimizers what the layer's own backward would —
+    ``G_K = ∇W V``, ``G_L = ∇Wᵀ U``, ``Uᵀ∇W V`` and, fused, ``Ũ, Ṽ, Ûᵀ∇W V̂``."""
+
+    @staticmethod
+    def forward(ctx, U: Tensor, S: Tensor, V: Tensor, layer: "LowRankMatrixModule") -> Tensor:
+        LayerFunction.remember(ctx, layer, U, S, V)
+        return U @ S @ V.mT
+
+    @staticmethod
+    def _backward(ctx, D: Tensor):
+        U, S, V = ctx.saved_tensors
+        layer: LowRankMatrixModule = ctx.layer
+        D = D.to(U.dtype)
+        G_K, G_L = D @ V, D.mT @ U
+        grad_S = U.mT @ G_K
+        if layer.fused and first_fused_backward(layer, G_K, G_L):
+            with torch.autocast(D.device.type, enabled=False):
+                Ut = augment_basis(U, G_K, grad_S)
+                Vt = augment_basis(V, G_L, grad_S.mT)
+            G_S = torch.cat([U, Ut], 1).mT @ D @ torch.cat([V, Vt], 1)
+            if layer.distributed:
+                all_reduce_mean_([G_S])
+            layer._fused_grads = (Ut, Vt, G_S)
+            grad_S = G_S[: S.shape[0], : S.shape[1]].clone()
+        return G_K, grad_S, G_L, None
+
+
 class LowRankMatrixModule(nn.Module):
     """Shared machinery of matrix-format factorized layers (``W`` seen as n×m).
 
@@ -142,6 +171,19 @@ class LowRankMatrixModule(nn.Module):
     def dense_weight(self) -> Tensor:
         """The effective weight in the shape of the dense layer's ``weight``."""
         return self.matrix_weight().reshape(self._dense_shape())
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective dense weight (``U S Vᵀ``, plus the base of an adapter) in the shape of
+        ``nn.Linear``/``nn.Conv2d``'s ``weight``, for model code that reads ``layer.weight``
+        (e.g. torchvision's Swin attention calls ``F.linear(x, qkv.weight)``). Computed on each
+        read; a loss through it trains the factors exactly as one through the layer's forward
+        (its backward receives ``∇W`` and gives the optimizers the same gradients, fused too).
+        Read-only."""
+        w = _WeightProduct.apply(self.U, self.S, self.V, self)
+        if self.base_weight is not None:
+            w = w + self.base_weight.reshape(w.shape)
+        return w.reshape(self._dense_shape())
 
     def num_dense_parameters(self) -> int:
         """Parameters of the dense layer this one replaces."""

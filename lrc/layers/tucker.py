@@ -241,6 +241,16 @@ class TuckerConv2d(nn.Module):
         """``C ×₁ U_out ×₂ U_in`` (out×in×kh×kw)."""
         return mode_product(mode_product(self.core, self.U_out, 0), self.U_in, 1)
 
+    @property
+    def weight(self) -> Tensor:
+        """The dense kernel, for model code that reads ``layer.weight`` — outside training only:
+        the optimizers need this layer's own backward, so a read with gradients enabled is an
+        error that says to use the matrix format for such a model."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.factor_parameters()):
+            raise RuntimeError("model code reads TuckerConv2d.weight while training; the Tucker optimizers need the "
+                               "layer's own forward: factorize this model with conv_format='matrix'")
+        return self.dense_weight()
+
     def num_dense_parameters(self) -> int:
         kh, kw = self.kernel_size
         return self.out_channels * self.in_channels * kh * kw + (0 if self.bias is None else self.out_channels)
