@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .layers import FACTORIZED, LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear, TuckerConv2d
+from .layers.attention import SplitMultiheadAttention
 from .models import FACTORY, build_model
 from .surgery import densify, replace_module
 
@@ -360,6 +361,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         model = build_model(arch["name"], **arch.get("args", {}))
     except Exception as e:  # ValueError for an unknown name or bad arguments, or worse
         raise CheckpointError(f"{path}: cannot build its architecture ({_first_line(e)})") from None
+    _split_recorded_attention(model, path)
     for name, spec in meta["layers"].items():
         try:
             dense = model.get_submodule(name)
@@ -383,6 +385,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
                     f"shape {list(tensors[key].shape)}, not {list(own[key].shape)}")
     load_weights(model, tensors, str(path))
     return model.to(device), meta
+
+
+def _split_recorded_attention(model: nn.Module, path: Path) -> None:
+    """The attention modules the file holds split (its tensors ``NAME.q_proj.…``) are split in
+    ``model`` too, before its layers are replaced and the tensors loaded."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    for name, module in list(model.named_modules()):
+        if name and type(module) is nn.MultiheadAttention and any(k.startswith(f"{name}.q_proj.") for k in keys):
+            replace_module(model, name, SplitMultiheadAttention.from_attention(module))
 
 
 def _empty_layer(spec: dict, dense: nn.Module) -> nn.Module:

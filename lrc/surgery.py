@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .layers import FACTORIZED, LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear, TuckerConv2d
+from .layers.attention import SplitMultiheadAttention, split_attention_supported
 from .layers.tucker import unfold
 from .linalg import allocate_ranks, factor_parameter_count
 
@@ -173,12 +174,15 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
         raise ValueError(f"tau must lie in (0, 1), got {tau!r}")
     report = FactorizeReport()
     matched: set[str] = set()
+    split = _split_attention(model, include, exclude, report)
     targets = []
     for name, module in model.named_modules():
         if not name or not _candidate(module):
             continue
         if include is not None:
-            hits = [p for p in include if fnmatch.fnmatchcase(name, p)]
+            parent = name.rpartition(".")[0]
+            hits = [p for p in include if fnmatch.fnmatchcase(name, p)
+                    or (parent in split and fnmatch.fnmatchcase(parent, p))]
             if not hits:
                 continue
             matched.update(hits)
@@ -261,10 +265,38 @@ def _budget_ranks(model: nn.Module, targets: list, target_cr: float, rank: int |
     return {name: r if len(r) == 2 else r[0] for name, r in zip(names, chosen)}
 
 
+def _split_attention(model: nn.Module, include, exclude, report: FactorizeReport) -> set[str]:
+    """Replace each ``nn.MultiheadAttention`` that include/exclude select (by its own name or a
+    projection's, ``NAME.q_proj`` etc.) by a :class:`SplitMultiheadAttention` — the same
+    function with four ``nn.Linear`` projections, which the main pass then factorizes; returns
+    the names split. An attention it cannot represent is reported and kept."""
+    done = set()
+    for name, module in list(model.named_modules()):
+        if not name or type(module) is not nn.MultiheadAttention:
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            report.skipped.append((name, "excluded"))
+            continue
+        children = [name] + [f"{name}.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+        if include is not None and not any(fnmatch.fnmatchcase(c, p) for p in include for c in children):
+            continue
+        why = split_attention_supported(module)
+        if why:
+            report.skipped.append((name, why))
+            continue
+        replace_module(model, name, SplitMultiheadAttention.from_attention(module))
+        done.add(name)
+    return done
+
+
 def densify(model: nn.Module) -> nn.Module:
-    """Replace every factorized layer of ``model`` (in place) by its dense equivalent."""
+    """Replace every factorized layer of ``model`` (in place) by its dense equivalent, and every
+    split attention by the ``nn.MultiheadAttention`` it came from."""
     for name, module in list(model.named_modules()):
         if name and isinstance(module, FACTORIZED):
+            replace_module(model, name, module.to_dense())
+    for name, module in list(model.named_modules()):
+        if name and isinstance(module, SplitMultiheadAttention):
             replace_module(model, name, module.to_dense())
     return model
 

@@ -86,13 +86,17 @@ def test_digits_is_built_in():
     assert len(data.train) + len(data.test) == 1797 and data.input_shape == (1, 8, 8)
 
 
-def test_vit_small_keeps_attention_dense():
+def test_vit_small_factorizes_attention_and_mlp():
     model = build_model("vit_small", num_classes=10)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     report = factorize(model, rank=32, exclude=["conv_proj", "heads.*"])
     names = [r.name for r in report.replaced]
-    assert len(names) == 12 and all(".mlp." in n for n in names)  # 6 blocks × 2 MLP layers
+    assert len(names) == 36  # 6 blocks × (2 MLP layers + q, k, v, out of the attention)
+    assert sum(".mlp." in n for n in names) == 12 and sum(".self_attention." in n for n in names) == 24
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    dense = build_model("vit_small", num_classes=10)
+    factorize(dense, rank=32, exclude=["conv_proj", "heads.*", "*self_attention"])
+    assert sum(isinstance(m, torch.nn.MultiheadAttention) for m in dense.modules()) == 6
 
 
 def test_lenet5_matches_the_dlrt_shapes():

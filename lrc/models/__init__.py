@@ -178,9 +178,9 @@ for _name in ("vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "vit_b_16"):
 def vit_small(num_classes: int = 10, image_size: int = 32, patch_size: int = 8, hidden_dim: int = 512,
               num_layers: int = 6, num_heads: int = 2, mlp_dim: int = 2048) -> nn.Module:
     """The paper's ViT-small for CIFAR-10 (patch 8, embedding 512, 6 layers, 2 heads), as a
-    torchvision ``VisionTransformer``. Its attention projections are not ``nn.Linear``
-    modules (``nn.MultiheadAttention``), so ``factorize`` keeps attention dense and
-    factorizes the MLP blocks. ``mlp_dim`` (4 × 512) is the ViT convention."""
+    torchvision ``VisionTransformer``. ``factorize`` splits its ``nn.MultiheadAttention``
+    into four projections (:class:`~lrc.layers.attention.SplitMultiheadAttention`) and
+    factorizes them with the MLP blocks. ``mlp_dim`` (4 × 512) is the ViT convention."""
     from torchvision.models.vision_transformer import VisionTransformer
 
     return VisionTransformer(image_size=image_size, patch_size=patch_size, num_layers=num_layers,
