@@ -1,6 +1,7 @@
 """A target compression ratio: one parameter budget over all layers (allocate_ranks), in
 factorize, in the optimizers and through the CLI."""
 
+import copy
 import itertools
 import json
 import math
@@ -269,3 +270,39 @@ def test_sweep_bad_input_is_one_line(args, message, tmp_path):
     proc = lrc("sweep", *args, "--out", tmp_path / "x", check=False)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_max_params_bounds_adapters_whose_ranks_a_relative_tau_lets_grow():
+    """A fresh adapter (S = 0) under Adam: every direction gets a step of about lr, the spectrum
+    is flat, and τ keeps nearly all of it — the ranks grow each step. max_params holds the
+    adapters' trainable parameters at the budget."""
+    def run(**kwargs):
+        torch.manual_seed(0)
+        base = nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 5))
+        model = copy.deepcopy(base)
+        factorize(model, rank=2, adapter=True, include=["0", "2"])
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for layer in (model[0], model[2]):
+            for p in layer.factor_parameters():
+                p.requires_grad_(True)
+        opt = LowRankAdam(model, lr=1e-2, tau=0.05, **kwargs)
+        x, y = torch.randn(64, 48), torch.randint(0, 5, (64,))
+        for _ in range(6):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return sum(p.numel() for layer in (model[0], model[2]) for p in layer.factor_parameters())
+
+    free = run()
+    budget = 2 * (4 * (48 + 64) + 16)
+    assert free > 3 * budget  # τ alone: the adapters grew
+    assert run(max_params=budget) <= budget
+
+
+def test_max_params_refuses_what_cannot_hold():
+    model, _, _ = _mlp()
+    with pytest.raises(ValueError, match="below"):
+        LowRankAdam(model, max_params=10)
+    with pytest.raises(ValueError, match="not both"):
+        LowRankAdam(model, max_params=10**6, target_cr=50)

@@ -92,6 +92,11 @@ class LowRankAdam(LowRankOptimizer):
             the singular values with the most relative energy per parameter are kept). Layers
             trade rank with each other; the model's size stays at the target. ``None``: the
             per-layer rule of ``tau``. Default: ``None``.
+        max_params (int | None): the same, with the budget given as the number of parameters the
+            factors (``U``, ``S``, ``V``) of all trained layers may hold together — for adapters,
+            whose size is their trainable parameters (a fresh adapter's spectrum is flat, so a
+            relative ``tau`` keeps almost all of it and the rank grows every step). ``None``: no
+            budget. Default: ``None``.
         distributed (bool | None): average gradients over the processes of ``torch.distributed``
             (one flat all-reduce per phase; the fused backward averages ``G_K``, ``G_L`` and
             ``G_S`` itself) and take rank 0's new ranks. ``None``: when a process group of
@@ -109,7 +114,7 @@ class LowRankAdam(LowRankOptimizer):
                  max_rank: int | None = None, mode: str = "fused", second_moment: str = "squared",
                  project_moments: bool = True, distributed: bool | None = None, lr_scaling: str = "dense",
                  new_moments: str = "zero", update_every: int = 1,
-                 target_cr: float | None = None) -> None:
+                 target_cr: float | None = None, max_params: int | None = None) -> None:
         if lr_scaling not in LR_SCALINGS:
             raise ValueError(f"Invalid lr_scaling: {lr_scaling!r} (one of {LR_SCALINGS})")
         if new_moments not in NEW_MOMENTS:
@@ -126,7 +131,8 @@ class LowRankAdam(LowRankOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(model, defaults, mode=mode, tau=tau, min_rank=min_rank, max_rank=max_rank,
                          second_moment=second_moment, project_moments=project_moments, distributed=distributed,
-                         update_every=update_every, target_cr=target_cr)
+                         update_every=update_every, target_cr=target_cr,
+                         max_params=max_params)
         self.lr_scaling = lr_scaling
         self.new_moments = new_moments
         self.carry_moments = new_moments == "project"

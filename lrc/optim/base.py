@@ -46,7 +46,7 @@ class LowRankOptimizer(Optimizer):
     def __init__(self, model: nn.Module, defaults: dict, *, mode: str, tau: float, min_rank: int,
                  max_rank: int | None, second_moment: str = "squared", project_moments: bool = True,
                  distributed: bool | None = None, update_every: int = 1,
-                 target_cr: float | None = None) -> None:
+                 target_cr: float | None = None, max_params: int | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
         if mode not in MODES:
@@ -64,6 +64,11 @@ class LowRankOptimizer(Optimizer):
         if target_cr is not None and (isinstance(target_cr, bool) or not isinstance(target_cr, (int, float))
                                       or not 0.0 < target_cr < 100.0):
             raise ValueError(f"Invalid target_cr: {target_cr!r} (a compression ratio in percent, in (0, 100))")
+        if max_params is not None and (isinstance(max_params, bool) or not isinstance(max_params, int)
+                                       or max_params < 1):
+            raise ValueError(f"Invalid max_params: {max_params!r} (a number of parameters ≥ 1)")
+        if target_cr is not None and max_params is not None:
+            raise ValueError("give target_cr or max_params, not both: each sets the budget")
         self.mode = mode
         self.update_every = update_every
         # carry the moments of the directions a truncation cut, to be projected onto the next
@@ -99,6 +104,13 @@ class LowRankOptimizer(Optimizer):
         super().__init__(groups, dict(defaults, tau=tau, min_rank=min_rank, max_rank=max_rank, phase=0))
         self.target_cr = target_cr
         self.budget = None if target_cr is None else self._budget(model, target_cr, min_rank)
+        if max_params is not None:
+            floor = sum(_layer_cost(layer, tuple(min(min_rank, s) for s in _rank_bounds(layer)))
+                        for layer in self._layers.values())
+            if max_params < floor:
+                raise ValueError(f"max_params={max_params:,} is below the {floor:,} parameters the factors hold at "
+                                 f"rank {min_rank}")
+            self.budget = max_params
 
     def _budget(self, model: nn.Module, target_cr: float, min_rank: int) -> int:
         """Parameters the factors of all trained layers may hold so that the model's c.r. (over all
