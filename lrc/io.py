@@ -555,6 +555,34 @@ def save_dense(path: str | Path, model: nn.Module, dtype: torch.dtype | None = N
             _torch_save(tensors, tmp)
 
 
+def save_dense_pretrained(directory: str | Path, model: nn.Module, dtype: torch.dtype | None = None) -> None:
+    """A Hugging Face model (``model.name: hf``) merged to dense and written as ``transformers``
+    writes it (``config.json``, ``model.safetensors``) into ``directory``, which
+    ``AutoModelForSequenceClassification.from_pretrained`` loads; written beside it first and
+    renamed, so a failure leaves no half-written directory."""
+    import copy
+
+    directory = Path(directory)
+    if directory.suffix or (directory.exists() and not directory.is_dir()):
+        raise ValueError(f"{directory}: a Hugging Face model is exported as a directory; name one without a suffix")
+    if directory.exists() and any(directory.iterdir()):
+        raise ValueError(f"{directory} exists and is not empty; choose a new directory")
+    dense = densify(copy.deepcopy(model))
+    if dtype is not None:
+        dense = dense.to(dtype)
+    tmp = directory.parent / f".{directory.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        dense.save_pretrained(tmp)
+        if directory.exists():
+            directory.rmdir()
+        os.replace(tmp, directory)
+    except OSError as e:
+        raise WriteError(_write_failure(directory, e)) from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_state(path: str | Path, state: dict) -> None:
     """Training state for ``--resume``, written atomically."""
     with atomic_path(path) as tmp:

@@ -34,13 +34,14 @@ METHODS = ("lowrank-adam", "lowrank-sgd", "dense", "lora", "dlrt-naive")
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"name": "mlp", "args": {}, "checkpoint": None, "new_head": False, "factory": None},
     "data": {"name": "digits", "data_dir": None, "batch_size": 64, "eval_batch_size": None, "workers": 0,
-             "image_size": None, "channels": None, "train_samples": None},
+             "image_size": None, "channels": None, "train_samples": None,
+             "text_column": "text", "label_column": "label", "max_length": 64, "tokenizer": None},
     "factorize": {"rank": None, "tau": None, "include": None, "exclude": [], "conv_format": "matrix",
-                  "match_cr": None, "target_cr": None},
+                  "match_cr": None, "target_cr": None, "adapter": False, "trainable": None},
     "optimizer": {"method": "lowrank-adam", "lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999],
                   "momentum": 0.9, "tau": 0.1, "min_rank": 1, "max_rank": None, "mode": "fused",
                   "second_moment": "squared", "lr_scaling": "dense",
-                  "new_moments": "zero", "update_every": 1},
+                  "new_moments": "zero", "update_every": 1, "max_params": None},
     "train": {"epochs": 10, "seed": 0, "device": "auto", "bf16": False, "grad_clip": None,
               "schedule": "cosine", "warmup_epochs": 0.0, "tau_warmup_epochs": 0.0},
 }
@@ -77,6 +78,9 @@ _TYPED: dict[tuple[str, str], tuple[str, Any]] = {
     ("factorize", "include"): ("a list of layer-name patterns or null", _optional(_strings)),
     ("factorize", "exclude"): ("a list of layer-name patterns", _strings),
     ("factorize", "match_cr"): ("a run directory or null", _optional(lambda v: isinstance(v, str))),
+    ("factorize", "trainable"): ("a list of parameter-name patterns or null", _optional(_strings)),
+    ("data", "tokenizer"): ("a path or null", _optional(lambda v: isinstance(v, str))),
+    ("optimizer", "max_params"): ("an integer or null", _optional(_is_int)),
     ("optimizer", "max_rank"): ("an integer or null", _optional(_is_int)),
     ("optimizer", "betas"): ("two numbers, e.g. [0.9, 0.999]",
                              lambda v: isinstance(v, list) and len(v) == 2
@@ -213,6 +217,18 @@ def validate(cfg: dict, source: str) -> None:
         raise PresetError(f"{source}: factorize.tau = {fac['tau']} must lie in (0, 1)")
     if fac["rank"] is not None and not (isinstance(fac["rank"], int) and fac["rank"] >= 1):
         raise PresetError(f"{source}: factorize.rank = {fac['rank']!r} must be a positive integer")
+    if fac["adapter"] and opt["method"] not in ("lowrank-adam", "lowrank-sgd", "dlrt-naive"):
+        raise PresetError(f"{source}: factorize.adapter trains U S Vᵀ beside frozen weights with a low-rank "
+                          f"optimizer; method {opt['method']} cannot (use lowrank-adam)")
+    if fac["adapter"] and fac["target_cr"] is not None:
+        raise PresetError(f"{source}: factorize.target_cr sets a compressed size; adapters keep the dense "
+                          "weights (bound them with optimizer.max_params)")
+    if opt["max_params"] is not None and opt["max_params"] < 1:
+        raise PresetError(f"{source}: optimizer.max_params = {opt['max_params']} must be ≥ 1")
+    if opt["max_params"] is not None and fac["target_cr"] is not None:
+        raise PresetError(f"{source}: optimizer.max_params and factorize.target_cr both set the budget; set one")
+    if cfg["data"]["max_length"] < 2:
+        raise PresetError(f"{source}: data.max_length = {cfg['data']['max_length']} must be ≥ 2")
     if fac["target_cr"] is not None:
         if not 0.0 < fac["target_cr"] < 100.0:
             raise PresetError(f"{source}: factorize.target_cr = {fac['target_cr']} must lie in (0, 100) "

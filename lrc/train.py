@@ -153,10 +153,15 @@ def build_run(cfg: dict, device: torch.device):
         budgeted = fac.get("target_cr") is not None  # the budget chooses the ranks; no preset cap
         report = factorize(model, rank=None if budgeted else fac["rank"], tau=fac["tau"], include=include,
                            exclude=fac["exclude"], kind="lora" if method == "lora" else "lowrank", ranks=ranks,
-                           conv_format=fac["conv_format"], target_cr=fac.get("target_cr"))
+                           conv_format=fac["conv_format"], target_cr=fac.get("target_cr"),
+                           adapter=fac.get("adapter", False))
         if not report.replaced:
             raise ValueError("factorize replaced no layer: check factorize.rank/include/exclude "
                              "(a rank must be below what a layer allows to save parameters)")
+    if fac.get("adapter") and method != "dense":
+        _freeze_for_adapters(model, fac.get("trainable"))
+    if arch["name"] == "hf" and "config" not in arch["args"]:  # the file rebuilds without the directory
+        arch["args"]["config"] = model.model.config.to_diff_dict()
     model.to(device)
     common = dict(lr=opt_cfg["lr"], weight_decay=opt_cfg["weight_decay"])
     if method in ("dense", "lora"):
@@ -164,7 +169,7 @@ def build_run(cfg: dict, device: torch.device):
     else:
         lowrank = dict(tau=opt_cfg["tau"], min_rank=opt_cfg["min_rank"], max_rank=opt_cfg["max_rank"],
                        mode=opt_cfg["mode"], update_every=opt_cfg.get("update_every", 1),
-                       target_cr=fac.get("target_cr"))
+                       target_cr=fac.get("target_cr"), max_params=opt_cfg.get("max_params"))
         if method in ("lowrank-adam", "dlrt-naive"):
             opt = LowRankAdam(model, betas=tuple(opt_cfg["betas"]), second_moment=opt_cfg["second_moment"],
                               project_moments=method == "lowrank-adam", lr_scaling=opt_cfg.get("lr_scaling", "none"),
@@ -174,8 +179,32 @@ def build_run(cfg: dict, device: torch.device):
     return model, opt, arch, report
 
 
+def text_options(cfg: dict) -> dict | None:
+    """The options of the ``text`` data set from a configuration (the tokenizer defaults to the
+    model's directory); ``None`` for other data sets."""
+    dcfg = cfg["data"]
+    if dcfg["name"] != "text":
+        return None
+    return {"tokenizer": dcfg.get("tokenizer") or cfg["model"]["args"].get("path"),
+            "text_column": dcfg.get("text_column", "text"), "label_column": dcfg.get("label_column", "label"),
+            "max_length": dcfg.get("max_length", 64)}
+
+
+def _freeze_for_adapters(model: nn.Module, trainable) -> None:
+    """Adapter training: only the adapters' factors and the parameters matching ``trainable``
+    (default: a classification head, ``*classifier*``/``*head*``) train; the rest is frozen."""
+    import fnmatch
+
+    patterns = list(trainable) if trainable is not None else ["*classifier*", "*head*"]
+    factor_ids = {id(p) for m in model.modules() if isinstance(m, FACTORIZED) and getattr(m, "adapter", False)
+                  for p in m.factor_parameters()}
+    for name, p in model.named_parameters():
+        p.requires_grad_(id(p) in factor_ids or any(fnmatch.fnmatchcase(name, pat) for pat in patterns))
+
+
 def _canonical(arch: dict) -> str:
-    return json.dumps({"name": arch.get("name"), "args": arch.get("args", {})}, sort_keys=True)
+    args = {k: v for k, v in arch.get("args", {}).items() if k != "config"}  # hf: the recorded config.json
+    return json.dumps({"name": arch.get("name"), "args": args}, sort_keys=True)
 
 
 def _show_arch(arch: dict) -> str:
@@ -385,7 +414,7 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
 
     dcfg = cfg["data"]
     data = build_data(dcfg["name"], dcfg["data_dir"], tcfg["seed"], dcfg["image_size"], dcfg.get("channels"),
-                      dcfg.get("train_samples"))
+                      dcfg.get("train_samples"), text=text_options(cfg))
     model, opt, arch, report = build_run(cfg, device)
     broadcast_([t.data for t in list(model.parameters()) + list(model.buffers())])  # same start everywhere
     own_averaging = isinstance(opt, LowRankOptimizer)  # else: average here for AdamW
@@ -497,6 +526,7 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
                     "train_accuracy": epoch_sums[1] / max(epoch_sums[2], 1), "test_loss": ev["loss"],
                     "test_accuracy": ev["top1"], "compression_ratio": compression_ratio(model),
                     "params": ev["params"], "lr": opt.param_groups[0]["lr"],
+                    "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                     "time_s": time.perf_counter() - started, "optimizer_state_bytes": _state_bytes(opt),
                     "processes": world, "comm_bytes_per_step": comm_bytes, "ranks": layer_ranks(model)}
             if "top5" in ev:
@@ -524,6 +554,9 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
         if cfg["data"].get(key) is not None:
             summary[key] = cfg["data"][key]
     summary["input_shape"] = list(next(iter(test_loader))[0].shape[1:])  # for latency and ONNX export
+    if text_options(cfg):
+        summary["text"] = text_options(cfg)
+        summary["data_dir"] = cfg["data"]["data_dir"]
     if main:
         save_model(model_path, model, arch, summary)
     return RunResult(run_dir, model_path, last)

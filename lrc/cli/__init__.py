@@ -375,8 +375,12 @@ def evaluate_cmd(
     if not name:
         raise ValueError(f"{model_path} does not record its data set; pass --data NAME")
     same = name == meta["summary"].get("data")  # the input form the model was trained on
+    text = meta["summary"].get("text") if same else None  # a text data set: its tokenizer and columns
+    if text and data_dir is None:
+        data_dir = meta["summary"].get("data_dir")
     _, test = build_data(name, data_dir, image_size=meta["summary"].get("image_size") if same else None,
-                         channels=meta["summary"].get("channels") if same else None).loaders(batch_size, 0, batch_size)
+                         channels=meta["summary"].get("channels") if same else None,
+                         text=text).loaders(batch_size, 0, batch_size)
     result = evaluate(model, test, dev)
     result.update(model=str(model_path), architecture=meta["architecture"], data=name)
     if latency:
@@ -485,10 +489,17 @@ def export_cmd(
         summary["inference"] = {"device": dev.type, "batch_size": batch_size,
                                 "kept": {name: c["kept"] for name, c in choices.items()}}
     if out is not None:
-        if dense:
+        if dense and meta["architecture"]["name"] == "hf":
+            from ..io import save_dense_pretrained
+
+            save_dense_pretrained(out, model, dtypes[dtype])
+            typer.echo(f"wrote {out}/ (AutoModelForSequenceClassification.from_pretrained loads it)")
+            out = None
+        elif dense:
             save_dense(out, model, dtypes[dtype])
         else:
             save_model(out, model, meta["architecture"], summary, dtypes[dtype])
+    if out is not None:
         typer.echo(f"wrote {out} ({out.stat().st_size:,} bytes)")
     if onnx is not None:
         from ..inference import export_onnx

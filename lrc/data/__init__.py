@@ -53,11 +53,13 @@ def register_data(name: str):
 
 
 def build_data(name: str, data_dir: str | Path | None = None, seed: int = 0, image_size: int | None = None,
-               channels: int | None = None, train_samples: int | None = None) -> Data:
+               channels: int | None = None, train_samples: int | None = None, text: dict | None = None) -> Data:
     """A registered data set; ``image_size`` resizes images (e.g. CIFAR to 224 for ViT-B/16)
     where the data set has images, ``None`` keeps its native size; ``channels: 3`` repeats a
     grey-scale image into three channels (for networks pretrained on RGB); ``train_samples``
-    keeps that many training samples, the same fixed subset for every seed and method."""
+    keeps that many training samples, the same fixed subset for every seed and method. ``text``
+    holds the options of the ``text`` data set (:mod:`lrc.data.text`: tokenizer, columns,
+    max_length)."""
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
     builder = DATASETS[name]
@@ -77,7 +79,12 @@ def build_data(name: str, data_dir: str | Path | None = None, seed: int = 0, ima
         if channels not in (1, 3):
             raise ValueError(f"data.channels = {channels}: choose 1 or 3")
         options["channels"] = channels
-    data = builder(Path(data_dir) if data_dir else None, seed, **options)
+    if name == "text":
+        from .text import text_data
+
+        data = text_data(data_dir, seed, **(text or {}))
+    else:
+        data = builder(Path(data_dir) if data_dir else None, seed, **options)
     if train_samples is not None:
         if not 1 <= train_samples <= len(data.train):
             raise ValueError(f"data.train_samples = {train_samples}: {name} has {len(data.train)} training samples")
@@ -262,3 +269,13 @@ def uc_merced(data_dir: Path | None, seed: int, image_size: int = 224) -> Data:
         test_idx += [idx[j] for j in perm[cut:]]
     train_tf, test_tf = ucm_transforms(image_size)
     return Data(_Subset(folder, train_idx, train_tf), _Subset(folder, test_idx, test_tf), 21, (3, image_size, image_size))
+
+
+@register_data("text")
+def text(data_dir: Path | None, seed: int) -> Data:
+    """Text classification from CSV/JSON-lines files (``data.text_column``, ``data.label_column``,
+    ``data.max_length``, ``data.tokenizer``), see :mod:`lrc.data.text`."""
+    from .text import text_data
+
+    return text_data(data_dir, seed, None)
+

@@ -207,3 +207,14 @@ def efficientnet_lite0(num_classes: int = 1000, dropout_rate: float = 0.2, drop_
     return EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes, image_size=None,
                                   dropout_rate=dropout_rate, drop_connect_rate=drop_connect_rate,
                                   batch_norm_momentum=batch_norm_momentum)
+
+
+@register_model("hf")
+def hf(path: str | None = None, num_labels: int = 2, task: str = "sequence-classification",
+       config: dict | None = None) -> nn.Module:
+    """A Hugging Face model from a local directory (``model.args.path``; ``transformers``, extra
+    ``lrc[hf]``), see :mod:`lrc.models.hf`."""
+    from .hf import hf_model
+
+    return hf_model(path, num_labels, task, config)
+

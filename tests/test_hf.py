@@ -1,0 +1,114 @@
+"""Hugging Face models and text data (extra lrc[hf]): a tiny BERT built from a config (no
+download) trains adapters from the CLI, saves, rebuilds from the lrc file alone, and exports a
+directory that transformers loads; the text loader on tiny CSV/JSON-lines files."""
+
+import csv
+import importlib.util
+import json
+import random
+
+import pytest
+import torch
+
+from lrc import LowRankAdam, factorize
+from lrc.layers import LowRankLinear
+
+from .test_cli import lrc
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                reason="needs the hf extra (transformers)")
+
+WORDS = {"positive": ["good", "great", "love", "fine"], "negative": ["bad", "awful", "hate", "terrible"],
+         "neutral": ["car", "drive", "road", "ok"]}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 2-layer BERT (hidden 16) with its tokenizer in a directory, and a 3-class CSV."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("hf")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [w for ws in WORDS.values() for w in ws]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(root / "model")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32, num_labels=3)
+    BertForSequenceClassification(config).save_pretrained(root / "model")
+    rng = random.Random(0)
+    with open(root / "tweets.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sentiment", "text"])
+        for _ in range(150):
+            label = rng.choice(sorted(WORDS))
+            w.writerow([label, " ".join(rng.choice(WORDS[label]) for _ in range(4))])
+    return root
+
+
+def test_text_loader_splits_a_file_reads_a_directory_and_jsonl(tiny, tmp_path):
+    from lrc.data import build_data
+
+    text = {"tokenizer": str(tiny / "model"), "text_column": "text", "label_column": "sentiment", "max_length": 6}
+    data = build_data("text", tiny / "tweets.csv", text=text)
+    assert data.num_classes == 3 and len(data.train) == 120 and len(data.test) == 30
+    x, y = data.train[0]
+    assert x.shape == (2, 6) and x.dtype == torch.long and 0 <= int(y) < 3
+    again = build_data("text", tiny / "tweets.csv", seed=5, text=text)  # the split does not depend on the seed
+    assert torch.equal(again.test.tensors[0], data.test.tensors[0])
+    (tmp_path / "d").mkdir()
+    rows = list(csv.DictReader(open(tiny / "tweets.csv")))
+    for name, part in (("train.jsonl", rows[:100]), ("test.jsonl", rows[100:])):
+        (tmp_path / "d" / name).write_text("\n".join(json.dumps(r) for r in part) + "\n")
+    split = build_data("text", tmp_path / "d", text=text)
+    assert len(split.train) == 100 and len(split.test) == 50
+    with pytest.raises(ValueError, match="no column 'body'"):
+        build_data("text", tiny / "tweets.csv", text={**text, "text_column": "body"})
+
+
+def test_adapters_from_the_cli_train_reload_evaluate_and_export_for_transformers(tiny, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from lrc.io import load_model
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text(
+        f"model: {{name: hf, args: {{path: {tiny / 'model'}, num_labels: 3}}}}\n"
+        f"data: {{name: text, data_dir: {tiny / 'tweets.csv'}, label_column: sentiment, max_length: 6, "
+        "batch_size: 16}\n"
+        "factorize: {rank: 2, adapter: true, include: ['*.query', '*.key', '*.value', '*.intermediate.dense', "
+        "'*.layer.?.output.dense']}\n"
+        "optimizer: {method: lowrank-adam, lr: 1.0e-2, tau: 0.05, max_params: 800}\n"
+        "train: {epochs: 2}\n")
+    out = tmp_path / "run"
+    lrc("train", "--preset", preset, "--out", out, "--quiet")
+    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert len(final["ranks"]) == 10  # 2 layers × (q, k, v, 2 feed-forward)
+    head = 16 * 3 + 3
+    assert final["trainable_params"] <= 800 + head  # adapters within max_params, plus the new head
+    (tiny / "model").rename(tiny / "moved")  # the lrc file rebuilds without the directory
+    try:
+        model, meta = load_model(out / "model.safetensors")
+    finally:
+        (tiny / "moved").rename(tiny / "model")
+    evaluated = json.loads(lrc("evaluate", out / "model.safetensors", "--json", "--no-latency").stdout)
+    assert evaluated["top1"] == pytest.approx(final["test_accuracy"])
+    lrc("export", out, "--dense", "--out", tmp_path / "dense")
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "dense").eval()
+    x = torch.randint(5, 17, (4, 2, 6))
+    x[:, 1] = 1
+    with torch.no_grad():
+        assert torch.allclose(hf(input_ids=x[:, 0], attention_mask=x[:, 1]).logits, model.eval()(x), atol=1e-5)
+
+
+def test_a_factorized_hf_model_trains_a_step_in_fused_mode(tiny):
+    from lrc.models import build_model
+
+    model = build_model("hf", path=str(tiny / "model"), num_labels=3)
+    report = factorize(model, rank=4, exclude=["*classifier*", "*embeddings*", "*pooler*"])
+    assert any(r.name.endswith("attention.self.query") for r in report.replaced)
+    opt = LowRankAdam(model, lr=1e-3)
+    x = torch.randint(5, 17, (4, 2, 6))
+    x[:, 1] = 1
+    torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 0])).backward()
+    opt.step()
+    assert all(torch.isfinite(m.S).all() for m in model.modules() if isinstance(m, LowRankLinear))
