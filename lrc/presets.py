@@ -34,7 +34,7 @@ METHODS = ("lowrank-adam", "lowrank-sgd", "dense", "lora", "dlrt-naive")
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"name": "mlp", "args": {}, "checkpoint": None, "new_head": False, "factory": None},
     "data": {"name": "digits", "data_dir": None, "batch_size": 64, "eval_batch_size": None, "workers": 0,
-             "image_size": None, "channels": None, "train_samples": None,
+             "image_size": None, "channels": None, "train_samples": None, "test_samples": None,
              "text_column": "text", "label_column": "label", "max_length": 64, "tokenizer": None},
     "factorize": {"rank": None, "tau": None, "include": None, "exclude": [], "conv_format": "matrix",
                   "match_cr": None, "target_cr": None, "adapter": False, "trainable": None},
@@ -74,6 +74,7 @@ _TYPED: dict[tuple[str, str], tuple[str, Any]] = {
     ("data", "image_size"): ("an integer or null", _optional(_is_int)),
     ("data", "channels"): ("an integer or null", _optional(_is_int)),
     ("data", "train_samples"): ("an integer or null", _optional(_is_int)),
+    ("data", "test_samples"): ("an integer or null", _optional(_is_int)),
     ("factorize", "rank"): ("an integer or null", _optional(_is_int)),
     ("factorize", "include"): ("a list of layer-name patterns or null", _optional(_strings)),
     ("factorize", "exclude"): ("a list of layer-name patterns", _strings),

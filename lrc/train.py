@@ -414,7 +414,7 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
 
     dcfg = cfg["data"]
     data = build_data(dcfg["name"], dcfg["data_dir"], tcfg["seed"], dcfg["image_size"], dcfg.get("channels"),
-                      dcfg.get("train_samples"), text=text_options(cfg))
+                      dcfg.get("train_samples"), text=text_options(cfg), test_samples=dcfg.get("test_samples"))
     model, opt, arch, report = build_run(cfg, device)
     broadcast_([t.data for t in list(model.parameters()) + list(model.buffers())])  # same start everywhere
     own_averaging = isinstance(opt, LowRankOptimizer)  # else: average here for AdamW
@@ -557,6 +557,8 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
     if text_options(cfg):
         summary["text"] = text_options(cfg)
         summary["data_dir"] = cfg["data"]["data_dir"]
+    if cfg["data"].get("test_samples"):
+        summary["test_samples"] = cfg["data"]["test_samples"]
     if main:
         save_model(model_path, model, arch, summary)
     return RunResult(run_dir, model_path, last)

@@ -24,6 +24,9 @@ def test_every_shipped_preset_loads_and_shows_its_command(name):
 def test_every_shipped_preset_names_real_layers_data_and_weights(name):
     # on the meta device: VGG16 and ViT-B/16 are built and factorized without allocating memory
     cfg = load_preset(name)
+    if cfg["model"]["name"] == "hf":
+        _check_hf_preset(cfg)
+        return
     with torch.device("meta"):
         model = build_model(cfg["model"]["name"], **cfg["model"]["args"])
     layers = [n for n, _ in model.named_modules() if n]
@@ -41,6 +44,29 @@ def test_every_shipped_preset_names_real_layers_data_and_weights(name):
     assert report.replaced and all(r.params_after < r.params_before for r in report.replaced)
     if cfg["factorize"]["tau"] is None:  # else the dense weights' spectrum picks the ranks (no values on meta)
         assert compression_ratio(model) > 25
+
+
+def _check_hf_preset(cfg):
+    """A Hugging Face preset: its model and data packages installed (else skipped, as CI
+    installs them), every include pattern matches a layer, the adapters fit max_params."""
+    from lrc.paths import resolve_path
+
+    try:
+        model_dir, data_file = resolve_path(cfg["model"]["args"]["path"]), resolve_path(cfg["data"]["data_dir"])
+    except ValueError as e:
+        pytest.skip(str(e))
+    pytest.importorskip("transformers")
+    assert (model_dir / "config.json").is_file() and data_file.is_file()
+    model = build_model("hf", **cfg["model"]["args"])
+    layers = [n for n, _ in model.named_modules() if n]
+    for pattern in cfg["factorize"]["include"]:
+        assert any(fnmatch(n, pattern) for n in layers), f"include pattern {pattern!r} matches no layer"
+    report = factorize(model, rank=cfg["factorize"]["rank"], adapter=cfg["factorize"]["adapter"],
+                       include=cfg["factorize"]["include"])
+    assert len(report.replaced) == 30  # 6 blocks × (q, k, v, 2 feed-forward)
+    factors = sum(p.numel() for m in model.modules() if hasattr(m, "factor_parameters") for p in m.factor_parameters())
+    # U S Vᵀ at LoRA's rank holds r² more per layer; the first truncation brings it under the budget
+    assert factors <= 1.01 * cfg["optimizer"]["max_params"]
 
 
 def test_overrides_parse_yaml_values_and_check_types():

@@ -380,7 +380,8 @@ def evaluate_cmd(
         data_dir = meta["summary"].get("data_dir")
     _, test = build_data(name, data_dir, image_size=meta["summary"].get("image_size") if same else None,
                          channels=meta["summary"].get("channels") if same else None,
-                         text=text).loaders(batch_size, 0, batch_size)
+                         text=text, test_samples=meta["summary"].get("test_samples") if same else None
+                         ).loaders(batch_size, 0, batch_size)
     result = evaluate(model, test, dev)
     result.update(model=str(model_path), architecture=meta["architecture"], data=name)
     if latency:

@@ -53,11 +53,13 @@ def register_data(name: str):
 
 
 def build_data(name: str, data_dir: str | Path | None = None, seed: int = 0, image_size: int | None = None,
-               channels: int | None = None, train_samples: int | None = None, text: dict | None = None) -> Data:
+               channels: int | None = None, train_samples: int | None = None, text: dict | None = None,
+               test_samples: int | None = None) -> Data:
     """A registered data set; ``image_size`` resizes images (e.g. CIFAR to 224 for ViT-B/16)
     where the data set has images, ``None`` keeps its native size; ``channels: 3`` repeats a
     grey-scale image into three channels (for networks pretrained on RGB); ``train_samples``
-    keeps that many training samples, the same fixed subset for every seed and method. ``text``
+    keeps that many training samples, the same fixed subset for every seed and method (and
+    ``test_samples`` of the test set, e.g. to evaluate a large text corpus quickly). ``text``
     holds the options of the ``text`` data set (:mod:`lrc.data.text`: tokenizer, columns,
     max_length)."""
     if name not in DATASETS:
@@ -90,6 +92,11 @@ def build_data(name: str, data_dir: str | Path | None = None, seed: int = 0, ima
             raise ValueError(f"data.train_samples = {train_samples}: {name} has {len(data.train)} training samples")
         keep = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(1234))[:train_samples]
         data.train = Subset(data.train, sorted(keep.tolist()))
+    if test_samples is not None:
+        if not 1 <= test_samples <= len(data.test):
+            raise ValueError(f"data.test_samples = {test_samples}: {name} has {len(data.test)} test samples")
+        keep = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(4321))[:test_samples]
+        data.test = Subset(data.test, sorted(keep.tolist()))
     return data
 
 
