@@ -658,6 +658,7 @@ def summarize(out_dir: Path, methods: list[str], seeds: list[int], lrs: list[flo
                 "params": round(statistics.fmean(r["params"] for r in last)),
                 "time_per_epoch_s": statistics.fmean(e["time_s"] for h in finals for e in h),
                 "optimizer_state_bytes": round(statistics.fmean(r.get("optimizer_state_bytes", 0) for r in last)),
+                "trainable_params": round(statistics.fmean(r.get("trainable_params", r["params"]) for r in last)),
             })
             rows.append(row)
     return rows
@@ -686,14 +687,14 @@ def write_tables(out_dir: Path, rows: list[dict]) -> None:
 
 
 def _method_table(rows: list[dict], with_lr: bool = False) -> list[str]:
-    lines = [f"| method |{' lr |' if with_lr else ''} test accuracy [%] | c.r. [%] | parameters | time / epoch [s] | "
-             "optimizer state [KiB] |",
-             f"| --- |{' ---: |' if with_lr else ''} ---: | ---: | ---: | ---: | ---: |"]
+    lines = [f"| method |{' lr |' if with_lr else ''} test accuracy [%] | c.r. [%] | parameters | trainable | "
+             "time / epoch [s] | optimizer state [KiB] |",
+             f"| --- |{' ---: |' if with_lr else ''} ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lr = f" {r['lr']} |" if with_lr else ""
         lines.append(f"| {r['method']} |{lr} {r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} | "
-                     f"{r['compression_ratio']:.1f} | {r['params']:,} | {r['time_per_epoch_s']:.2f} | "
-                     f"{r['optimizer_state_bytes'] / 1024:.1f} |")
+                     f"{r['compression_ratio']:.1f} | {r['params']:,} | {r.get('trainable_params', r['params']):,} | "
+                     f"{r['time_per_epoch_s']:.2f} | {r['optimizer_state_bytes'] / 1024:.1f} |")
     return lines
 
 

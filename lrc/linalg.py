@@ -8,6 +8,7 @@ Everything here works on plain tensors, holds no state and is differentiable-agn
 from __future__ import annotations
 
 import heapq
+import math
 from typing import Sequence
 
 import torch
@@ -173,9 +174,12 @@ def factor_parameter_count(shape: Sequence[int], ranks: Sequence[int], kind: str
     """Parameters of a layer's factors at ``ranks``: ``U S Vᵀ`` of an n×m matrix
     (``shape = (n, m)``, one rank) holds ``r(n + m) + r²``; LoRA's ``A Bᵀ`` ``r(n + m)``; a Tucker
     kernel (``shape = (out, in, kh·kw)``, ranks ``(r_out, r_in)``) ``out·r_out + in·r_in +
-    r_out·r_in·kh·kw``."""
+    r_out·r_in·kh·kw`` — ``math.inf`` where one rank exceeds the other times ``kh·kw``, which the
+    core's unfolding cannot hold."""
     if len(ranks) == 2:
         (out, inp, k), (r_out, r_in) = shape, ranks
+        if r_out > r_in * k or r_in > r_out * k:  # the core's unfoldings cannot hold that rank
+            return math.inf
         return out * r_out + inp * r_in + r_out * r_in * k
     (n, m), (r,) = shape, ranks
     return r * (n + m) + (0 if kind == "lora" else r * r)
@@ -193,7 +197,9 @@ def allocate_ranks(spectra: Sequence[Sequence[Sequence[float]]], cost, budget: i
     per added parameter is kept while it fits (the solution of the Lagrangian relaxation when
     costs are linear in the rank), never beyond ``caps``; a zero singular value is never kept.
     Host-side Python on lists (a few thousand values: well under a millisecond per hundred).
-    Raises ``ValueError`` if ``floors`` alone exceed ``budget``.
+    A ``cost`` of ``math.inf`` marks ranks a layer cannot use (a Tucker core's ``r_out`` above
+    ``r_in·kh·kw``): that growth waits until the other mode has grown. Raises ``ValueError`` if
+    ``floors`` alone exceed ``budget``.
     """
     ranks = [list(f) for f in floors]
     spent = sum(cost(i, tuple(r)) for i, r in enumerate(ranks))
@@ -226,8 +232,9 @@ def allocate_ranks(spectra: Sequence[Sequence[Sequence[float]]], cost, budget: i
             continue
         ranks[i][mode] += 1
         spent += added
-        if (e := entry(i, mode)) is not None:
-            heapq.heappush(heap, e)
+        for other in range(len(spectra[i])):  # this mode again; the others' costs changed (or they unblocked)
+            if (e := entry(i, other)) is not None:
+                heapq.heappush(heap, e)
     return [tuple(r) for r in ranks]
 
 

@@ -29,7 +29,8 @@ def _preset_dir() -> Path:
 
 PRESET_DIR = _preset_dir()
 
-METHODS = ("lowrank-adam", "lowrank-sgd", "dense", "lora", "dlrt-naive")
+METHODS = ("lowrank-adam", "lowrank-sgd", "dense", "lora", "dlrt-naive", "peft-lora", "peft-dora", "peft-adalora")
+PEFT = ("peft-lora", "peft-dora", "peft-adalora")  # adapters of the real PEFT library (Hugging Face models)
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"name": "mlp", "args": {}, "checkpoint": None, "new_head": False, "factory": None},
@@ -218,9 +219,12 @@ def validate(cfg: dict, source: str) -> None:
         raise PresetError(f"{source}: factorize.tau = {fac['tau']} must lie in (0, 1)")
     if fac["rank"] is not None and not (isinstance(fac["rank"], int) and fac["rank"] >= 1):
         raise PresetError(f"{source}: factorize.rank = {fac['rank']!r} must be a positive integer")
-    if fac["adapter"] and opt["method"] not in ("lowrank-adam", "lowrank-sgd", "dlrt-naive"):
-        raise PresetError(f"{source}: factorize.adapter trains U S Vᵀ beside frozen weights with a low-rank "
-                          f"optimizer; method {opt['method']} cannot (use lowrank-adam)")
+    if fac["adapter"] and opt["method"] == "lora":
+        raise PresetError(f"{source}: method lora is the fixed-rank compression baseline; for LoRA adapters beside "
+                          "frozen weights use method peft-lora (factorize.adapter is for the low-rank methods)")
+    if opt["method"] in PEFT and not fac["include"]:
+        raise PresetError(f"{source}: method {opt['method']} puts adapters on the layers factorize.include names; "
+                          "set it (e.g. ['*.query', '*.key', '*.value'])")
     if fac["adapter"] and fac["target_cr"] is not None:
         raise PresetError(f"{source}: factorize.target_cr sets a compressed size; adapters keep the dense "
                           "weights (bound them with optimizer.max_params)")
@@ -238,8 +242,8 @@ def validate(cfg: dict, source: str) -> None:
             which = "factorize.tau" if fac["tau"] is not None else "factorize.match_cr"
             raise PresetError(f"{source}: factorize.target_cr and {which} both choose the ranks; set one "
                               f"(--target-cr clears factorize.tau)")
-    if (opt["method"] != "dense" and fac["rank"] is None and fac["tau"] is None and not fac["match_cr"]
-            and fac["target_cr"] is None):
+    if (opt["method"] != "dense" and opt["method"] not in PEFT and fac["rank"] is None and fac["tau"] is None
+            and not fac["match_cr"] and fac["target_cr"] is None):
         raise PresetError(f"{source}: method {opt['method']} needs factorize.rank, factorize.tau or "
                           "factorize.target_cr")
     if fac["match_cr"] and opt["method"] != "lora":

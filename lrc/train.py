@@ -41,6 +41,7 @@ from .io import (CheckpointError, atomic_path, is_lrc_file, load_model, load_sta
 from .layers import FACTORIZED
 from .models import architecture_name, build_model
 from .optim import LowRankAdam, LowRankOptimizer, LowRankSGD
+from .presets import PEFT
 from .surgery import compression_ratio, factorize
 
 __all__ = ["TrainingStopped", "RunResult", "train", "resolve_device"]
@@ -123,7 +124,7 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:
     return dist.get_rank(), dist.get_world_size(), device, initialised
 
 
-def build_run(cfg: dict, device: torch.device):
+def build_run(cfg: dict, device: torch.device, total_steps: int = 0):
     """Model (dense, from checkpoint, factorized), optimizer and architecture record."""
     arch = {"name": architecture_name(cfg["model"]["name"], cfg["model"].get("factory")),
             "args": dict(cfg["model"]["args"])}
@@ -145,7 +146,11 @@ def build_run(cfg: dict, device: torch.device):
         if path:
             load_weights(model, read_checkpoint(path), str(path), new_head=cfg["model"]["new_head"])
     method = opt_cfg["method"]
-    if method != "dense" and not any(isinstance(m, FACTORIZED) for m in model.modules()):
+    if method in PEFT:
+        from .models.hf import apply_peft
+
+        apply_peft(model, method, fac["include"], fac.get("trainable"), total_steps)
+    elif method != "dense" and not any(isinstance(m, FACTORIZED) for m in model.modules()):
         ranks, include = None, fac["include"]
         if method == "lora" and fac["match_cr"]:
             ranks = matched_lora_ranks(fac["match_cr"], model)
@@ -158,14 +163,15 @@ def build_run(cfg: dict, device: torch.device):
         if not report.replaced:
             raise ValueError("factorize replaced no layer: check factorize.rank/include/exclude "
                              "(a rank must be below what a layer allows to save parameters)")
-    if fac.get("adapter") and method != "dense":
+    if fac.get("adapter") and method not in ("dense", *PEFT):
         _freeze_for_adapters(model, fac.get("trainable"))
     if arch["name"] == "hf" and "config" not in arch["args"]:  # the file rebuilds without the directory
         arch["args"]["config"] = model.model.config.to_diff_dict()
     model.to(device)
     common = dict(lr=opt_cfg["lr"], weight_decay=opt_cfg["weight_decay"])
-    if method in ("dense", "lora"):
-        opt = torch.optim.AdamW(model.parameters(), betas=tuple(opt_cfg["betas"]), **common)
+    if method in ("dense", "lora", *PEFT):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], betas=tuple(opt_cfg["betas"]),
+                                **common)
     else:
         lowrank = dict(tau=opt_cfg["tau"], min_rank=opt_cfg["min_rank"], max_rank=opt_cfg["max_rank"],
                        mode=opt_cfg["mode"], update_every=opt_cfg.get("update_every", 1),
@@ -188,6 +194,13 @@ def text_options(cfg: dict) -> dict | None:
     return {"tokenizer": dcfg.get("tokenizer") or cfg["model"]["args"].get("path"),
             "text_column": dcfg.get("text_column", "text"), "label_column": dcfg.get("label_column", "label"),
             "max_length": dcfg.get("max_length", 64)}
+
+
+def _trainable_params(model: nn.Module) -> int:
+    """Parameters that train; for PEFT AdaLoRA those of the ranks its allocator kept."""
+    if hasattr(model, "adapted_trainable_params"):
+        return model.adapted_trainable_params()
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _freeze_for_adapters(model: nn.Module, trainable) -> None:
@@ -415,7 +428,7 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
     dcfg = cfg["data"]
     data = build_data(dcfg["name"], dcfg["data_dir"], tcfg["seed"], dcfg["image_size"], dcfg.get("channels"),
                       dcfg.get("train_samples"), text=text_options(cfg), test_samples=dcfg.get("test_samples"))
-    model, opt, arch, report = build_run(cfg, device)
+    model, opt, arch, report = build_run(cfg, device, tcfg["epochs"] * math.ceil(len(data.train) / batch_size))
     broadcast_([t.data for t in list(model.parameters()) + list(model.buffers())])  # same start everywhere
     own_averaging = isinstance(opt, LowRankOptimizer)  # else: average here for AdamW
     sampler = GlobalBatchSampler(len(data.train), tcfg["seed"], batch_size, rank, world)
@@ -479,6 +492,9 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     out = model(x)
                     loss = F.cross_entropy(out, y)
+                    extra = model.auxiliary_loss() if hasattr(model, "auxiliary_loss") else None
+                    if extra is not None:  # PEFT AdaLoRA's orthogonal regulariser
+                        loss = loss + extra
                 # one read from the device per step: loss·n, correct, n, interrupt, non-finite (summed over processes)
                 local_loss = loss.detach().double()
                 stats = torch.stack([local_loss * y.numel(), (out.argmax(1) == y).sum().double(),
@@ -502,6 +518,8 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
                 if not own_averaging:
                     comm_bytes = all_reduce_mean_([p.grad for p in model.parameters() if p.grad is not None])
                 opt.step()
+                if hasattr(model, "after_step"):  # PEFT AdaLoRA's rank allocator
+                    model.after_step(step)
                 if own_averaging:
                     comm_bytes = opt.bytes_communicated
                 sched.step()
@@ -526,7 +544,7 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
                     "train_accuracy": epoch_sums[1] / max(epoch_sums[2], 1), "test_loss": ev["loss"],
                     "test_accuracy": ev["top1"], "compression_ratio": compression_ratio(model),
                     "params": ev["params"], "lr": opt.param_groups[0]["lr"],
-                    "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                    "trainable_params": _trainable_params(model),
                     "time_s": time.perf_counter() - started, "optimizer_state_bytes": _state_bytes(opt),
                     "processes": world, "comm_bytes_per_step": comm_bytes, "ranks": layer_ranks(model)}
             if "top5" in ev:
@@ -559,6 +577,8 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
         summary["data_dir"] = cfg["data"]["data_dir"]
     if cfg["data"].get("test_samples"):
         summary["test_samples"] = cfg["data"]["test_samples"]
+    if hasattr(model, "merge_peft"):  # PEFT adapters merged: the file holds a plain model
+        model.merge_peft()
     if main:
         save_model(model_path, model, arch, summary)
     return RunResult(run_dir, model_path, last)

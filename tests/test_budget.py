@@ -95,7 +95,15 @@ def test_factorize_reaches_the_target_cr(case, target):
     assert report.replaced and all(r.params_after < r.params_before for r in report.replaced)
     assert torch.isfinite(model(x)).all()
     if case == "vgg-tucker":
-        assert any(isinstance(m, TuckerConv2d) for m in model.modules())
+        tucker = [m for m in model.modules() if isinstance(m, TuckerConv2d)]
+        assert tucker
+        for m in tucker:  # never a rank the core's unfolding cannot hold
+            (r_out, r_in), k = m.ranks, m.kernel_size[0] * m.kernel_size[1]
+            assert r_out <= r_in * k and r_in <= r_out * k
+        opt = LowRankAdam(model, lr=1e-3, target_cr=target)  # and it trains at the target (a crash once)
+        F.cross_entropy(model(x), torch.tensor([1, 2])).backward()
+        opt.step()
+        assert abs(compression_ratio(model) - target) <= 0.5
 
 
 def test_factorize_target_cr_keeps_more_of_the_layer_with_the_slower_decaying_spectrum():
@@ -306,3 +314,24 @@ def test_max_params_refuses_what_cannot_hold():
         LowRankAdam(model, max_params=10)
     with pytest.raises(ValueError, match="not both"):
         LowRankAdam(model, max_params=10**6, target_cr=50)
+
+
+@pytest.mark.parametrize("mode", ["fused", "two_pass", "parallel"])
+def test_a_tucker_core_with_more_output_ranks_than_its_unfolding_holds_still_trains(mode):
+    """r_out = 20 > r_in·kh·kw = 9: the mode gradient keeps the factor's shape (zero columns)."""
+    torch.manual_seed(0)
+    layer = TuckerConv2d(2, 32, 3, (20, 1), padding=1, dtype=f64)
+    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(32 * 6 * 6, 3, dtype=f64))
+    opt = LowRankAdam(model, lr=1e-3, tau=0.05, mode=mode)
+    x, y = torch.randn(4, 2, 6, 6, dtype=f64), torch.tensor([0, 1, 2, 0])
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+    assert torch.isfinite(layer.dense_weight()).all()
+

@@ -112,3 +112,45 @@ def test_a_factorized_hf_model_trains_a_step_in_fused_mode(tiny):
     torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 0])).backward()
     opt.step()
     assert all(torch.isfinite(m.S).all() for m in model.modules() if isinstance(m, LowRankLinear))
+
+
+def _preset(tiny, tmp_path, **optimizer):
+    preset = tmp_path / "p.yaml"
+    opt = ", ".join(f"{k}: {v}" for k, v in {"method": "lowrank-adam", "lr": 1.0e-2, "tau": 0.05, **optimizer}.items())
+    preset.write_text(
+        f"model: {{name: hf, args: {{path: {tiny / 'model'}, num_labels: 3}}}}\n"
+        f"data: {{name: text, data_dir: {tiny / 'tweets.csv'}, label_column: sentiment, max_length: 6, "
+        "batch_size: 16}\n"
+        "factorize: {rank: 2, adapter: true, include: ['*.query', '*.key', '*.value', '*.intermediate.dense', "
+        "'*.layer.?.output.dense']}\n"
+        f"optimizer: {{{opt}}}\ntrain: {{epochs: 1}}\n")
+    return preset
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs the peft extra")
+def test_compare_runs_the_real_peft_baselines_beside_lrc_adapters(tiny, tmp_path):
+    out = tmp_path / "cmp"
+    proc = lrc("compare", "--preset", _preset(tiny, tmp_path, max_params=800), "--seeds", "1", "--quiet",
+               "--out", out, "--methods", "lowrank-adam,peft-lora,peft-dora,peft-adalora,dense")
+    rows = {r["method"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert set(rows) == {"lowrank-adam", "peft-lora", "peft-dora", "peft-adalora", "dense"}
+    trainable = {m: int(r["trainable_params"]) for m, r in rows.items()}
+    head = 16 * 3 + 3
+    # PEFT LoRA r=8 on 10 layers of the tiny BERT (q, k, v: 16→16; 16→32; 32→16) plus the head
+    assert trainable["peft-lora"] == 2 * 8 * (3 * 32 + 48 + 48) + head
+    assert trainable["peft-dora"] == trainable["peft-lora"] + 2 * (3 * 16 + 32 + 16)  # DoRA's magnitudes
+    assert trainable["lowrank-adam"] <= 800 + head < trainable["peft-lora"]
+    assert trainable["dense"] > trainable["peft-lora"]
+    assert "| trainable |" in proc.stdout
+    # every output is a plain Hugging Face model that lrc evaluates from its file alone
+    for method in ("peft-lora", "peft-adalora"):
+        result = json.loads(lrc("evaluate", out / "runs" / f"{method}-s0" / "model.safetensors", "--json",
+                                "--no-latency").stdout)
+        assert result["top1"] == pytest.approx(float(rows[method]["accuracy_mean"]) / 100)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs the peft extra")
+def test_peft_methods_refuse_a_model_that_is_not_hugging_face(tmp_path):
+    proc = lrc("train", "--set", "factorize.include=['1']", "--set", "optimizer.method=peft-lora",
+               "--out", tmp_path / "x", check=False)
+    assert proc.returncode == 2 and "for Hugging Face models" in proc.stderr

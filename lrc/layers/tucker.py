@@ -87,10 +87,16 @@ class _TuckerProduct(LayerFunction):
 
 def _row_basis(A: Tensor) -> Tensor:
     """Orthonormal basis of the row space of ``A`` (r×m): Q of ``Aᵀ = QR``, ``R`` with a
-    non-negative diagonal (machine-independent signs); orthonormal also when ``A`` is singular."""
+    non-negative diagonal (machine-independent signs); orthonormal also when ``A`` is singular.
+    Always ``r`` columns: where ``r > m`` (e.g. ``r_out`` above ``r_in·kh·kw``, a rank the core's
+    unfolding cannot hold) the last ``r − m`` are zero, so the mode gradient keeps the factor's
+    shape and those directions get no gradient."""
     Q, R = torch.linalg.qr(A.mT.to(torch.promote_types(A.dtype, torch.float32)))
     sign = torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(Q.dtype)
-    return Q * sign
+    Q = Q * sign
+    if Q.shape[1] < A.shape[0]:
+        Q = torch.cat([Q, Q.new_zeros(Q.shape[0], A.shape[0] - Q.shape[1])], dim=1)
+    return Q
 
 
 class TuckerConv2d(nn.Module):
@@ -240,16 +246,6 @@ class TuckerConv2d(nn.Module):
     def dense_weight(self) -> Tensor:
         """``C ×₁ U_out ×₂ U_in`` (out×in×kh×kw)."""
         return mode_product(mode_product(self.core, self.U_out, 0), self.U_in, 1)
-
-    @property
-    def weight(self) -> Tensor:
-        """The dense kernel, for model code that reads ``layer.weight`` — outside training only:
-        the optimizers need this layer's own backward, so a read with gradients enabled is an
-        error that says to use the matrix format for such a model."""
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.factor_parameters()):
-            raise RuntimeError("model code reads TuckerConv2d.weight while training; the Tucker optimizers need the "
-                               "layer's own forward: factorize this model with conv_format='matrix'")
-        return self.dense_weight()
 
     def num_dense_parameters(self) -> int:
         kh, kw = self.kernel_size

@@ -49,6 +49,49 @@ class HFSequenceClassifier(nn.Module):
         ``AutoModelForSequenceClassification.from_pretrained(directory)``."""
         self.model.save_pretrained(str(directory), safe_serialization=True)
 
+    def after_step(self, step: int) -> None:
+        """PEFT AdaLoRA: its rank allocator, once per optimizer step (PEFT requires it of a custom loop)."""
+        if getattr(self, "peft_method", None) == "peft-adalora":
+            self.model.base_model.update_and_allocate(step)
+
+    def auxiliary_loss(self):
+        """PEFT AdaLoRA's orthogonal regulariser on its P and Q factors (PEFT adds it to the loss its
+        model computes from labels; lrc computes the loss from the logits, so it adds it here)."""
+        if getattr(self, "peft_method", None) != "peft-adalora":
+            return None
+        import torch
+
+        weight = self.model.peft_config[self.model.active_adapter].orth_reg_weight
+        total, count = 0.0, 0
+        for name, p in self.model.named_parameters():
+            if ("lora_A" in name or "lora_B" in name) and p.requires_grad:
+                gram = p @ p.T if "lora_A" in name else p.T @ p
+                eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+                total = total + torch.linalg.matrix_norm(gram - eye)
+                count += 1
+        return weight * total / max(count, 1)
+
+    def adapted_trainable_params(self) -> int:
+        """Trainable parameters, AdaLoRA's counted at the ranks its allocator kept (a layer of rank
+        r holds r·(n + m + 1): ``P``, ``Q`` and the singular values ``E``; masked ranks are zeros in
+        ``E``)."""
+        total = sum(p.numel() for n, p in self.named_parameters() if p.requires_grad and "lora_" not in n)
+        for name, module in self.named_modules():
+            E = getattr(module, "lora_E", None)
+            if getattr(self, "peft_method", None) == "peft-adalora" and isinstance(E, nn.ParameterDict):
+                for key, e in E.items():
+                    r = int((e != 0).sum())
+                    total += r * (module.lora_A[key].shape[1] + module.lora_B[key].shape[0] + 1)
+        if getattr(self, "peft_method", None) != "peft-adalora":
+            total += sum(p.numel() for n, p in self.named_parameters() if p.requires_grad and "lora_" in n)
+        return total
+
+    def merge_peft(self) -> None:
+        """Merge PEFT's adapters into the weights (``merge_and_unload``): a plain transformers model."""
+        if getattr(self, "peft_method", None):
+            self.model = self.model.merge_and_unload()
+            del self.peft_method
+
 
 def hf_model(path: str | None = None, num_labels: int = 2, task: str = "sequence-classification",
              config: dict | None = None) -> HFSequenceClassifier:
@@ -71,3 +114,43 @@ def hf_model(path: str | None = None, num_labels: int = 2, task: str = "sequence
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
         str(directory), num_labels=num_labels, local_files_only=True, ignore_mismatched_sizes=True)
     return HFSequenceClassifier(model)
+
+
+PEFT_METHODS = ("peft-lora", "peft-dora", "peft-adalora")
+
+
+def apply_peft(model: nn.Module, method: str, include, trainable, total_steps: int, r: int = 8) -> None:
+    """Wrap ``model.model`` (a :class:`HFSequenceClassifier`'s transformers model) with the real
+    PEFT library's adapters (extra ``lrc[peft]``): LoRA, DoRA (``use_dora``) or AdaLoRA, rank ``r``
+    (AdaLoRA: from 1.5·r down to a budget of r on average), ``lora_alpha = 2r``, no dropout, on the
+    layers ``include`` names (lrc's glob patterns on module names); the modules matching
+    ``trainable`` (default: the classification head) train in full, as ``modules_to_save``.
+    AdaLoRA's schedule: ``tinit`` = 10 % and ``tfinal`` = 20 % of ``total_steps``; its rank
+    allocator runs after every step (:meth:`HFSequenceClassifier.after_step`) and its orthogonal
+    regulariser joins the loss (:meth:`HFSequenceClassifier.auxiliary_loss`)."""
+    import fnmatch
+
+    if not isinstance(model, HFSequenceClassifier):
+        raise ValueError(f"method {method} (PEFT adapters) is for Hugging Face models (model.name: hf)")
+    try:
+        import peft
+    except ImportError:
+        raise ValueError(f"method {method} needs the PEFT library: pip install 'lrc[peft]'") from None
+    if not include:
+        raise ValueError(f"method {method}: factorize.include must name the layers that get adapters")
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+             and any(fnmatch.fnmatchcase(n, p) for p in include)]
+    if not names:
+        raise ValueError(f"method {method}: factorize.include {include} matches no nn.Linear layer")
+    heads = list(trainable) if trainable is not None else ["*classifier*", "*head*"]
+    save = sorted({n.split(".")[1] for n, _ in model.named_modules() if n.count(".") == 1
+                   and any(fnmatch.fnmatchcase(n, p) for p in heads)})
+    targets = [n[len("model."):] for n in names]
+    common = dict(target_modules=targets, modules_to_save=save or None, lora_alpha=2 * r, lora_dropout=0.0)
+    if method == "peft-adalora":
+        config = peft.AdaLoraConfig(init_r=max(r + 1, round(1.5 * r)), target_r=r, total_step=max(total_steps, 3),
+                                    tinit=total_steps // 10, tfinal=total_steps // 5, deltaT=1, **common)
+    else:
+        config = peft.LoraConfig(r=r, use_dora=method == "peft-dora", **common)
+    model.model = peft.get_peft_model(model.model, config)
+    model.peft_method = method

@@ -474,8 +474,8 @@ class LowRankOptimizer(Optimizer):
         (:func:`~lrc.linalg.allocate_ranks` on every layer's singular values; one read from the
         device), in the order of ``order``. Layers not stepped keep their size in the budget."""
         stepped = {item[0] for item in pending}
-        budget = self.budget - sum(_layer_cost(layer, _ranks_of(layer))
-                                   for layer in self._layers.values() if layer not in stepped)
+        budget = self.budget - sum(p.numel() for layer in self._layers.values() if layer not in stepped
+                                   for p in layer.factor_parameters())
         vectors = [[svds[i][0][1], svds[i][1][1]] if isinstance(item[0], TuckerConv2d) else [svds[i][1]]
                    for i, item in enumerate(pending)]
         values = torch.cat([v.double().reshape(-1) for modes in vectors for v in modes]).tolist()
