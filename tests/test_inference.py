@@ -117,6 +117,7 @@ def test_evaluate_reports_latency_against_the_dense_model(run):
     assert all(r["dense"] > 0 and r["compressed"] > 0 for r in rows.values())
     text = lrc("evaluate", run / "model.safetensors").stdout
     assert "latency cpu batch   1: dense" in text and "latency cpu batch  64" in text
+    assert result["dense_flops_per_sample"] > result["flops_per_sample"] > 0 and "(dense " in text
     assert "latency_ms" not in json.loads(lrc("evaluate", run / "model.safetensors", "--json", "--no-latency").stdout)
 
 

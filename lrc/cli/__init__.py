@@ -384,8 +384,13 @@ def evaluate_cmd(
                          ).loaders(batch_size, 0, batch_size)
     result = evaluate(model, test, dev)
     result.update(model=str(model_path), architecture=meta["architecture"], data=name)
+    sample = next(iter(test))[0]
+    from ..evaluate import flops_per_sample
+    from ..inference import dense_form
+
+    result["dense_flops_per_sample"] = flops_per_sample(dense_form(model), sample[:1].to(dev))
     if latency:
-        result["latency_ms"] = _latency_table(model, next(iter(test))[0])
+        result["latency_ms"] = _latency_table(model, sample)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -393,7 +398,7 @@ def evaluate_cmd(
     typer.echo(f"  top-1 {100 * result['top1']:.2f}%" + (f"  top-5 {100 * result['top5']:.2f}%" if "top5" in result else "")
                + f"  loss {result['loss']:.4f}  ({result['samples']} samples)")
     typer.echo(f"  parameters {result['params']:,}  c.r. {result['compression_ratio']:.1f}%  "
-               f"FLOPs/sample {result['flops_per_sample']:,}")
+               f"FLOPs/sample {result['flops_per_sample']:,} (dense {result['dense_flops_per_sample']:,})")
     for layer, rank in result["ranks"].items():
         typer.echo(f"  {layer:<28} rank {rank}")
     for device_name, rows in result.get("latency_ms", {}).items():
