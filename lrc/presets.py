@@ -38,7 +38,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
              "image_size": None, "channels": None, "train_samples": None, "test_samples": None,
              "text_column": "text", "label_column": "label", "max_length": 64, "tokenizer": None},
     "factorize": {"rank": None, "tau": None, "include": None, "exclude": [], "conv_format": "matrix",
-                  "match_cr": None, "target_cr": None, "adapter": False, "trainable": None},
+                  "match_cr": None, "target_cr": None, "adapter": False, "trainable": None,
+                  "adapter_dropout": 0.0},
     "optimizer": {"method": "lowrank-adam", "lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999],
                   "momentum": 0.9, "tau": 0.1, "min_rank": 1, "max_rank": None, "mode": "fused",
                   "second_moment": "squared", "lr_scaling": "dense",
@@ -228,6 +229,10 @@ def validate(cfg: dict, source: str) -> None:
     if fac["adapter"] and fac["target_cr"] is not None:
         raise PresetError(f"{source}: factorize.target_cr sets a compressed size; adapters keep the dense "
                           "weights (bound them with optimizer.max_params)")
+    if not 0.0 <= fac["adapter_dropout"] < 1.0:
+        raise PresetError(f"{source}: factorize.adapter_dropout = {fac['adapter_dropout']} must lie in [0, 1)")
+    if fac["adapter_dropout"] and not fac["adapter"]:
+        raise PresetError(f"{source}: factorize.adapter_dropout is for factorize.adapter: true")
     if opt["max_params"] is not None and opt["max_params"] < 1:
         raise PresetError(f"{source}: optimizer.max_params = {opt['max_params']} must be ≥ 1")
     if opt["max_params"] is not None and fac["target_cr"] is not None:

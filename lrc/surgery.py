@@ -129,7 +129,8 @@ class _Skip(Exception):
 def factorize(model: nn.Module, rank: int | None = None, tau: float | None = None, *,
               include: Sequence[str] | None = None, exclude: Sequence[str] = (),
               adapter: bool = False, kind: str = "lowrank", ranks: dict[str, int] | None = None,
-              conv_format: str = "matrix", target_cr: float | None = None) -> FactorizeReport:
+              conv_format: str = "matrix", target_cr: float | None = None,
+              adapter_dropout: float = 0.0) -> FactorizeReport:
     """Replace ``nn.Linear`` and ``nn.Conv2d`` layers of ``model`` in place by
     :class:`~lrc.LowRankLinear` / :class:`~lrc.LowRankConv2d` (truncated-SVD initialisation).
 
@@ -140,6 +141,8 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
         include: glob patterns on module names (``"features.*"``, ``"classifier.0"``); default: all.
         exclude: glob patterns of modules to keep dense (e.g. the first conv and the head).
         adapter: keep the dense weights frozen and add a trainable ``U S Vᵀ`` (``S = 0``).
+        adapter_dropout: with ``adapter``, dropout on the adapters' input while training (LoRA's
+            ``lora_dropout``); the frozen path sees the undropped input.
         kind: ``"lowrank"`` (``U S Vᵀ``, for the geometric optimizers) or ``"lora"``
             (``A Bᵀ``, for plain optimizers: the fixed-rank baseline).
         ranks: per-layer ranks by module name, overriding ``rank`` (e.g. to match a budget).
@@ -172,6 +175,10 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     if tau is not None and not 0.0 < tau < 1.0:
         raise ValueError(f"tau must lie in (0, 1), got {tau!r}")
+    if not 0.0 <= adapter_dropout < 1.0:
+        raise ValueError(f"adapter_dropout must lie in [0, 1), got {adapter_dropout!r}")
+    if adapter_dropout and not adapter:
+        raise ValueError("adapter_dropout is for adapter=True")
     report = FactorizeReport()
     matched: set[str] = set()
     split = _split_attention(model, include, exclude, report)
@@ -212,6 +219,8 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
             what = f"ranks {new.rank}" if isinstance(new.rank, list) else f"rank {new.rank}"
             report.skipped.append((name, f"{what} would not save parameters ({after:,} ≥ {before:,})"))
             continue
+        if adapter_dropout:
+            new.adapter_dropout = float(adapter_dropout)
         replace_module(model, name, new)
         report.replaced.append(LayerReport(name, type(new).__name__, tuple(weight.shape), new.rank, before, after))
     return report

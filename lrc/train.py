@@ -149,7 +149,8 @@ def build_run(cfg: dict, device: torch.device, total_steps: int = 0):
     if method in PEFT:
         from .models.hf import apply_peft
 
-        apply_peft(model, method, fac["include"], fac.get("trainable"), total_steps)
+        apply_peft(model, method, fac["include"], fac.get("trainable"), total_steps,
+                   dropout=fac.get("adapter_dropout", 0.0))
     elif method != "dense" and not any(isinstance(m, FACTORIZED) for m in model.modules()):
         ranks, include = None, fac["include"]
         if method == "lora" and fac["match_cr"]:
@@ -159,7 +160,7 @@ def build_run(cfg: dict, device: torch.device, total_steps: int = 0):
         report = factorize(model, rank=None if budgeted else fac["rank"], tau=fac["tau"], include=include,
                            exclude=fac["exclude"], kind="lora" if method == "lora" else "lowrank", ranks=ranks,
                            conv_format=fac["conv_format"], target_cr=fac.get("target_cr"),
-                           adapter=fac.get("adapter", False))
+                           adapter=fac.get("adapter", False), adapter_dropout=fac.get("adapter_dropout", 0.0))
         if not report.replaced:
             raise ValueError("factorize replaced no layer: check factorize.rank/include/exclude "
                              "(a rank must be below what a layer allows to save parameters)")

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -120,3 +122,23 @@ def test_conv2d_subclass_probe_works_on_the_meta_device():
         model = nn.Sequential(SamePadConv(3, 64, 3, stride=2), SamePadConv(64, 64, 1))
     report = factorize(model, rank=4)
     assert [r.name for r in report.replaced] == ["1"] and "0" in dict(report.skipped)
+
+
+def test_adapter_dropout_drops_only_the_adapter_input_while_training():
+    torch.manual_seed(0)
+    dense = nn.Linear(32, 8)
+    model = nn.Sequential(copy.deepcopy(dense))
+    factorize(model, rank=4, adapter=True, adapter_dropout=0.5)
+    layer = model[0]
+    with torch.no_grad():
+        layer.S.copy_(torch.eye(4))
+    x = torch.randn(64, 32)
+    model.eval()
+    assert torch.equal(model(x), model(x))  # no dropout in eval
+    model.train()
+    a, b = model(x), model(x)
+    assert not torch.equal(a, b)  # dropout on the adapter's input
+    layer.S.data.zero_()
+    assert torch.allclose(model(x), dense(x), atol=1e-6)  # the frozen path never sees it
+    with pytest.raises(ValueError, match="adapter=True"):
+        factorize(nn.Sequential(nn.Linear(4, 4)), rank=2, adapter_dropout=0.1)

@@ -131,6 +131,7 @@ class LowRankMatrixModule(nn.Module):
         )
         self.fused = False
         self.distributed = False  # set by a data-parallel optimizer: average inside the fused backward
+        self.adapter_dropout = 0.0  # adapter mode: dropout on the input of U S Vᵀ while training (as LoRA's)
         self._fused_grads: tuple[Tensor, Tensor, Tensor] | None = None
         self._backward_count = 0
 
@@ -211,6 +212,8 @@ class LowRankMatrixModule(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------
     def _low_rank_forward(self, x: Tensor) -> Tensor:
+        if self.base_weight is not None and self.adapter_dropout > 0 and self.training:
+            x = F.dropout(x, self.adapter_dropout)  # the adapter's input only; the frozen path sees x
         return _FactorizedProduct.apply(x, self.U, self.S, self.V, self)
 
     # ---- fused backward -----------------------------------------------------------------

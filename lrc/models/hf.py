@@ -119,10 +119,12 @@ def hf_model(path: str | None = None, num_labels: int = 2, task: str = "sequence
 PEFT_METHODS = ("peft-lora", "peft-dora", "peft-adalora")
 
 
-def apply_peft(model: nn.Module, method: str, include, trainable, total_steps: int, r: int = 8) -> None:
+def apply_peft(model: nn.Module, method: str, include, trainable, total_steps: int, r: int = 8,
+               dropout: float = 0.0) -> None:
     """Wrap ``model.model`` (a :class:`HFSequenceClassifier`'s transformers model) with the real
     PEFT library's adapters (extra ``lrc[peft]``): LoRA, DoRA (``use_dora``) or AdaLoRA, rank ``r``
-    (AdaLoRA: from 1.5·r down to a budget of r on average), ``lora_alpha = 2r``, no dropout, on the
+    (AdaLoRA: from 1.5·r down to a budget of r on average), ``lora_alpha = 2r``, ``lora_dropout``
+    ``dropout`` (lrc's ``factorize.adapter_dropout``, so both kinds of adapter get the same), on the
     layers ``include`` names (lrc's glob patterns on module names); the modules matching
     ``trainable`` (default: the classification head) train in full, as ``modules_to_save``.
     AdaLoRA's schedule: ``tinit`` = 10 % and ``tfinal`` = 20 % of ``total_steps``; its rank
@@ -146,7 +148,7 @@ def apply_peft(model: nn.Module, method: str, include, trainable, total_steps: i
     save = sorted({n.split(".")[1] for n, _ in model.named_modules() if n.count(".") == 1
                    and any(fnmatch.fnmatchcase(n, p) for p in heads)})
     targets = [n[len("model."):] for n in names]
-    common = dict(target_modules=targets, modules_to_save=save or None, lora_alpha=2 * r, lora_dropout=0.0)
+    common = dict(target_modules=targets, modules_to_save=save or None, lora_alpha=2 * r, lora_dropout=dropout)
     if method == "peft-adalora":
         config = peft.AdaLoraConfig(init_r=max(r + 1, round(1.5 * r)), target_r=r, total_step=max(total_steps, 3),
                                     tinit=total_steps // 10, tfinal=total_steps // 5, deltaT=1, **common)
