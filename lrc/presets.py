@@ -45,7 +45,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                   "second_moment": "squared", "lr_scaling": "dense",
                   "new_moments": "zero", "update_every": 1, "max_params": None},
     "train": {"epochs": 10, "seed": 0, "device": "auto", "bf16": False, "grad_clip": None,
-              "schedule": "cosine", "warmup_epochs": 0.0, "tau_warmup_epochs": 0.0},
+              "schedule": "cosine", "warmup_epochs": 0.0, "tau_warmup_epochs": 0.0,
+              "budget_warmup_epochs": 0.0},
 }
 
 # keys that default to None but take a number
@@ -266,6 +267,8 @@ def validate(cfg: dict, source: str) -> None:
         raise PresetError(f"{source}: train.epochs = {train['epochs']} must be ≥ 1")
     if train["device"] not in ("auto", "cpu", "cuda") and not str(train["device"]).startswith("cuda:"):
         raise PresetError(f"{source}: train.device {train['device']!r} must be auto, cpu or cuda")
+    if not train["budget_warmup_epochs"] >= 0:
+        raise PresetError(f"{source}: train.budget_warmup_epochs = {train['budget_warmup_epochs']} must be ≥ 0")
     if not train["tau_warmup_epochs"] >= 0:
         raise PresetError(f"{source}: train.tau_warmup_epochs = {train['tau_warmup_epochs']} must be ≥ 0")
     if train["schedule"] not in ("cosine", "constant"):

@@ -157,9 +157,17 @@ def build_run(cfg: dict, device: torch.device, total_steps: int = 0):
             ranks = matched_lora_ranks(fac["match_cr"], model)
             include = list(ranks)
         budgeted = fac.get("target_cr") is not None  # the budget chooses the ranks; no preset cap
-        report = factorize(model, rank=None if budgeted else fac["rank"], tau=fac["tau"], include=include,
-                           exclude=fac["exclude"], kind="lora" if method == "lora" else "lowrank", ranks=ranks,
-                           conv_format=fac["conv_format"], target_cr=fac.get("target_cr"),
+        # a budget warm-up starts at the preset's ranks and shrinks to the target in training (lora has no
+        # training of ranks: it starts at the target)
+        warm = budgeted and cfg["train"].get("budget_warmup_epochs", 0.0) > 0 and method != "lora"
+        if cfg["train"].get("budget_warmup_epochs", 0.0) > 0 and not budgeted:
+            raise ValueError("train.budget_warmup_epochs shrinks a budget to a target c.r.: set --target-cr")
+        if warm and fac["rank"] is None:
+            raise ValueError("train.budget_warmup_epochs starts from the ranks factorize.rank gives: set it")
+        report = factorize(model, rank=None if budgeted and not warm else fac["rank"], tau=fac["tau"],
+                           include=include, exclude=fac["exclude"], kind="lora" if method == "lora" else "lowrank",
+                           ranks=ranks, conv_format=fac["conv_format"],
+                           target_cr=None if warm else fac.get("target_cr"),
                            adapter=fac.get("adapter", False), adapter_dropout=fac.get("adapter_dropout", 0.0))
         if not report.replaced:
             raise ValueError("factorize replaced no layer: check factorize.rank/include/exclude "
@@ -467,6 +475,8 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "rng": _rng_state(), "epoch": epoch_, "batch": batch_, "step": step_,
                  "epoch_sums": torch.tensor(sums, dtype=torch.float64), "world": world}
+        if budget_warmup:
+            state["budget_range"] = [int(v) for v in budget_range]
         return _owned_copy(state) if own else state
 
     def stop(state: dict, message: str, code: int):
@@ -476,6 +486,11 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
 
     use_bf16 = tcfg["bf16"] and device.type == "cuda"
     tau_warmup = round(tcfg.get("tau_warmup_epochs", 0.0) * steps_per_epoch) if isinstance(opt, LowRankOptimizer) else 0
+    budget_warmup = (round(tcfg.get("budget_warmup_epochs", 0.0) * steps_per_epoch)
+                     if isinstance(opt, LowRankOptimizer) and opt.budget is not None else 0)
+    if budget_warmup:  # from the size the model starts with (at step 0 of the run, also on resume)
+        budget_range = (saved or {}).get("budget_range") or (
+            sum(p.numel() for layer in opt.layers for p in layer.factor_parameters()), opt.budget)
     taus = [cfg["optimizer"]["tau"]] * len(opt.param_groups)  # not the groups' (a resumed warm-up lowered them)
     last, comm_bytes = {}, 0
     with _Interrupts() as interrupts:
@@ -514,6 +529,8 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
                 (loss * share).backward()
                 if step < tau_warmup:  # the last warm-up step sets τ and lets ranks grow again
                     _tau_warmup(opt, taus, step, tau_warmup)
+                if budget_warmup:
+                    opt.budget = _warm_budget(*budget_range, step, budget_warmup)
                 if tcfg["grad_clip"]:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip"])
                 if not own_averaging:
@@ -583,6 +600,13 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
     if main:
         save_model(model_path, model, arch, summary)
     return RunResult(run_dir, model_path, last)
+
+
+def _warm_budget(start: int, final: int, step: int, steps: int) -> int:
+    """AdaLoRA's cubic schedule: the budget moves from ``start`` to ``final`` over ``steps``,
+    fast at first, and stays at ``final`` after."""
+    frac = min(1.0, (step + 1) / steps)
+    return round(final + (start - final) * (1.0 - frac) ** 3)
 
 
 def _tau_warmup(opt: LowRankOptimizer, taus: list[float], step: int, steps: int) -> None:

@@ -335,3 +335,36 @@ def test_a_tucker_core_with_more_output_ranks_than_its_unfolding_holds_still_tra
         opt.step(closure)
     assert torch.isfinite(layer.dense_weight()).all()
 
+
+
+def test_budget_warmup_schedule_is_cubic_and_ends_at_the_target():
+    from lrc.train import _warm_budget
+
+    values = [_warm_budget(1000, 100, s, 10) for s in range(12)]
+    assert values[0] < 1000 and values[9] == values[10] == values[11] == 100
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert values[1] - values[2] > values[7] - values[8]  # fast at first
+
+
+def test_budget_warmup_starts_at_the_presets_ranks_reaches_the_target_and_resumes_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    from lrc.presets import apply_override, load_preset, with_target_cr
+    from lrc.train import TrainingStopped, train
+
+    cfg = with_target_cr(apply_override(load_preset("digits-mlp"), "train.epochs=2"), 95, "test")
+    cfg = apply_override(cfg, "train.budget_warmup_epochs=1.5")
+    full = train(cfg, tmp_path / "full", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["compression_ratio"] < 95  # still above the target after one epoch
+    assert 95 <= rows[1]["compression_ratio"] <= 95.5
+    with pytest.raises(TrainingStopped):
+        train(cfg, tmp_path / "cut", progress=False, max_steps=30)  # inside the warm-up (23 steps per epoch)
+    resumed = train({}, tmp_path / "cut", resume=True, progress=False)
+    assert resumed.metrics["ranks"] == full.metrics["ranks"]
+    a, b = load_file(full.model_path), load_file(resumed.model_path)
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+    with pytest.raises(ValueError, match="set --target-cr"):
+        train(apply_override(load_preset("digits-mlp"), "train.budget_warmup_epochs=1"), tmp_path / "x",
+              progress=False)
