@@ -12,30 +12,11 @@ the median time per step over --steps steps after --warmup, and the ratios to de
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-
 import torch
-import torch.nn.functional as F
+from conv_step_time import median_step_time  # benchmarks/ is the script's directory
 
 from lrc import LowRankAdam, compression_ratio, factorize
 from lrc.models import build_model
-
-
-def median_step(model, opt, x, y, steps: int, warmup: int) -> float:
-    times = []
-    for i in range(warmup + steps):
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
@@ -58,7 +39,8 @@ def main() -> None:
         else:
             factorize(model, rank=args.rank, exclude=exclude)
             opt = LowRankAdam(model, lr=1e-4, tau=0.05, min_rank=args.rank, max_rank=args.rank)
-        rows.append((label, compression_ratio(model), median_step(model, opt, x, y, args.steps, args.warmup)))
+        ms = 1e3 * median_step_time(model, opt, x, y, args.steps, args.warmup)
+        rows.append((label, compression_ratio(model), ms))
     dense_ms = rows[-1][2]
     print(f"vit_small, batch {args.batch}, rank {args.rank}, {args.device} ({torch.get_num_threads()} threads)")
     print("| model | c.r. [%] | step [ms] | × dense |")

@@ -99,14 +99,8 @@ def compare(cfg: dict, methods: list[str], seeds: list[int], out_dir: str | Path
             check_same_config(run_cfg, run_dir)
     with _Pool(jobs, progress) if jobs > 1 else contextlib.nullcontext() as pool:
         for wave in planned:
-            todo = []
-            for method, seed, lr, run_cfg, run_dir in wave:
-                label = f"{method}{'' if lr is None else f' lr {lr_name(lr)}'} seed {seed}"
-                if (run_dir / "model.safetensors").exists():
-                    log(f"{label}: done already")
-                    continue
-                log(f"{label}: {'resuming' if (run_dir / 'state.pt').exists() else 'training'}")
-                todo.append((label, run_cfg, run_dir))
+            todo = runs_to_do([(f"{method}{'' if lr is None else f' lr {lr_name(lr)}'} seed {seed}", run_cfg, run_dir)
+                               for method, seed, lr, run_cfg, run_dir in wave], log)
             if pool is None:
                 _train_here(todo, progress)
             else:
@@ -121,6 +115,19 @@ def compare(cfg: dict, methods: list[str], seeds: list[int], out_dir: str | Path
     if not plotted:
         log("plots skipped: matplotlib is not installed (pip install 'lrc[plots]')")
     return rows
+
+
+def runs_to_do(runs: list[tuple[str, dict, Path]], log) -> list[tuple[str, dict, Path]]:
+    """The ``(label, config, run directory)`` of ``runs`` not finished yet, each logged as done
+    already, resuming (a saved state) or training."""
+    todo = []
+    for label, run_cfg, run_dir in runs:
+        if (run_dir / "model.safetensors").exists():
+            log(f"{label}: done already")
+            continue
+        log(f"{label}: {'resuming' if (run_dir / 'state.pt').exists() else 'training'}")
+        todo.append((label, run_cfg, run_dir))
+    return todo
 
 
 def lr_name(lr: float) -> str:

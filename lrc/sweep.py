@@ -17,7 +17,7 @@ import csv
 import statistics
 from pathlib import Path
 
-from .compare import _history, _Pool, _train_here, check_same_config, dense_checkpoint
+from .compare import _history, _Pool, _train_here, check_same_config, dense_checkpoint, runs_to_do
 from .presets import PresetError, with_target_cr
 
 __all__ = ["sweep", "pareto_front", "KNOBS"]
@@ -80,14 +80,8 @@ def sweep(cfg: dict, knob: str, values: list[float], out_dir: str | Path, seeds:
                 out_dir / "runs" / f"{_value_name(knob, value)}-s{seed}") for value in values for seed in seeds]
     for *_, run_cfg, run_dir in planned:
         check_same_config(run_cfg, run_dir)
-    todo = []
-    for value, seed, run_cfg, run_dir in planned:
-        label = f"{KNOBS[knob]} {value:g} seed {seed}"
-        if (run_dir / "model.safetensors").exists():
-            log(f"{label}: done already")
-            continue
-        log(f"{label}: {'resuming' if (run_dir / 'state.pt').exists() else 'training'}")
-        todo.append((label, run_cfg, run_dir))
+    todo = runs_to_do([(f"{KNOBS[knob]} {value:g} seed {seed}", run_cfg, run_dir)
+                       for value, seed, run_cfg, run_dir in planned], log)
     with _Pool(jobs, progress) if jobs > 1 else contextlib.nullcontext() as pool:
         if pool is None:
             _train_here(todo, progress)

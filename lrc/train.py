@@ -590,8 +590,9 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
         if cfg["data"].get(key) is not None:
             summary[key] = cfg["data"][key]
     summary["input_shape"] = list(next(iter(test_loader))[0].shape[1:])  # for latency and ONNX export
-    if text_options(cfg):
-        summary["text"] = text_options(cfg)
+    text = text_options(cfg)
+    if text:
+        summary["text"] = text
         summary["data_dir"] = cfg["data"]["data_dir"]
     if cfg["data"].get("test_samples"):
         summary["test_samples"] = cfg["data"]["test_samples"]

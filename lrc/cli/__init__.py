@@ -279,14 +279,7 @@ def _with_target_cr(cfg: dict, target_cr: float | None) -> dict:
 
 def _parse_lrs(text: str) -> list[float]:
     """``"1e-3,3e-3"`` → ``[0.001, 0.003]``; a ValueError names what is not a number."""
-    lrs = []
-    for item in (part.strip() for part in text.split(",")):
-        if item:
-            try:
-                lrs.append(float(item))
-            except ValueError:
-                raise ValueError(f"--lrs {text}: {item!r} is not a number (e.g. --lrs 1e-3,3e-3,1e-2)") from None
-    return lrs
+    return _parse_numbers(text, "--lrs", "1e-3,3e-3,1e-2")
 
 
 @app.command("factorize")

@@ -105,12 +105,16 @@ class LowRankOptimizer(Optimizer):
         self.target_cr = target_cr
         self.budget = None if target_cr is None else self._budget(model, target_cr, min_rank)
         if max_params is not None:
-            floor = sum(_layer_cost(layer, tuple(min(min_rank, s) for s in _rank_bounds(layer)))
-                        for layer in self._layers.values())
+            floor = self._least_params(min_rank)
             if max_params < floor:
                 raise ValueError(f"max_params={max_params:,} is below the {floor:,} parameters the factors hold at "
                                  f"rank {min_rank}")
             self.budget = max_params
+
+    def _least_params(self, min_rank: int) -> int:
+        """Parameters the factors of all trained layers hold at rank ``min_rank``."""
+        return sum(_layer_cost(layer, tuple(min(min_rank, s) for s in _rank_bounds(layer)))
+                   for layer in self._layers.values())
 
     def _budget(self, model: nn.Module, target_cr: float, min_rank: int) -> int:
         """Parameters the factors of all trained layers may hold so that the model's c.r. (over all
@@ -123,8 +127,7 @@ class LowRankOptimizer(Optimizer):
         dense = fixed + sum(layer.num_dense_parameters() - (0 if layer.bias is None else layer.bias.numel())
                             for layer in self._layers.values())
         budget = int((1.0 - target_cr / 100.0) * dense) - fixed
-        floor = sum(_layer_cost(layer, tuple(min(min_rank, s) for s in _rank_bounds(layer)))
-                    for layer in self._layers.values())
+        floor = self._least_params(min_rank)
         if budget < floor:
             best = (1.0 - (fixed + floor) / dense) * 100.0
             raise ValueError(f"target_cr={target_cr:g} is out of reach: the parameters outside the factors "
@@ -431,14 +434,16 @@ class LowRankOptimizer(Optimizer):
         for i, (layer, group, _, _, S_bar, _, _) in enumerate(pending):
             if isinstance(layer, TuckerConv2d):  # the SVDs of the two channel-mode unfoldings
                 svds[i] = mode_svds(S_bar)
-                raw.append(untruncated_rank(_pad_stack(svds[i][0][1], svds[i][1][1]), group["tau"]))
+                if self.budget is None:
+                    raw.append(untruncated_rank(_pad_stack(svds[i][0][1], svds[i][1][1]), group["tau"]))
                 order += [(i, 0), (i, 1)]
             else:
                 by_shape.setdefault((tuple(S_bar.shape), S_bar.dtype, S_bar.device), []).append(i)
         for idx in by_shape.values():
             P, sigma, R = sign_fixed_svd(torch.stack([pending[i][4] for i in idx]))
-            taus = torch.tensor([pending[i][1]["tau"] for i in idx], dtype=torch.float64, device=sigma.device)
-            raw.append(untruncated_rank(sigma, taus))
+            if self.budget is None:
+                taus = torch.tensor([pending[i][1]["tau"] for i in idx], dtype=torch.float64, device=sigma.device)
+                raw.append(untruncated_rank(sigma, taus))
             for j, i in enumerate(idx):
                 svds[i] = (P[j], sigma[j], R[j])
             order += [(i, None) for i in idx]
