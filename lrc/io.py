@@ -26,6 +26,7 @@ from torch import nn
 
 from .layers import FACTORIZED, LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear, TuckerConv2d
 from .layers.attention import SplitMultiheadAttention
+from .layers.lowrank import is_conv1d
 from .models import FACTORY, build_model
 from .surgery import densify, replace_module
 
@@ -407,14 +408,18 @@ def _empty_layer(spec: dict, dense: nn.Module) -> nn.Module:
     kind, rank, adapter = spec["kind"], spec["rank"], spec.get("adapter", False)
     cls = _LAYER_KINDS[kind]
     linear = cls in (LowRankLinear, LoRALinear)
-    if not isinstance(dense, nn.Linear if linear else nn.Conv2d) or isinstance(dense, FACTORIZED):
+    conv1d = linear and is_conv1d(dense)  # Hugging Face's transposed linear map, factorized as nn.Linear
+    if not (conv1d or isinstance(dense, nn.Linear if linear else nn.Conv2d)) or isinstance(dense, FACTORIZED):
         raise ValueError(f"it is a {type(dense).__name__}, not the {'nn.Linear' if linear else 'nn.Conv2d'} "
                          f"that {kind} replaces")
     factory = {"device": "meta", "dtype": dense.weight.dtype}
     bias = dense.bias is not None
     if linear:
         args = {} if cls is LoRALinear else {"adapter": adapter}
-        new = cls(dense.in_features, dense.out_features, rank, bias=bias, **args, **factory)
+        n_in, n_out = dense.weight.shape if conv1d else (dense.in_features, dense.out_features)
+        new = cls(n_in, n_out, rank, bias=bias, **args, **factory)
+        if conv1d:
+            new.conv1d_class = type(dense)
     elif cls is TuckerConv2d:
         new = cls(dense.in_channels, dense.out_channels, dense.kernel_size, tuple(rank), stride=dense.stride,
                   padding=dense.padding, dilation=dense.dilation, groups=dense.groups, bias=bias,

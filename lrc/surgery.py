@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .layers import FACTORIZED, LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear, TuckerConv2d
 from .layers.attention import SplitMultiheadAttention, split_attention_supported
+from .layers.lowrank import conv1d_as_linear, is_conv1d
 from .layers.tucker import unfold
 from .linalg import allocate_ranks, factor_parameter_count
 
@@ -65,7 +66,16 @@ CONV_FORMATS = ("matrix", "tucker")
 def _linear_candidate(module, rank, tau, adapter, kind, conv_format):
     if type(module) is nn.Linear:
         return KINDS[kind][0].from_linear(module, rank=rank, tau=tau, adapter=adapter)
+    if is_conv1d(module):  # Hugging Face's transposed linear map (GPT-2): factorized as the nn.Linear it is
+        new = KINDS[kind][0].from_linear(conv1d_as_linear(module), rank=rank, tau=tau, adapter=adapter)
+        new.conv1d_class = type(module)  # to_dense() gives a Conv1D again
+        return new
     return None
+
+
+def _dense_weight(module: nn.Module) -> Tensor:
+    """A candidate's weight as ``out × in…`` (a ``Conv1D`` stores it transposed)."""
+    return module.weight.detach().mT if is_conv1d(module) else module.weight.detach()
 
 
 def _check_conv(module: nn.Conv2d) -> None:
@@ -119,7 +129,7 @@ _DISPATCH: tuple[Callable, ...] = (_linear_candidate, _conv_candidate)
 
 
 def _candidate(module: nn.Module) -> bool:
-    return type(module) is nn.Linear or isinstance(module, nn.Conv2d)
+    return type(module) is nn.Linear or isinstance(module, nn.Conv2d) or is_conv1d(module)
 
 
 class _Skip(Exception):
@@ -132,7 +142,9 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
               conv_format: str = "matrix", target_cr: float | None = None,
               adapter_dropout: float = 0.0) -> FactorizeReport:
     """Replace ``nn.Linear`` and ``nn.Conv2d`` layers of ``model`` in place by
-    :class:`~lrc.LowRankLinear` / :class:`~lrc.LowRankConv2d` (truncated-SVD initialisation).
+    :class:`~lrc.LowRankLinear` / :class:`~lrc.LowRankConv2d` (truncated-SVD initialisation);
+    Hugging Face's ``Conv1D`` (GPT-2's transposed linear maps) as ``nn.Linear``, restored by
+    :func:`densify`.
 
     Args:
         model: modified in place; new layers keep each original's device and dtype.
@@ -203,7 +215,7 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
     if target_cr is not None:
         ranks = _budget_ranks(model, targets, target_cr, rank, kind, conv_format)
     for name, module in targets:
-        weight = module.weight.detach()
+        weight = _dense_weight(module)
         n, m = weight.shape[0], weight.numel() // weight.shape[0]
         wanted = ranks.get(name, rank) if ranks else rank
         layer_rank = wanted if wanted is None or isinstance(wanted, tuple) else min(wanted, n, m)
@@ -238,7 +250,7 @@ def _budget_ranks(model: nn.Module, targets: list, target_cr: float, rank: int |
                 _check_conv(module)
             except _Skip:
                 continue  # kept dense: the main loop reports why
-        W = module.weight.detach()
+        W = _dense_weight(module)
         W = W.to(torch.promote_types(W.dtype, torch.float32))
         n, m = W.shape[0], W[0].numel()
         if isinstance(module, nn.Conv2d) and conv_format == "tucker" and kind == "lowrank":

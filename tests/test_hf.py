@@ -154,3 +154,72 @@ def test_peft_methods_refuse_a_model_that_is_not_hugging_face(tmp_path):
     proc = lrc("train", "--set", "factorize.include=['1']", "--set", "optimizer.method=peft-lora",
                "--out", tmp_path / "x", check=False)
     assert proc.returncode == 2 and "for Hugging Face models" in proc.stderr
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config
+
+    from lrc.models.hf import HFSequenceClassifier, hf_model
+
+    config = GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2, eos_token_id=0,
+                        bos_token_id=0)
+    torch.manual_seed(0)
+    model = hf_model(config=config.to_diff_dict(), num_labels=3)
+    assert isinstance(model, HFSequenceClassifier) and model.model.config.pad_token_id == 0  # padded with eos
+    return model
+
+
+def test_gpt2_conv1d_layers_factorize_exactly_train_reload_and_export_as_conv1d(tmp_path):
+    """GPT-2 keeps its linear maps in Hugging Face's Conv1D (weight stored in × out): factorized as
+    the nn.Linear they are (equal at full rank in float64), trained, saved, rebuilt from the lrc
+    file, and exported as Conv1D again, loadable by transformers."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.pytorch_utils import Conv1D
+
+    from lrc.io import load_model, save_dense_pretrained, save_model
+
+    model = _tiny_gpt2().double().eval()
+    with torch.no_grad():  # weights of rank 4 (Conv1D: in × out), so that rank 4 is exact and saves parameters
+        for m in model.modules():
+            if isinstance(m, Conv1D):
+                m.weight.copy_(torch.randn(m.weight.shape[0], 4, dtype=torch.float64)
+                               @ torch.randn(4, m.weight.shape[1], dtype=torch.float64) / 4)
+    x = torch.randint(1, 40, (3, 2, 7))
+    x[:, 1] = 1
+    with torch.no_grad():
+        want = model(x)
+    report = factorize(model, rank=4, include=["*c_attn", "*c_fc", "*mlp.c_proj", "*attn.c_proj"])
+    assert len(report.replaced) == 8 and not any(isinstance(m, Conv1D) for m in model.modules())
+    assert {r.shape for r in report.replaced} == {(48, 16), (64, 16), (16, 64), (16, 16)}  # out × in
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, rtol=0, atol=1e-10)
+    model.float().train()
+    opt = LowRankAdam(model, lr=1e-3, tau=0.3)
+    torch.nn.functional.cross_entropy(model(x.clone()), torch.tensor([0, 1, 2])).backward()
+    opt.step()
+    assert all(torch.isfinite(m.S).all() for m in model.modules() if isinstance(m, LowRankLinear))
+    model.eval()
+    arch = {"name": "hf", "args": {"num_labels": 3, "config": model.model.config.to_diff_dict()}}
+    save_model(tmp_path / "m.safetensors", model, arch)
+    again, _ = load_model(tmp_path / "m.safetensors")
+    with torch.no_grad():
+        out = model(x)
+        assert torch.allclose(again.eval()(x), out, atol=1e-6)
+    save_dense_pretrained(tmp_path / "dense", again)
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "dense").eval()
+    assert isinstance(hf.transformer.h[0].attn.c_attn, Conv1D)
+    with torch.no_grad():
+        assert torch.allclose(hf(input_ids=x[:, 0], attention_mask=x[:, 1]).logits, out, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs the peft extra")
+def test_peft_lora_wraps_gpt2_conv1d_layers():
+    from lrc.models.hf import apply_peft
+
+    model = _tiny_gpt2()
+    apply_peft(model, "peft-lora", ["*c_attn", "*c_fc"], ["*score*"], total_steps=10, r=2)
+    adapted = [n for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n]
+    assert len(adapted) == 4  # two blocks × (c_attn, c_fc)
+    x = torch.randint(1, 40, (3, 2, 7))
+    x[:, 1] = 1
+    assert model(x).shape == (3, 3)

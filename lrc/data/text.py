@@ -94,6 +94,8 @@ def text_data(data_dir, seed: int, tokenizer: str | None, text_column: str = "te
         tok = _transformers().AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"tokenizer {tokenizer}: cannot load it ({str(e).splitlines()[0]})") from None
+    if tok.pad_token is None and tok.eos_token is not None:  # GPT-2's convention: pad with end-of-text
+        tok.pad_token = tok.eos_token
 
     def encode(rows):
         enc = tok([t for t, _ in rows], padding="max_length", truncation=True, max_length=max_length,

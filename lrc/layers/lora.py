@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..linalg import sign_fixed_svd
-from .lowrank import _conv_padding, _pair, dense_conv, filled, initial_rank
+from .lowrank import _conv_padding, _pair, dense_conv, filled, initial_rank, linear_origin
 
 __all__ = ["LoRALinear", "LoRAConv2d", "LoRAModule"]
 
@@ -87,9 +87,10 @@ class LoRALinear(LoRAModule):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x @ self.B, self.A, self.bias)
 
-    def to_dense(self) -> nn.Linear:
-        return filled(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.A.device,
-                                dtype=self.A.dtype), self.matrix_weight().detach(), self.bias)
+    def to_dense(self) -> nn.Module:
+        return linear_origin(self, filled(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                                                    device=self.A.device, dtype=self.A.dtype),
+                                          self.matrix_weight().detach(), self.bias))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

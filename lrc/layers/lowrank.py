@@ -309,11 +309,11 @@ class LowRankLinear(LowRankMatrixModule):
         new._init_from_matrix(W, None if layer.bias is None else layer.bias.detach())
         return new
 
-    def to_dense(self) -> nn.Linear:
-        """An ``nn.Linear`` with the same outputs."""
+    def to_dense(self) -> nn.Module:
+        """An ``nn.Linear`` with the same outputs (a ``Conv1D`` where the layer replaced one)."""
         W = self.dense_weight().detach()
-        return filled(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                                device=W.device, dtype=W.dtype), W, self.bias)
+        return linear_origin(self, filled(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                                                     device=W.device, dtype=W.dtype), W, self.bias))
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._low_rank_forward(x)
@@ -471,6 +471,41 @@ def filled(module: nn.Module, W: Tensor, bias: Tensor | None) -> nn.Module:
         if bias is not None:
             module.bias.copy_(bias)
     return module
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is Hugging Face's ``Conv1D`` (GPT-2 and its kin): a linear map whose
+    weight is stored transposed (``in × out``, ``y = x W + b``). Recognised by its class name
+    and fields, so that lrc does not import ``transformers`` to ask."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+            and isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[1] == module.nf)
+
+
+def conv1d_as_linear(module: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` that computes what a ``Conv1D`` computes (its weight a transposed view)."""
+    nx, nf = module.weight.shape
+    linear = nn.Linear(nx, nf, bias=module.bias is not None, device="meta", dtype=module.weight.dtype)
+    linear.weight = nn.Parameter(module.weight.detach().mT, requires_grad=False)
+    if module.bias is not None:
+        linear.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+    return linear
+
+
+def linear_origin(layer: nn.Module, dense: nn.Linear) -> nn.Module:
+    """``dense``, or — where ``layer`` replaced a ``Conv1D`` (its ``conv1d_class``) — that class
+    again with the same weights, so that a dense export loads where the original model did."""
+    cls = getattr(layer, "conv1d_class", None)
+    if cls is None:
+        return dense
+    out = cls(dense.out_features, dense.in_features).to(device=dense.weight.device, dtype=dense.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(dense.weight.mT)
+        if dense.bias is not None:
+            out.bias.copy_(dense.bias)
+        else:
+            out.bias.zero_()
+    return out
 
 
 def check_conv(cls_name: str, groups: int, padding_mode: str) -> None:

@@ -104,6 +104,7 @@ def hf_model(path: str | None = None, num_labels: int = 2, task: str = "sequence
     transformers = _transformers()
     if config is not None:
         cfg = transformers.AutoConfig.for_model(**{**config, "num_labels": num_labels})
+        _pad_with_eos(cfg)
         return HFSequenceClassifier(transformers.AutoModelForSequenceClassification.from_config(cfg))
     if not path:
         raise ValueError("model hf needs model.args.path: a local directory with config.json and the weights")
@@ -113,7 +114,15 @@ def hf_model(path: str | None = None, num_labels: int = 2, task: str = "sequence
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
         str(directory), num_labels=num_labels, local_files_only=True, ignore_mismatched_sizes=True)
+    _pad_with_eos(model.config)
     return HFSequenceClassifier(model)
+
+
+def _pad_with_eos(config) -> None:
+    """A decoder without a padding token (GPT-2) classifies at the last token that is not padding,
+    so it must know the padding token: end-of-text, as lrc's text loader pads with it."""
+    if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
+        config.pad_token_id = config.eos_token_id
 
 
 PEFT_METHODS = ("peft-lora", "peft-dora", "peft-adalora")
@@ -140,15 +149,19 @@ def apply_peft(model: nn.Module, method: str, include, trainable, total_steps: i
         raise ValueError(f"method {method} needs the PEFT library: pip install 'lrc[peft]'") from None
     if not include:
         raise ValueError(f"method {method}: factorize.include must name the layers that get adapters")
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+    from ..layers.lowrank import is_conv1d
+
+    names = [n for n, m in model.named_modules() if (isinstance(m, nn.Linear) or is_conv1d(m))
              and any(fnmatch.fnmatchcase(n, p) for p in include)]
     if not names:
-        raise ValueError(f"method {method}: factorize.include {include} matches no nn.Linear layer")
+        raise ValueError(f"method {method}: factorize.include {include} matches no nn.Linear (or Conv1D) layer")
+    conv1d = any(is_conv1d(model.get_submodule(n)) for n in names)
     heads = list(trainable) if trainable is not None else ["*classifier*", "*head*"]
     save = sorted({n.split(".")[1] for n, _ in model.named_modules() if n.count(".") == 1
                    and any(fnmatch.fnmatchcase(n, p) for p in heads)})
     targets = [n[len("model."):] for n in names]
-    common = dict(target_modules=targets, modules_to_save=save or None, lora_alpha=2 * r, lora_dropout=dropout)
+    common = dict(target_modules=targets, modules_to_save=save or None, lora_alpha=2 * r, lora_dropout=dropout,
+                  fan_in_fan_out=conv1d)  # PEFT's flag for Conv1D's transposed weight (GPT-2)
     if method == "peft-adalora":
         config = peft.AdaLoraConfig(init_r=max(r + 1, round(1.5 * r)), target_r=r, total_step=max(total_steps, 3),
                                     tinit=total_steps // 10, tfinal=total_steps // 5, deltaT=1, **common)
