@@ -105,7 +105,7 @@ def compare(cfg: dict, methods: list[str], seeds: list[int], out_dir: str | Path
                 _train_here(todo, progress)
             else:
                 pool.run(todo)
-    rows = summarize(out_dir, methods, seeds, lrs)
+    rows = summarize(out_dir, methods, seeds, lrs, cfg["data"].get("metric", "accuracy"))
     write_tables(out_dir, rows)
     best = None
     if lrs is not None:
@@ -647,9 +647,11 @@ def _history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def summarize(out_dir: Path, methods: list[str], seeds: list[int], lrs: list[float] | None = None) -> list[dict]:
+def summarize(out_dir: Path, methods: list[str], seeds: list[int], lrs: list[float] | None = None,
+              metric: str = "accuracy") -> list[dict]:
     """One row per method — per (method, lr) with a grid, then with an ``lr`` column — over
-    the seeds' final epochs."""
+    the seeds' final epochs; with another ``metric`` than accuracy (``data.metric``: ``mcc``,
+    ``f1``) also its mean and standard deviation (×100), by which the best of a grid is chosen."""
     rows = []
     for method in methods:
         for lr in [None] if lrs is None else lrs:
@@ -667,15 +669,27 @@ def summarize(out_dir: Path, methods: list[str], seeds: list[int], lrs: list[flo
                 "optimizer_state_bytes": round(statistics.fmean(r.get("optimizer_state_bytes", 0) for r in last)),
                 "trainable_params": round(statistics.fmean(r.get("trainable_params", r["params"]) for r in last)),
             })
+            if metric != "accuracy":
+                score = [100 * r[f"test_{metric}"] for r in last]
+                row.update({"metric": metric, "score_mean": statistics.fmean(score),
+                            "score_std": statistics.stdev(score) if len(score) > 1 else 0.0})
             rows.append(row)
     return rows
+
+
+METRIC_NAMES = {"mcc": "Matthews corr.", "f1": "F1"}
+
+
+def _score(row: dict) -> float:
+    """What a row is ranked by: the data set's metric, else the accuracy."""
+    return row.get("score_mean", row["accuracy_mean"])
 
 
 def best_of_grid(rows: list[dict]) -> dict[str, dict]:
     """Per method, its row with the highest mean accuracy (the first learning rate on a tie)."""
     best: dict[str, dict] = {}
     for r in rows:
-        if r["method"] not in best or r["accuracy_mean"] > best[r["method"]]["accuracy_mean"]:
+        if r["method"] not in best or _score(r) > _score(best[r["method"]]):
             best[r["method"]] = r
     return best
 
@@ -694,12 +708,15 @@ def write_tables(out_dir: Path, rows: list[dict]) -> None:
 
 
 def _method_table(rows: list[dict], with_lr: bool = False) -> list[str]:
-    lines = [f"| method |{' lr |' if with_lr else ''} test accuracy [%] | c.r. [%] | parameters | trainable | "
+    metric = rows[0].get("metric")
+    head = f" test {METRIC_NAMES[metric]} [×100] |" if metric else ""
+    lines = [f"| method |{' lr |' if with_lr else ''}{head} test accuracy [%] | c.r. [%] | parameters | trainable | "
              "time / epoch [s] | optimizer state [KiB] |",
-             f"| --- |{' ---: |' if with_lr else ''} ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"| --- |{' ---: |' if with_lr else ''}{' ---: |' if metric else ''} ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lr = f" {r['lr']} |" if with_lr else ""
-        lines.append(f"| {r['method']} |{lr} {r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} | "
+        score = f" {r['score_mean']:.2f} ± {r['score_std']:.2f} |" if metric else ""
+        lines.append(f"| {r['method']} |{lr}{score} {r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} | "
                      f"{r['compression_ratio']:.1f} | {r['params']:,} | {r.get('trainable_params', r['params']):,} | "
                      f"{r['time_per_epoch_s']:.2f} | {r['optimizer_state_bytes'] / 1024:.1f} |")
     return lines
@@ -710,16 +727,19 @@ def _grid_table(rows: list[dict]) -> list[str]:
     cells: dict[str, dict[str, str]] = {}
     for r in rows:
         cells.setdefault(r["method"], {})[r["lr"]] = grid_cell(r)
-    lines = ["Test accuracy [%] (c.r.) per learning rate:", "",
+    metric = rows[0].get("metric")
+    name = f"test {METRIC_NAMES[metric]}" if metric else "test accuracy"
+    lines = [f"{name[0].upper()}{name[1:]} {'[×100]' if metric else '[%]'} (c.r.) per learning rate:", "",
              "| method | " + " | ".join(f"lr {lr}" for lr in lrs) + " |", "| --- |" + " ---: |" * len(lrs)]
     lines += [f"| {method} | " + " | ".join(by_lr.get(lr, "") for lr in lrs) + " |" for method, by_lr in cells.items()]
-    lines += ["", "Best of grid (the learning rate with the highest mean test accuracy, per method):", ""]
+    lines += ["", f"Best of grid (the learning rate with the highest mean {name}, per method):", ""]
     return lines + _method_table(list(best_of_grid(rows).values()), with_lr=True)
 
 
 def grid_cell(row: dict) -> str:
     """A cell of the per-learning-rate table: ``mean ± std (c.r. %)``."""
-    return f"{row['accuracy_mean']:.2f} ± {row['accuracy_std']:.2f} ({row['compression_ratio']:.1f} %)"
+    key = "score" if "score_mean" in row else "accuracy"
+    return f"{row[key + '_mean']:.2f} ± {row[key + '_std']:.2f} ({row['compression_ratio']:.1f} %)"
 
 
 def plot(out_dir: Path, methods: list[str], seeds: list[int], lrs: dict[str, float] | None = None) -> bool:

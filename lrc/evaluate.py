@@ -10,7 +10,9 @@ from torch.utils.data import DataLoader
 from .layers import FACTORIZED, LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear, TuckerConv2d
 from .surgery import compression_ratio, count_parameters
 
-__all__ = ["evaluate", "layer_ranks", "flops_per_sample"]
+__all__ = ["evaluate", "layer_ranks", "flops_per_sample", "METRICS", "classification_metrics"]
+
+METRICS = ("accuracy", "mcc", "f1")  # what a data set is judged by (GLUE: CoLA Matthews, QQP F1)
 
 
 def layer_ranks(model: nn.Module) -> dict[str, int]:
@@ -24,6 +26,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = 
     was_training = model.training
     model.eval()
     total, loss_sum, top1, top5, classes = 0, 0.0, 0, 0, 0
+    confusion = None
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
@@ -34,6 +37,9 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = 
         top1 += (top[:, 0] == y).sum().item()
         top5 += (top == y[:, None]).any(1).sum().item()
         total += y.numel()
+        if confusion is None:
+            confusion = torch.zeros(classes, classes, dtype=torch.long)
+        confusion += torch.bincount((y * classes + top[:, 0]).cpu(), minlength=classes * classes).view(classes, classes)
     model.train(was_training)
     sample = next(iter(loader))[0][:1].to(device)
     result = {"loss": loss_sum / max(total, 1), "top1": top1 / max(total, 1), "samples": total,
@@ -41,7 +47,25 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = 
               "flops_per_sample": flops_per_sample(model, sample), "ranks": layer_ranks(model)}
     if classes > 5:
         result["top5"] = top5 / max(total, 1)
+    if confusion is not None:
+        result.update(classification_metrics(confusion))
     return result
+
+
+def classification_metrics(confusion: torch.Tensor) -> dict:
+    """From a confusion matrix (rows: true class, columns: predicted): the Matthews correlation
+    (its multi-class form, Gorodkin 2004; 0 where it is undefined) and, for two classes, the F1
+    score of class 1 (GLUE's positive class: duplicate, paraphrase, acceptable)."""
+    C = confusion.double()
+    n, correct = C.sum(), C.diagonal().sum()
+    true, pred = C.sum(1), C.sum(0)
+    denominator = ((n * n - (pred * pred).sum()) * (n * n - (true * true).sum())).sqrt()
+    mcc = float((correct * n - (true * pred).sum()) / denominator) if denominator > 0 else 0.0
+    out = {"mcc": mcc}
+    if C.shape[0] == 2:
+        tp, fp, fn = C[1, 1], C[0, 1], C[1, 0]
+        out["f1"] = float(2 * tp / (2 * tp + fp + fn)) if tp > 0 else 0.0
+    return out
 
 
 @torch.no_grad()

@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
+from .evaluate import METRICS
 from .linalg import SECOND_MOMENT_RULES
-from .optim.adam import LR_SCALINGS, NEW_MOMENTS
+from .optim.adam import COEFFICIENT_METRICS, LR_SCALINGS, NEW_MOMENTS
 from .optim.base import MODES
 
 __all__ = ["DEFAULTS", "PresetError", "PRESET_DIR", "list_presets", "load_preset", "resolve_config",
@@ -36,14 +37,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"name": "mlp", "args": {}, "checkpoint": None, "new_head": False, "factory": None},
     "data": {"name": "digits", "data_dir": None, "batch_size": 64, "eval_batch_size": None, "workers": 0,
              "image_size": None, "channels": None, "train_samples": None, "test_samples": None,
-             "text_column": "text", "label_column": "label", "max_length": 64, "tokenizer": None},
+             "text_column": "text", "label_column": "label", "max_length": 64, "tokenizer": None,
+             "columns": None, "train_file": None, "test_file": None, "metric": "accuracy"},
     "factorize": {"rank": None, "tau": None, "include": None, "exclude": [], "conv_format": "matrix",
                   "match_cr": None, "target_cr": None, "adapter": False, "trainable": None,
                   "adapter_dropout": 0.0},
     "optimizer": {"method": "lowrank-adam", "lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999],
                   "momentum": 0.9, "tau": 0.1, "min_rank": 1, "max_rank": None, "mode": "fused",
                   "second_moment": "squared", "lr_scaling": "dense",
-                  "new_moments": "zero", "update_every": 1, "max_params": None},
+                  "new_moments": "zero", "update_every": 1, "max_params": None, "coefficient_metric": "uniform"},
     "train": {"epochs": 10, "seed": 0, "device": "auto", "bf16": False, "grad_clip": None,
               "schedule": "cosine", "warmup_epochs": 0.0, "tau_warmup_epochs": 0.0,
               "budget_warmup_epochs": 0.0},
@@ -84,6 +86,11 @@ _TYPED: dict[tuple[str, str], tuple[str, Any]] = {
     ("factorize", "match_cr"): ("a run directory or null", _optional(lambda v: isinstance(v, str))),
     ("factorize", "trainable"): ("a list of parameter-name patterns or null", _optional(_strings)),
     ("data", "tokenizer"): ("a path or null", _optional(lambda v: isinstance(v, str))),
+    ("data", "text_column"): ("a column name, or a list of two for sentence pairs",
+                              lambda v: isinstance(v, str) or (_strings(v) and 1 <= len(v) <= 2)),
+    ("data", "columns"): ("a list of column names (a file without a header) or null", _optional(_strings)),
+    ("data", "train_file"): ("a file name in data_dir, or null", _optional(lambda v: isinstance(v, str))),
+    ("data", "test_file"): ("a file name in data_dir, or null", _optional(lambda v: isinstance(v, str))),
     ("optimizer", "max_params"): ("an integer or null", _optional(_is_int)),
     ("optimizer", "max_rank"): ("an integer or null", _optional(_is_int)),
     ("optimizer", "betas"): ("two numbers, e.g. [0.9, 0.999]",
@@ -238,6 +245,8 @@ def validate(cfg: dict, source: str) -> None:
         raise PresetError(f"{source}: optimizer.max_params = {opt['max_params']} must be ≥ 1")
     if opt["max_params"] is not None and fac["target_cr"] is not None:
         raise PresetError(f"{source}: optimizer.max_params and factorize.target_cr both set the budget; set one")
+    if cfg["data"]["metric"] not in METRICS:
+        raise PresetError(f"{source}: data.metric {cfg['data']['metric']!r}: choose one of {', '.join(METRICS)}")
     if cfg["data"]["max_length"] < 2:
         raise PresetError(f"{source}: data.max_length = {cfg['data']['max_length']} must be ≥ 2")
     if fac["target_cr"] is not None:
@@ -259,6 +268,9 @@ def validate(cfg: dict, source: str) -> None:
     if opt["new_moments"] not in NEW_MOMENTS:
         raise PresetError(f"{source}: optimizer.new_moments {opt['new_moments']!r}: choose one of "
                           f"{', '.join(NEW_MOMENTS)}")
+    if opt["coefficient_metric"] not in COEFFICIENT_METRICS:
+        raise PresetError(f"{source}: optimizer.coefficient_metric {opt['coefficient_metric']!r}: choose one of "
+                          f"{', '.join(COEFFICIENT_METRICS)}")
     if fac["conv_format"] not in ("matrix", "tucker"):
         raise PresetError(f"{source}: factorize.conv_format {fac['conv_format']!r}: choose matrix or tucker")
     if opt["lr"] < 0:

@@ -188,7 +188,8 @@ def build_run(cfg: dict, device: torch.device, total_steps: int = 0):
         if method in ("lowrank-adam", "dlrt-naive"):
             opt = LowRankAdam(model, betas=tuple(opt_cfg["betas"]), second_moment=opt_cfg["second_moment"],
                               project_moments=method == "lowrank-adam", lr_scaling=opt_cfg.get("lr_scaling", "none"),
-                              new_moments=opt_cfg.get("new_moments", "zero"), **common, **lowrank)
+                              new_moments=opt_cfg.get("new_moments", "zero"),
+                              coefficient_metric=opt_cfg.get("coefficient_metric", "uniform"), **common, **lowrank)
         else:
             opt = LowRankSGD(model, momentum=opt_cfg["momentum"], **common, **lowrank)
     return model, opt, arch, report
@@ -202,7 +203,8 @@ def text_options(cfg: dict) -> dict | None:
         return None
     return {"tokenizer": dcfg.get("tokenizer") or cfg["model"]["args"].get("path"),
             "text_column": dcfg.get("text_column", "text"), "label_column": dcfg.get("label_column", "label"),
-            "max_length": dcfg.get("max_length", 64)}
+            "max_length": dcfg.get("max_length", 64), "columns": dcfg.get("columns"),
+            "train_file": dcfg.get("train_file"), "test_file": dcfg.get("test_file")}
 
 
 def _trainable_params(model: nn.Module) -> int:
@@ -437,6 +439,10 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
     dcfg = cfg["data"]
     data = build_data(dcfg["name"], dcfg["data_dir"], tcfg["seed"], dcfg["image_size"], dcfg.get("channels"),
                       dcfg.get("train_samples"), text=text_options(cfg), test_samples=dcfg.get("test_samples"))
+    metric = dcfg.get("metric", "accuracy")
+    if metric == "f1" and data.num_classes != 2:
+        raise ValueError(f"data.metric f1 is the F1 score of class 1 of two classes; this data set has "
+                         f"{data.num_classes}: use accuracy or mcc")
     model, opt, arch, report = build_run(cfg, device, tcfg["epochs"] * math.ceil(len(data.train) / batch_size))
     broadcast_([t.data for t in list(model.parameters()) + list(model.buffers())])  # same start everywhere
     own_averaging = isinstance(opt, LowRankOptimizer)  # else: average here for AdamW
@@ -567,6 +573,8 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
                     "processes": world, "comm_bytes_per_step": comm_bytes, "ranks": layer_ranks(model)}
             if "top5" in ev:
                 last["test_top5"] = ev["top5"]
+            if metric != "accuracy":  # the data set's own measure (GLUE: CoLA's Matthews correlation, QQP's F1)
+                last[f"test_{metric}"] = ev[metric]
             if isinstance(opt, LowRankOptimizer):
                 names = {module: name for name, module in model.named_modules()}
                 last["layers"] = {names[layer]: values for layer, values in opt.pop_diagnostics().items()}
@@ -575,15 +583,18 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
                 _append_metrics(run_dir, last)
                 save_state(state_path, snapshot(epoch, 0, step, epoch_sums))
             if progress:
+                extra = f", test {metric} {last[f'test_{metric}']:.4f}" if metric != "accuracy" else ""
                 tqdm.write(f"epoch {epoch}: train loss {last['train_loss']:.4f}, test accuracy "
-                           f"{100 * last['test_accuracy']:.2f}%, c.r. {last['compression_ratio']:.1f}%")
+                           f"{100 * last['test_accuracy']:.2f}%{extra}, c.r. {last['compression_ratio']:.1f}%")
 
     if not last:  # resumed a finished run
         ev = evaluate(model, test_loader, device, bf16=use_bf16)
         last = {"test_accuracy": ev["top1"], "test_loss": ev["loss"], "compression_ratio": compression_ratio(model),
                 "ranks": layer_ranks(model)}
+        if metric != "accuracy":
+            last[f"test_{metric}"] = ev[metric]
     model_path = run_dir / "model.safetensors"
-    summary = {k: last[k] for k in ("test_accuracy", "test_loss", "compression_ratio") if k in last}
+    summary = {k: last[k] for k in ("test_accuracy", "test_loss", "compression_ratio", f"test_{metric}") if k in last}
     summary.update(preset=cfg.get("_preset"), data=cfg["data"]["name"], epochs=tcfg["epochs"],
                    method=cfg["optimizer"]["method"])
     for key in ("image_size", "channels"):

@@ -223,3 +223,71 @@ def test_peft_lora_wraps_gpt2_conv1d_layers():
     x = torch.randint(1, 40, (3, 2, 7))
     x[:, 1] = 1
     assert model(x).shape == (3, 3)
+
+
+def _glue(root, tiny):
+    """GLUE-shaped files: RTE (a header, sentence pairs) and CoLA (no header, quotation marks unquoted)."""
+    rng = random.Random(1)
+    (root / "RTE").mkdir()
+    (root / "CoLA").mkdir()
+    for split, n in (("train", 60), ("dev", 20)):
+        lines = ["index\tsentence1\tsentence2\tlabel"]
+        for i in range(n):
+            label = rng.choice(["entailment", "not_entailment"])
+            words = WORDS["positive" if label == "entailment" else "negative"]
+            lines.append(f"{i}\t{rng.choice(words)} road\t{rng.choice(words)} car\t{label}")
+        lines.append("99\tshort row")  # GLUE's QQP has a few: skipped
+        (root / "RTE" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+        rows = []
+        for i in range(n):
+            good = rng.random() < 0.5
+            word = rng.choice(WORDS["positive" if good else "negative"])
+            rows.append(f"src{i}\t{int(good)}\t\t\"{word}\" car")
+        (root / "CoLA" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+
+
+def test_glue_files_pairs_headerless_tsv_and_the_task_metric(tiny, tmp_path):
+    from lrc.data import build_data
+    from lrc.evaluate import classification_metrics
+
+    _glue(tmp_path, tiny)
+    rte = build_data("text", tmp_path / "RTE", text={
+        "tokenizer": str(tiny / "model"), "text_column": ["sentence1", "sentence2"], "label_column": "label",
+        "max_length": 10, "train_file": "train.tsv", "test_file": "dev.tsv"})
+    assert len(rte.train) == 60 and len(rte.test) == 20 and rte.num_classes == 2
+    ids = rte.train.tensors[0][0, 0].tolist()
+    assert ids.count(3) == 2  # [CLS] a [SEP] b [SEP]: the pair is tokenized as a pair
+    cola = build_data("text", tmp_path / "CoLA", text={
+        "tokenizer": str(tiny / "model"), "text_column": "sentence", "label_column": "label", "max_length": 8,
+        "columns": ["source", "label", "original_label", "sentence"], "train_file": "train.tsv",
+        "test_file": "dev.tsv"})
+    assert len(cola.train) == 60 and set(cola.train.tensors[1].tolist()) == {0, 1}
+    with pytest.raises(ValueError, match="no file dev_matched.tsv"):
+        build_data("text", tmp_path / "RTE", text={"tokenizer": str(tiny / "model"), "text_column": "sentence1",
+                                                    "test_file": "dev_matched.tsv"})
+    # Matthews correlation and F1 against their definitions
+    C = torch.tensor([[5, 2], [1, 7]])
+    tp, tn, fp, fn = 7, 5, 2, 1
+    m = classification_metrics(C)
+    assert m["mcc"] == pytest.approx((tp * tn - fp * fn) / ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5)
+    assert m["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert classification_metrics(torch.tensor([[4, 0], [3, 0]]))["mcc"] == 0.0  # undefined: 0
+    assert classification_metrics(torch.eye(3, dtype=torch.long) * 4)["mcc"] == pytest.approx(1.0)
+
+
+def test_glue_preset_trains_and_compare_reports_the_task_metric(tiny, tmp_path):
+    _glue(tmp_path, tiny)
+    out = tmp_path / "cmp"
+    proc = lrc("compare", "--preset", "glue-cola", "--data-dir", tmp_path / "CoLA", "--seeds", "1", "--quiet",
+               "--methods", "lowrank-adam", "--out", out, "--epochs", "1",
+               "--set", f"model.args.path={tiny / 'model'}", "--set", "data.max_length=8",
+               "--set", "optimizer.max_params=800")
+    final = json.loads((out / "runs" / "lowrank-adam-s0" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert -1.0 <= final["test_mcc"] <= 1.0
+    row = next(csv.DictReader((out / "results.csv").open()))
+    assert row["metric"] == "mcc" and float(row["score_mean"]) == pytest.approx(100 * final["test_mcc"])
+    assert "test Matthews corr. [×100]" in proc.stdout
+    bad = lrc("train", "--preset", "glue-rte", "--data-dir", tmp_path / "RTE", "--epochs", "1", "--out",
+              tmp_path / "r", "--set", f"model.args.path={tiny / 'model'}", "--set", "data.metric=f1",
+              "--set", "data.label_column=sentence1", "--quiet", check=False)
+    assert bad.returncode != 0 and "f1" in bad.stderr and "Traceback" not in bad.stderr

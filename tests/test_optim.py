@@ -515,6 +515,37 @@ def test_new_moments_set_the_first_step_of_the_new_directions(rule):
         LowRankAdam(model, new_moments="ones")
 
 
+def test_balanced_coefficient_metric_weights_each_entry_of_the_step_by_root_singular_values():
+    # the step of S̄ entry (i, j) is the uniform one times (√σ_i + √σ_j) / RMS, σ = 0 for new directions
+    r = 4
+    a, b = one_layer()[0], one_layer()[0]
+    oa, ob = LowRankAdam(a, lr=1e-2, weight_decay=0.1), LowRankAdam(b, lr=1e-2, weight_decay=0.1,
+                                                                   coefficient_metric="balanced")
+    torch.manual_seed(0)
+    Ut, Vt = torch.zeros(30, r, dtype=f64), torch.zeros(20, r, dtype=f64)
+    G = torch.randn(2 * r, 2 * r, dtype=f64)
+    S0 = a[0].S.detach().clone()
+    sigma = torch.cat([S0.diagonal(), torch.zeros(r, dtype=f64)])
+    assert torch.equal(S0, torch.diag(S0.diagonal()))  # the SVD initialisation: S is diagonal
+    *_, Sa, _, na = oa._update_coefficient(a[0], Ut, Vt, G, oa.param_groups[0])
+    *_, Sb, _, nb = ob._update_coefficient(b[0], Ut, Vt, G, ob.param_groups[0])
+    w = sigma.sqrt()[:, None] + sigma.sqrt()[None, :]
+    w = w / w.square().mean().sqrt()
+    before = torch.block_diag(S0, torch.zeros(r, r, dtype=f64))
+    assert rel(Sb - before, w * (Sa - before)) < 1e-14
+    assert abs(nb.item() - torch.linalg.matrix_norm(w * (Sa - before)).item()) < 1e-12
+    with pytest.raises(ValueError, match="coefficient_metric"):
+        LowRankAdam(a, coefficient_metric="lora")
+
+
+@pytest.mark.parametrize("make", [mlp, convnet])
+def test_balanced_coefficient_metric_is_the_same_step_fused_and_two_pass(make):
+    (a, x, y), (b, _, _) = make(), make()
+    ha = train(a, x, y, LowRankAdam(a, lr=1e-2, tau=0.2, mode="two_pass", coefficient_metric="balanced"), 3)
+    hb = train(b, x, y, LowRankAdam(b, lr=1e-2, tau=0.2, mode="fused", coefficient_metric="balanced"), 3)
+    assert ha == hb and rel(weights(a), weights(b)) < 1e-10
+
+
 # ---- update_every: one augmentation and one truncation per cycle ---------------------------------
 @pytest.mark.parametrize("name, opt_cls, kw, rank", [
     ("mlp", LowRankAdam, {"lr": 5e-2, "second_moment": "squared", "lr_scaling": "none"}, 8),

@@ -10,9 +10,10 @@ from torch import Tensor, nn
 from .base import LowRankOptimizer
 from .functional import adamw_update_
 
-__all__ = ["LowRankAdam", "LR_SCALINGS", "NEW_MOMENTS"]
+__all__ = ["LowRankAdam", "LR_SCALINGS", "NEW_MOMENTS", "COEFFICIENT_METRICS"]
 
 LR_SCALINGS = ("dense", "lora", "none")
+COEFFICIENT_METRICS = ("uniform", "balanced")
 NEW_MOMENTS = ("zero", "second", "both", "project")
 
 
@@ -85,6 +86,13 @@ class LowRankAdam(LowRankOptimizer):
             last truncates. ``1``: every step, as the paper. Larger values give the new
             directions several steps (and consistent moments) before the truncation decides
             and take one QR/SVD per cycle. Default: ``1``.
+        coefficient_metric (str): how the step is spread over the entries of ``S̄``.
+            ``"uniform"``: as Adam gives it, every entry by about ``lr`` (times ``c``) — the paper.
+            ``"balanced"``: entry ``(i, j)`` weighted by ``√s_i + √s_j``, where ``s`` are the norms of
+            the rows and columns of ``S`` (its singular values after a truncation; ``0`` for the new
+            directions), the weights normalised to a root mean square of 1. This is the metric
+            LoRA's Adam on ``A = U√Σ``, ``B = V√Σ`` induces on ``W``: directions of large singular
+            values move and rotate more, the tail and the new directions less. Default: ``"uniform"``.
         target_cr (float | None): a compression ratio in percent (over all the model's parameters,
             against the dense model) that every truncation keeps, in place of ``tau``: the ranks of
             all layers are chosen together, under one parameter budget, so as to minimise the
@@ -114,11 +122,14 @@ class LowRankAdam(LowRankOptimizer):
                  max_rank: int | None = None, mode: str = "fused", second_moment: str = "squared",
                  project_moments: bool = True, distributed: bool | None = None, lr_scaling: str = "dense",
                  new_moments: str = "zero", update_every: int = 1,
-                 target_cr: float | None = None, max_params: int | None = None) -> None:
+                 target_cr: float | None = None, max_params: int | None = None,
+                 coefficient_metric: str = "uniform") -> None:
         if lr_scaling not in LR_SCALINGS:
             raise ValueError(f"Invalid lr_scaling: {lr_scaling!r} (one of {LR_SCALINGS})")
         if new_moments not in NEW_MOMENTS:
             raise ValueError(f"Invalid new_moments: {new_moments!r} (one of {NEW_MOMENTS})")
+        if coefficient_metric not in COEFFICIENT_METRICS:
+            raise ValueError(f"Invalid coefficient_metric: {coefficient_metric!r} (one of {COEFFICIENT_METRICS})")
         if not 0.0 <= lr:
             raise ValueError(f"Invalid lr: {lr!r} (must be ≥ 0)")
         if not 0.0 <= eps:
@@ -136,6 +147,20 @@ class LowRankAdam(LowRankOptimizer):
         self.lr_scaling = lr_scaling
         self.new_moments = new_moments
         self.carry_moments = new_moments == "project"
+        self.coefficient_metric = coefficient_metric
+
+    def coefficient_step_weight(self, layer, S_bar: Tensor) -> Tensor | None:
+        if self.coefficient_metric == "uniform":
+            return None
+        S = layer.S.detach()  # r_out × r_in (× kh × kw): row and column norms, zero for new directions
+        dims = tuple(range(1, S.dim()))
+        rows = S_bar.new_zeros(S_bar.shape[0])
+        cols = S_bar.new_zeros(S_bar.shape[1])
+        rows[: S.shape[0]] = torch.linalg.vector_norm(S, dim=dims).sqrt()
+        cols[: S.shape[1]] = torch.linalg.vector_norm(S.transpose(0, 1), dim=dims).sqrt()
+        weight = rows[:, None] + cols[None, :]
+        weight = weight / weight.square().mean().sqrt().clamp_min(torch.finfo(weight.dtype).tiny)
+        return weight.reshape(*weight.shape, *([1] * (S_bar.dim() - 2)))
 
     def _fill_new_moments(self, padded: dict, G_S: Tensor, r_out: int, r_in: int, group: dict) -> None:
         if self.new_moments in ("zero", "project"):  # "project": filled by the base class

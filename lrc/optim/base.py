@@ -159,6 +159,11 @@ class LowRankOptimizer(Optimizer):
         1 unless a subclass's step-size rule says otherwise."""
         return 1.0
 
+    def coefficient_step_weight(self, layer, S_bar: Tensor) -> Tensor | None:
+        """Entrywise weights on the step of ``layer``'s augmented coefficient ``S_bar``, or
+        ``None`` (every entry as the update rule gives it) unless a subclass's rule says otherwise."""
+        return None
+
     @torch.no_grad()
     def pop_diagnostics(self) -> dict:
         """Per factorized layer, the means over the steps since the last call: ``step_norm``
@@ -396,6 +401,9 @@ class LowRankOptimizer(Optimizer):
             group = dict(group, lr=group["lr"] * scale, weight_decay=group["weight_decay"] / scale)
         before = S_bar.clone()
         self._update_(S_bar, G_S, padded, group)
+        weight = self.coefficient_step_weight(layer, S_bar)
+        if weight is not None:  # entrywise weights on the step (the decay included)
+            S_bar.copy_(before + weight * (S_bar - before))
         step_norm = torch.linalg.vector_norm(S_bar - before)
         return layer, group, Ut, Vt, S_bar, padded, step_norm
 
