@@ -61,7 +61,7 @@ LOW_RANK = ("lowrank-adam", "lowrank-sgd", "dlrt-naive")
 _PER_RUN_KEYS = ("_preset", "factorize.match_cr")
 _UNSET = object()
 # keys added with a default that is not what lrc did before they existed
-_BEFORE_THE_KEY = {"optimizer.lr_scaling": "none"}
+_BEFORE_THE_KEY = {"optimizer.lr_scaling": "none", "factorize.allocation": "per-parameter"}
 
 STOP_TIMEOUT_S = 60.0  # how long stopped workers may take to save their state before SIGKILL
 _RESUME_HINT = "run the same lrc compare command again to resume"

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from .evaluate import METRICS
-from .linalg import SECOND_MOMENT_RULES
+from .linalg import ALLOCATIONS, SECOND_MOMENT_RULES
 from .optim.adam import COEFFICIENT_METRICS, LR_SCALINGS, NEW_MOMENTS
 from .optim.base import MODES
 
@@ -41,7 +41,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
              "columns": None, "train_file": None, "test_file": None, "metric": "accuracy"},
     "factorize": {"rank": None, "tau": None, "include": None, "exclude": [], "conv_format": "matrix",
                   "match_cr": None, "target_cr": None, "adapter": False, "trainable": None,
-                  "adapter_dropout": 0.0},
+                  "adapter_dropout": 0.0, "allocation": "relative"},
     "optimizer": {"method": "lowrank-adam", "lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999],
                   "momentum": 0.9, "tau": 0.1, "min_rank": 1, "max_rank": None, "mode": "fused",
                   "second_moment": "squared", "lr_scaling": "dense",
@@ -268,6 +268,8 @@ def validate(cfg: dict, source: str) -> None:
     if opt["new_moments"] not in NEW_MOMENTS:
         raise PresetError(f"{source}: optimizer.new_moments {opt['new_moments']!r}: choose one of "
                           f"{', '.join(NEW_MOMENTS)}")
+    if fac["allocation"] not in ALLOCATIONS:
+        raise PresetError(f"{source}: factorize.allocation {fac['allocation']!r}: choose one of {', '.join(ALLOCATIONS)}")
     if opt["coefficient_metric"] not in COEFFICIENT_METRICS:
         raise PresetError(f"{source}: optimizer.coefficient_metric {opt['coefficient_metric']!r}: choose one of "
                           f"{', '.join(COEFFICIENT_METRICS)}")

@@ -14,7 +14,7 @@ from .layers import FACTORIZED, LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLi
 from .layers.attention import SplitMultiheadAttention, split_attention_supported
 from .layers.lowrank import conv1d_as_linear, is_conv1d
 from .layers.tucker import unfold
-from .linalg import allocate_ranks, factor_parameter_count
+from .linalg import ALLOCATIONS, allocate_ranks, factor_parameter_count
 
 __all__ = ["factorize", "densify", "compression_ratio", "count_parameters", "FactorizeReport", "LayerReport"]
 
@@ -140,7 +140,7 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
               include: Sequence[str] | None = None, exclude: Sequence[str] = (),
               adapter: bool = False, kind: str = "lowrank", ranks: dict[str, int] | None = None,
               conv_format: str = "matrix", target_cr: float | None = None,
-              adapter_dropout: float = 0.0) -> FactorizeReport:
+              adapter_dropout: float = 0.0, allocation: str = "relative") -> FactorizeReport:
     """Replace ``nn.Linear`` and ``nn.Conv2d`` layers of ``model`` in place by
     :class:`~lrc.LowRankLinear` / :class:`~lrc.LowRankConv2d` (truncated-SVD initialisation);
     Hugging Face's ``Conv1D`` (GPT-2's transposed linear maps) as ``nn.Linear``, restored by
@@ -166,6 +166,9 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
             budget (the singular values of the dense weights with the most relative energy
             per parameter are kept, :func:`~lrc.linalg.allocate_ranks`), in place of ``tau``;
             ``rank``, if given, caps every layer.
+        allocation: with ``target_cr``, how the budget is shared (:func:`~lrc.linalg.allocate_ranks`):
+            ``"relative"`` (one threshold on every layer's relative singular values) or
+            ``"per-parameter"`` (relative energy per parameter).
 
     Layers whose factorization would not save parameters are kept dense (unless
     ``adapter``); the report says which and why.
@@ -212,8 +215,10 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
     if include is not None:
         report.unmatched = [p for p in include if p not in matched]
 
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     if target_cr is not None:
-        ranks = _budget_ranks(model, targets, target_cr, rank, kind, conv_format)
+        ranks = _budget_ranks(model, targets, target_cr, rank, kind, conv_format, allocation)
     for name, module in targets:
         weight = _dense_weight(module)
         n, m = weight.shape[0], weight.numel() // weight.shape[0]
@@ -239,7 +244,7 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
 
 
 def _budget_ranks(model: nn.Module, targets: list, target_cr: float, rank: int | None, kind: str,
-                  conv_format: str) -> dict[str, int | tuple[int, int]]:
+                  conv_format: str, allocation: str = "relative") -> dict[str, int | tuple[int, int]]:
     """Ranks of the layers in ``targets`` that make the model's c.r. ``target_cr``: one budget,
     allocated over the spectra of their dense weights (Tucker: of both channel-mode unfoldings).
     Each layer is capped where its factors would stop saving parameters."""
@@ -282,7 +287,7 @@ def _budget_ranks(model: nn.Module, targets: list, target_cr: float, rank: int |
         raise ValueError(f"target_cr={target_cr:g} is out of reach: the parameters kept dense (layers not "
                          f"factorized, biases, norms) and rank 1 everywhere leave at most "
                          f"{(1 - (fixed + least) / total) * 100:.1f}% c.r.; ask for less, or factorize more layers")
-    chosen = allocate_ranks(spectra, cost, budget, floors, caps)
+    chosen = allocate_ranks(spectra, cost, budget, floors, caps, allocation)
     return {name: r if len(r) == 2 else r[0] for name, r in zip(names, chosen)}
 
 

@@ -168,7 +168,8 @@ def build_run(cfg: dict, device: torch.device, total_steps: int = 0):
                            include=include, exclude=fac["exclude"], kind="lora" if method == "lora" else "lowrank",
                            ranks=ranks, conv_format=fac["conv_format"],
                            target_cr=None if warm else fac.get("target_cr"),
-                           adapter=fac.get("adapter", False), adapter_dropout=fac.get("adapter_dropout", 0.0))
+                           adapter=fac.get("adapter", False), adapter_dropout=fac.get("adapter_dropout", 0.0),
+                           allocation=fac.get("allocation", "relative"))
         if not report.replaced:
             raise ValueError("factorize replaced no layer: check factorize.rank/include/exclude "
                              "(a rank must be below what a layer allows to save parameters)")
@@ -184,7 +185,8 @@ def build_run(cfg: dict, device: torch.device, total_steps: int = 0):
     else:
         lowrank = dict(tau=opt_cfg["tau"], min_rank=opt_cfg["min_rank"], max_rank=opt_cfg["max_rank"],
                        mode=opt_cfg["mode"], update_every=opt_cfg.get("update_every", 1),
-                       target_cr=fac.get("target_cr"), max_params=opt_cfg.get("max_params"))
+                       target_cr=fac.get("target_cr"), max_params=opt_cfg.get("max_params"),
+                       allocation=fac.get("allocation", "relative"))
         if method in ("lowrank-adam", "dlrt-naive"):
             opt = LowRankAdam(model, betas=tuple(opt_cfg["betas"]), second_moment=opt_cfg["second_moment"],
                               project_moments=method == "lowrank-adam", lr_scaling=opt_cfg.get("lr_scaling", "none"),

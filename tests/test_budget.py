@@ -44,6 +44,30 @@ def test_allocation_with_equal_costs_keeps_the_largest_relative_energies():
                             sum(es[0] for es in energy) + sum(kept))
 
 
+def test_relative_allocation_is_one_threshold_on_relative_energy_whatever_the_cost():
+    """The default rule keeps singular values in the order of their relative energy in their layer:
+    at the end, every layer's next value either no longer fits the budget left or has no more
+    relative energy than any value kept beyond the floors — also in the expensive layer, which
+    the per-parameter rule starves."""
+    torch.manual_seed(3)
+    shapes = [(500, 800), (50, 500), (40, 60)]
+    spectra = [[sorted((torch.rand(30) ** 2).tolist(), reverse=True)] for _ in shapes]
+    cost = _matrix_cost(shapes)
+    energy = [[v * v / sum(x * x for x in sp[0]) for v in sp[0]] for sp in spectra]
+    for budget in (8_000, 20_000, 40_000):
+        got = allocate_ranks(spectra, cost, budget, [(1,)] * 3, [(30,)] * 3)
+        left = budget - sum(cost(i, r) for i, r in enumerate(got))
+        assert left >= 0
+        kept = [e for es, r in zip(energy, got) for e in es[1:r[0]]]
+        for i, (es, r) in enumerate(zip(energy, got)):
+            fits = cost(i, (r[0] + 1,)) - cost(i, r) <= left
+            assert not fits or es[r[0]] <= min(kept)
+        starved = allocate_ranks(spectra, cost, budget, [(1,)] * 3, [(30,)] * 3, allocation="per-parameter")
+        assert got[0][0] >= starved[0][0]  # the 500×800 layer keeps at least as much
+    with pytest.raises(ValueError, match="allocation"):
+        allocate_ranks(spectra, cost, 8_000, [(1,)] * 3, [(30,)] * 3, allocation="energy")
+
+
 def test_allocation_is_the_best_of_all_rank_choices_on_a_small_case():
     """Against exhaustive search on two matrices of different shapes: the greedy ranks leave a
     sum of relative errors within the value of one marginal singular value of the optimum, and
@@ -57,7 +81,7 @@ def test_allocation_is_the_best_of_all_rank_choices_on_a_small_case():
         return sum(sum(s * s for s in sp[0][r[0]:]) / sum(s * s for s in sp[0]) for sp, r in zip(spectra, ranks))
 
     for budget in (80, 150, 300, 500, 700):
-        got = allocate_ranks(spectra, cost, budget, [(1,), (1,)], [(8,), (8,)])
+        got = allocate_ranks(spectra, cost, budget, [(1,), (1,)], [(8,), (8,)], allocation="per-parameter")
         assert sum(cost(i, r) for i, r in enumerate(got)) <= budget
         best = min((error([(a,), (b,)]) for a, b in itertools.product(range(1, 9), repeat=2)
                     if cost(0, (a,)) + cost(1, (b,)) <= budget))

@@ -328,7 +328,8 @@ def factorize_cmd(
         load_weights(model, read_checkpoint(checkpoint), str(checkpoint), new_head=cfg["model"]["new_head"])
     report = factorize(model, rank=fac["rank"], tau=fac["tau"], include=include or fac["include"],
                        exclude=fac["exclude"] if exclude is None else exclude,
-                       conv_format=conv_format or fac["conv_format"], target_cr=fac["target_cr"])
+                       conv_format=conv_format or fac["conv_format"], target_cr=fac["target_cr"],
+                       allocation=fac["allocation"])
     if not report.replaced:
         raise ValueError("no layer was factorized: every candidate was excluded or would not save parameters "
                          "at this rank (a rank must be below what a layer allows)")

@@ -95,9 +95,7 @@ class LowRankAdam(LowRankOptimizer):
             values move and rotate more, the tail and the new directions less. Default: ``"uniform"``.
         target_cr (float | None): a compression ratio in percent (over all the model's parameters,
             against the dense model) that every truncation keeps, in place of ``tau``: the ranks of
-            all layers are chosen together, under one parameter budget, so as to minimise the
-            sum of the layers' relative truncation errors (:func:`~lrc.linalg.allocate_ranks`:
-            the singular values with the most relative energy per parameter are kept). Layers
+            all layers are chosen together, under one parameter budget, by ``allocation``. Layers
             trade rank with each other; the model's size stays at the target. ``None``: the
             per-layer rule of ``tau``. Default: ``None``.
         max_params (int | None): the same, with the budget given as the number of parameters the
@@ -105,6 +103,11 @@ class LowRankAdam(LowRankOptimizer):
             whose size is their trainable parameters (a fresh adapter's spectrum is flat, so a
             relative ``tau`` keeps almost all of it and the rank grows every step). ``None``: no
             budget. Default: ``None``.
+        allocation (str): how ``target_cr``/``max_params`` share the budget among layers
+            (:func:`~lrc.linalg.allocate_ranks`): ``"relative"`` keeps the singular values with the
+            largest relative energy ``σ_i² / ‖W_ℓ‖²`` over all layers; ``"per-parameter"`` those with
+            the most relative energy per parameter (it starves large layers at high compression).
+            Default: ``"relative"``.
         distributed (bool | None): average gradients over the processes of ``torch.distributed``
             (one flat all-reduce per phase; the fused backward averages ``G_K``, ``G_L`` and
             ``G_S`` itself) and take rank 0's new ranks. ``None``: when a process group of
@@ -123,7 +126,7 @@ class LowRankAdam(LowRankOptimizer):
                  project_moments: bool = True, distributed: bool | None = None, lr_scaling: str = "dense",
                  new_moments: str = "zero", update_every: int = 1,
                  target_cr: float | None = None, max_params: int | None = None,
-                 coefficient_metric: str = "uniform") -> None:
+                 coefficient_metric: str = "uniform", allocation: str = "relative") -> None:
         if lr_scaling not in LR_SCALINGS:
             raise ValueError(f"Invalid lr_scaling: {lr_scaling!r} (one of {LR_SCALINGS})")
         if new_moments not in NEW_MOMENTS:
@@ -143,7 +146,7 @@ class LowRankAdam(LowRankOptimizer):
         super().__init__(model, defaults, mode=mode, tau=tau, min_rank=min_rank, max_rank=max_rank,
                          second_moment=second_moment, project_moments=project_moments, distributed=distributed,
                          update_every=update_every, target_cr=target_cr,
-                         max_params=max_params)
+                         max_params=max_params, allocation=allocation)
         self.lr_scaling = lr_scaling
         self.new_moments = new_moments
         self.carry_moments = new_moments == "project"

@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 from ..distributed import all_reduce_mean_, broadcast_, broadcast_ints, is_distributed
 from ..layers import LowRankMatrixModule, TuckerConv2d
 from ..linalg import (
+    ALLOCATIONS,
     SECOND_MOMENT_RULES,
     allocate_ranks,
     augment_basis,
@@ -46,7 +47,8 @@ class LowRankOptimizer(Optimizer):
     def __init__(self, model: nn.Module, defaults: dict, *, mode: str, tau: float, min_rank: int,
                  max_rank: int | None, second_moment: str = "squared", project_moments: bool = True,
                  distributed: bool | None = None, update_every: int = 1,
-                 target_cr: float | None = None, max_params: int | None = None) -> None:
+                 target_cr: float | None = None, max_params: int | None = None,
+                 allocation: str = "relative") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
         if mode not in MODES:
@@ -69,6 +71,9 @@ class LowRankOptimizer(Optimizer):
             raise ValueError(f"Invalid max_params: {max_params!r} (a number of parameters ≥ 1)")
         if target_cr is not None and max_params is not None:
             raise ValueError("give target_cr or max_params, not both: each sets the budget")
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"Invalid allocation: {allocation!r} (one of {ALLOCATIONS})")
+        self.allocation = allocation
         self.mode = mode
         self.update_every = update_every
         # carry the moments of the directions a truncation cut, to be projected onto the next
@@ -507,7 +512,7 @@ class LowRankOptimizer(Optimizer):
             floors.append(tuple(min(group["min_rank"], c) for c in cap))
         cost = lambda i, r: _layer_cost(layers[i], r)  # noqa: E731
         least = sum(cost(i, f) for i, f in enumerate(floors))
-        chosen = allocate_ranks(spectra, cost, max(budget, least), floors, caps)
+        chosen = allocate_ranks(spectra, cost, max(budget, least), floors, caps, self.allocation)
         return [chosen[i][0 if mode is None else mode] for i, mode in order]
 
     def _store_carried(self, layer, Ut: Tensor, Vt: Tensor, P: Tensor, R: Tensor, r1: int, padded: dict) -> None:

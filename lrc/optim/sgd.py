@@ -35,7 +35,8 @@ class LowRankSGD(LowRankOptimizer):
         momentum (float): ``γ`` in ``[0, 1)``. Default: ``0.9``.
         weight_decay (float): L2 penalty. Default: ``0``.
         nesterov (bool): Nesterov momentum. Default: ``False``.
-        tau, min_rank, max_rank, mode, update_every, target_cr, max_params, distributed: as :class:`~lrc.LowRankAdam`.
+        tau, min_rank, max_rank, mode, update_every, target_cr, max_params, allocation, distributed: as
+            :class:`~lrc.LowRankAdam`.
     """
 
     _state_keys = ("momentum_buffer",)
@@ -43,7 +44,8 @@ class LowRankSGD(LowRankOptimizer):
     def __init__(self, model: nn.Module, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0.0,
                  nesterov: bool = False, tau: float = 0.1, min_rank: int = 1, max_rank: int | None = None,
                  mode: str = "fused", distributed: bool | None = None, update_every: int = 1,
-                 target_cr: float | None = None, max_params: int | None = None) -> None:
+                 target_cr: float | None = None, max_params: int | None = None,
+                 allocation: str = "relative") -> None:
         if not 0.0 <= lr:
             raise ValueError(f"Invalid lr: {lr!r} (must be ≥ 0)")
         if not 0.0 <= momentum < 1.0:
@@ -55,7 +57,7 @@ class LowRankSGD(LowRankOptimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
         super().__init__(model, defaults, mode=mode, tau=tau, min_rank=min_rank, max_rank=max_rank,
                          distributed=distributed, update_every=update_every, target_cr=target_cr,
-                         max_params=max_params)
+                         max_params=max_params, allocation=allocation)
 
     def _update_(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
         heavy_ball_update_(param, grad, state["momentum_buffer"], lr=group["lr"], momentum=group["momentum"],
