@@ -224,6 +224,9 @@ def check_same_config(run_cfg: dict, run_dir: Path) -> None:
     for key, value in _flatten(DEFAULTS).items():  # a key an older lrc did not have: it behaved so
         if key not in old and not isinstance(value, dict):  # (model.args is flattened away)
             old[key] = _BEFORE_THE_KEY.get(key, value)
+    for cfg in (old, new):  # the allocation rule decides nothing without a budget
+        if cfg.get("factorize.target_cr") is None and cfg.get("optimizer.max_params") is None:
+            cfg["factorize.allocation"] = None
     keys = list(new) + [k for k in old if k not in new]
     diffs = [k for k in keys if k not in _PER_RUN_KEYS and old.get(k, _UNSET) != new.get(k, _UNSET)]
     if diffs:

@@ -217,3 +217,22 @@ def test_a_run_of_an_older_lrc_without_a_newer_key_counts_as_that_key_at_its_old
     with pytest.raises(ValueError, match='was run with optimizer.lr_scaling = "none", this compare asks for '
                                          'optimizer.lr_scaling = "dense"'):
         check_same_config(cfg, run)
+
+
+def test_the_allocation_rule_of_an_older_run_matters_only_under_a_budget(tmp_path):
+    from lrc.compare import check_same_config
+    from lrc.presets import load_preset
+
+    cfg = load_preset("digits-mlp")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"")
+    older = yaml.safe_load(yaml.safe_dump(cfg))
+    del older["factorize"]["allocation"]  # an lrc before the key: per-parameter, but no budget here
+    (run / "config.yaml").write_text(yaml.safe_dump(older))
+    check_same_config(cfg, run)
+    older["factorize"]["target_cr"] = cfg["factorize"]["target_cr"] = 90.0
+    (run / "config.yaml").write_text(yaml.safe_dump(older))
+    with pytest.raises(ValueError, match='factorize.allocation = "per-parameter", this compare asks for '
+                                         'factorize.allocation = "relative"'):
+        check_same_config(cfg, run)
