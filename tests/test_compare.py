@@ -200,14 +200,20 @@ def test_bad_from_dense_or_lrs_is_one_line_and_exit_2(args, message, tmp_path):
     assert not (tmp_path / "cmp").exists()
 
 
-def test_a_run_of_an_older_lrc_without_a_newer_key_counts_as_that_key_at_its_old_behaviour(tmp_path):
-    from lrc.compare import check_same_config
+def _finished_run(tmp_path):
+    """The digits-mlp configuration and a finished run directory to write an older config into."""
     from lrc.presets import load_preset
 
-    cfg = load_preset("digits-mlp")
     run = tmp_path / "run"
     run.mkdir()
     (run / "model.safetensors").write_bytes(b"")
+    return load_preset("digits-mlp"), run
+
+
+def test_a_run_of_an_older_lrc_without_a_newer_key_counts_as_that_key_at_its_old_behaviour(tmp_path):
+    from lrc.compare import check_same_config
+
+    cfg, run = _finished_run(tmp_path)
     older = yaml.safe_load(yaml.safe_dump(cfg))
     del older["model"]["factory"], older["optimizer"]["update_every"]  # keys this lrc added, old behaviour
     (run / "config.yaml").write_text(yaml.safe_dump(older))
@@ -221,12 +227,8 @@ def test_a_run_of_an_older_lrc_without_a_newer_key_counts_as_that_key_at_its_old
 
 def test_the_allocation_rule_of_an_older_run_matters_only_under_a_budget(tmp_path):
     from lrc.compare import check_same_config
-    from lrc.presets import load_preset
 
-    cfg = load_preset("digits-mlp")
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "model.safetensors").write_bytes(b"")
+    cfg, run = _finished_run(tmp_path)
     older = yaml.safe_load(yaml.safe_dump(cfg))
     del older["factorize"]["allocation"]  # an lrc before the key: per-parameter, but no budget here
     (run / "config.yaml").write_text(yaml.safe_dump(older))
