@@ -54,7 +54,9 @@ def worker(rank, world, port, case, mode, out):
     if rank == 0:
         torch.save({"weights": weights(model), "ranks": history, "bytes": opt.bytes_communicated}, out)
     dist.barrier()  # Gloo aborts a process whose peer has already torn its connection down
-    dist.destroy_process_group()
+    # and may still abort in its own C++ teardown at exit ("terminate called without an active
+    # exception", seen once in CI): everything is written, so leave without running destructors
+    os._exit(0)
 
 
 COMBOS = [(CASES[0], "fused"), (CASES[0], "parallel"), (CASES[0], "two_pass"), (CASES[1], "fused"),
