@@ -14,6 +14,19 @@ Methods, all at rank 64 for the three 2048×2048 layers (the 10-way head stays d
                          no geometry — the floor a geometric step can approach
 Prints the median time per step over --steps steps after --warmup, the split of the fused
 step into forward / backward / step(), and the ratios.
+
+    python benchmarks/step_time.py --model vgg16 --batches 128 --steps 5
+
+``--model vgg16``: torchvision's ``vgg16(num_classes=10)`` on 32×32 inputs, its convolutions in
+Tucker format and its linear layers as ``U S Vᵀ``, truncated from the (random) dense weights to a
+95 % c.r. (``factorize(target_cr=95)``) and trained by ``LowRankAdam(target_cr=95)``; the LoRA
+floor has the same ranks (convolutions as ``A Bᵀ`` matrices).
+
+Every method also gets counted over one step: the operations dispatched (on a GPU each is about
+one kernel launch; ``--device cuda`` counts the launches themselves) and the reads of a tensor's
+value on the host (``.item()``, ``.tolist()``, ``bool()``...: on a GPU each waits for the device;
+``--device cuda`` counts the synchronisations torch reports). Reads of the optimizers' step
+counters are not counted: they live on the CPU, as torch.optim's, and never wait for a device.
 """
 
 from __future__ import annotations
@@ -21,12 +34,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lrc import LowRankAdam, factorize
+from lrc.layers import LowRankMatrixModule, TuckerConv2d
 
 WIDTH, DEPTH, CLASSES, RANK = 2048, 3, 10, 64
 
@@ -54,7 +71,28 @@ def dense_mlp(device) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(WIDTH, CLASSES)).to(device)
 
 
-def build(method: str, device):
+def build_vgg16(method: str, device):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.vgg16(num_classes=CLASSES).to(device)
+    if method == "dense adamw":
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3), None
+    factorize(model, target_cr=95.0, conv_format="tucker")
+    if method == "lora floor":  # LoRA at the ranks the truncation chose (a Tucker layer: its larger rank)
+        dense = torchvision.models.vgg16(num_classes=CLASSES).to(device)
+        ranks = {name: max(m.ranks) if isinstance(m, TuckerConv2d) else m.rank for name, m in model.named_modules()
+                 if isinstance(m, (TuckerConv2d, LowRankMatrixModule))}
+        factorize(dense, ranks=ranks, kind="lora")
+        return dense, torch.optim.Adam(dense.parameters(), lr=1e-3), None
+    mode = method.split()[1]
+    every = 4 if method.endswith("every4") else 1
+    return model, LowRankAdam(model, lr=1e-3, target_cr=95.0, mode=mode, update_every=every), mode
+
+
+def build(method: str, device, model_name: str = "mlp"):
+    if model_name == "vgg16":
+        return build_vgg16(method, device)
     model = dense_mlp(device)
     if method == "dense adamw":
         return model, torch.optim.AdamW(model.parameters(), lr=1e-3), None
@@ -74,10 +112,66 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(method: str, batch: int, steps: int, warmup: int, device) -> dict[str, float]:
-    model, opt, mode = build(method, device)
-    x = torch.randn(batch, WIDTH, device=device)
-    y = torch.randint(0, CLASSES, (batch,), device=device)
+class _Count(TorchDispatchMode):
+    """Counts the operations dispatched and the host reads of tensor values (except ``skip``)."""
+
+    def __init__(self, skip: set[int]) -> None:
+        super().__init__()
+        self.ops, self.reads, self.skip = 0, 0, skip
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        if func is torch.ops.aten._local_scalar_dense.default and id(args[0]) not in self.skip:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_step(model, opt, step) -> tuple[int, int]:
+    """(operations or CUDA kernel launches, host reads or CUDA synchronisations) of one ``step()``."""
+    skip = {id(s["step"]) for s in opt.state.values() if "step" in s}
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught, \
+                profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+                torch.cuda.synchronize()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        launches = sum(e.count for e in prof.key_averages() if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                                           "cudaLaunchKernelExC"))
+        return launches, sum("synchroniz" in str(w.message) for w in caught)
+    reads = Counter()
+    original = torch.Tensor.tolist
+
+    def tolist(t):  # a CPU tensor's tolist reads without dispatching; on a GPU it is a copy and a wait
+        if id(t) not in skip:
+            reads["tolist"] += 1
+        return original(t)
+
+    torch.Tensor.tolist = tolist
+    try:
+        with _Count(skip) as counter:
+            step()
+    finally:
+        torch.Tensor.tolist = original
+    return counter.ops, counter.reads + reads["tolist"]
+
+
+def make_batch(batch: int, device, model_name: str):
+    if model_name == "vgg16":
+        return torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, CLASSES, (batch,), device=device)
+    return torch.randn(batch, WIDTH, device=device), torch.randint(0, CLASSES, (batch,), device=device)
+
+
+def time_steps(method: str, batch: int, steps: int, warmup: int, device, model_name: str = "mlp") -> dict[str, float]:
+    model, opt, mode = build(method, device, model_name)
+    x, y = make_batch(batch, device, model_name)
 
     def closure():
         opt.zero_grad()
@@ -111,7 +205,18 @@ def time_steps(method: str, batch: int, steps: int, warmup: int, device) -> dict
             parts["backward"].append(t2 - t1)
             parts["step"].append(t3 - t2)
     average = statistics.mean if method.endswith("every4") else statistics.median  # steps of a cycle differ
-    return {k: average(v) * 1e3 for k, v in parts.items()}
+    out = {k: average(v) * 1e3 for k, v in parts.items()}
+
+    def one_step():
+        if mode == "two_pass":
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
+
+    out["ops"], out["reads"] = count_step(model, opt, one_step)
+    out["params"] = sum(p.numel() for p in model.parameters())
+    return out
 
 
 METHODS = ["lowrank-adam fused", "lowrank-adam fused every4", "lowrank-adam two_pass", "dense adamw", "lora floor"]
@@ -123,20 +228,26 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--model", choices=("mlp", "vgg16"), default="mlp")
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# step time, MLP {WIDTH}x{DEPTH}→{CLASSES}, rank {RANK}, {name}, torch {torch.__version__}")
-    print(f"# median of {args.steps} steps after {args.warmup} warm-up steps, milliseconds\n")
-    print("| batch | method | step (ms) | forward | backward | opt.step() |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    what = (f"MLP {WIDTH}x{DEPTH}→{CLASSES}, rank {RANK}" if args.model == "mlp"
+            else "vgg16(num_classes=10) at 32×32, Tucker convolutions, target c.r. 95 %")
+    count = "CUDA kernel launches / synchronisations" if device.type == "cuda" else "ops dispatched / host reads"
+    print(f"# step time, {what}, {name}, torch {torch.__version__}")
+    print(f"# median of {args.steps} steps after {args.warmup} warm-up steps, milliseconds; per step: {count}\n")
+    print("| batch | method | c.r. | step (ms) | forward | backward | opt.step() | ops or launches | reads or syncs |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     ratios, every4 = [], []
     for batch in args.batches:
-        results = {m: time_steps(m, batch, args.steps, args.warmup, device) for m in METHODS}
+        results = {m: time_steps(m, batch, args.steps, args.warmup, device, args.model) for m in METHODS}
         for m, r in results.items():
+            r["cr"] = 100.0 * (1.0 - r["params"] / results["dense adamw"]["params"])
             split = ("—", "—", "—") if m.endswith("two_pass") else (f"{r['forward']:.1f}", f"{r['backward']:.1f}",
                                                                    f"{r['step']:.1f}")
-            print(f"| {batch} | {m} | {r['total']:.1f} | {split[0]} | {split[1]} | {split[2]} |")
+            print(f"| {batch} | {m} | {r['cr']:.1f} % | {r['total']:.1f} | {split[0]} | {split[1]} | {split[2]} | "
+                  f"{r['ops']} | {r['reads']} |")
         fused = results["lowrank-adam fused"]["total"]
         every4.append((batch, results["lowrank-adam fused every4"]["total"] / fused,
                        results["lowrank-adam fused every4"]["total"] / results["lora floor"]["total"]))

@@ -86,6 +86,14 @@ def test_digits_is_built_in():
     assert len(data.train) + len(data.test) == 1797 and data.input_shape == (1, 8, 8)
 
 
+def test_synthetic_images_for_timing_have_the_asked_shape_and_do_not_depend_on_the_seed():
+    a = build_data("synthetic", seed=0, image_size=16, channels=1)
+    b = build_data("synthetic", seed=1, image_size=16, channels=1)
+    assert (len(a.train), len(a.test), a.num_classes, a.input_shape) == (5000, 1000, 10, (1, 16, 16))
+    assert a.train[0][0].shape == (1, 16, 16) and torch.equal(a.train[7][0], b.train[7][0])
+    assert build_data("synthetic").input_shape == (3, 32, 32)
+
+
 def test_vit_small_factorizes_attention_and_mlp():
     model = build_model("vit_small", num_classes=10)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrc import LowRankAdam, LowRankConv2d, LowRankLinear, LowRankSGD
+from lrc.layers import TuckerConv2d
 
 from .conftest import rel
 
@@ -527,8 +528,8 @@ def test_balanced_coefficient_metric_weights_each_entry_of_the_step_by_root_sing
     S0 = a[0].S.detach().clone()
     sigma = torch.cat([S0.diagonal(), torch.zeros(r, dtype=f64)])
     assert torch.equal(S0, torch.diag(S0.diagonal()))  # the SVD initialisation: S is diagonal
-    *_, Sa, _, na = oa._update_coefficient(a[0], Ut, Vt, G, oa.param_groups[0])
-    *_, Sb, _, nb = ob._update_coefficient(b[0], Ut, Vt, G, ob.param_groups[0])
+    [(*_, Sa, _, na)] = oa._update_coefficients([(a[0], Ut, Vt, G, oa.param_groups[0])])
+    [(*_, Sb, _, nb)] = ob._update_coefficients([(b[0], Ut, Vt, G, ob.param_groups[0])])
     w = sigma.sqrt()[:, None] + sigma.sqrt()[None, :]
     w = w / w.square().mean().sqrt()
     before = torch.block_diag(S0, torch.zeros(r, r, dtype=f64))
@@ -652,3 +653,85 @@ def test_project_is_exact_in_every_mode_and_another_run_than_zero():
     assert torch.equal(w_one, w_zero_one)
     w_zero, _ = run(make, "fused", 20, LowRankAdam, **dict(kw, new_moments="zero"))
     assert rel(w_zero, w_fused) > 1e-4
+
+
+class TwoBranches(nn.Module):
+    """Two same-shaped factorized layers whose losses do not interact."""
+
+    def __init__(self, first: nn.Module, second: nn.Module) -> None:
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, x):
+        return self.first(x), self.second(x)
+
+
+@pytest.mark.parametrize("mode", ["fused", "two_pass", "parallel"])
+@pytest.mark.parametrize("conv", [False, True])
+def test_layers_of_one_shape_stepped_together_equal_layers_stepped_alone(mode, conv):
+    """The coefficients of same-shaped layers are updated as one stacked tensor; each layer
+    must come out bit for bit as when its optimizer holds it alone (and the dense biases,
+    updated by the multi-tensor AdamW, likewise)."""
+    torch.manual_seed(0)
+    if conv:
+        make = lambda: TuckerConv2d.from_conv(nn.Conv2d(3, 6, 3, padding=1).to(f64), ranks=(3, 2))  # noqa: E731
+        x = torch.randn(4, 3, 5, 5, dtype=f64)
+    else:
+        make = lambda: LowRankLinear.from_linear(nn.Linear(12, 10).to(f64), rank=3)  # noqa: E731
+        x = torch.randn(16, 12, dtype=f64)
+    a, b = make(), make()
+    together = TwoBranches(copy.deepcopy(a), copy.deepcopy(b))
+    alone = [copy.deepcopy(a), copy.deepcopy(b)]
+    kw = dict(lr=1e-2, weight_decay=0.1, tau=0.1, mode=mode)
+    opt = LowRankAdam(together, **kw)
+    opts = [LowRankAdam(m, **kw) for m in alone]
+
+    def loss_of(y1, y2):
+        return (y1.square().sum() + (y2 - 1).abs().sum()) / 10
+
+    for _ in range(3):
+        def closure():
+            opt.zero_grad()
+            loss = loss_of(*together(x))
+            loss.backward()
+            return loss
+
+        def closure_alone():
+            for o in opts:
+                o.zero_grad()
+            loss = loss_of(alone[0](x), alone[1](x))
+            loss.backward()
+            return loss
+
+        if mode == "two_pass":
+            opt.step(closure)
+            # each optimizer re-runs the joint closure: the other's layer is unchanged by it
+            for o in opts:
+                o.step(closure_alone)
+        else:
+            closure()
+            opt.step()
+            closure_alone()
+            for o in opts:
+                o.step()
+    for joint, single in zip((together.first, together.second), alone):
+        for p, q in zip(joint.parameters(), single.parameters()):
+            assert p.shape == q.shape and torch.equal(p, q)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_multi_tensor_adamw_equals_the_single_tensor_update(weight_decay):
+    from lrc.optim.functional import adamw_foreach_, adamw_update_
+
+    torch.manual_seed(0)
+    shapes = [(5,), (3, 4), (2, 3, 3, 3)]
+    params = [torch.randn(s, dtype=f64) for s in shapes]
+    grads = [torch.randn(s, dtype=f64) for s in shapes]
+    moments = [(torch.rand(s, dtype=f64), torch.rand(s, dtype=f64)) for s in shapes]
+    single = [(p.clone(), m.clone(), v.clone()) for p, (m, v) in zip(params, moments)]
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay)
+    adamw_foreach_(params, grads, [m for m, _ in moments], [v for _, v in moments], 7, **kw)
+    for (p, m, v), g in zip(single, grads):
+        adamw_update_(p, g, m, v, 7, **kw)
+    for p, (m, v), (p1, m1, v1) in zip(params, moments, single):
+        assert torch.equal(p, p1) and torch.equal(m, m1) and torch.equal(v, v1)

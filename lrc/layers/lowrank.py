@@ -345,7 +345,7 @@ class LowRankLinear(LowRankMatrixModule):
 
     def _contract(self, a, b):
         rows = math.prod(a.shape[:-1])
-        return a.reshape(rows, a.shape[-1]).mT @ b.reshape(rows, b.shape[-1])
+        return contract_rows(a.reshape(rows, a.shape[-1]), b.reshape(rows, b.shape[-1]))
 
     def _input_weight_grad(self, x, gu, r):
         return self._contract(x, gu)
@@ -449,6 +449,16 @@ def replace_data(params, values) -> None:
             p.data = value.new_empty(0, dtype=torch.float16 if value.dtype != torch.float16 else torch.float32)
         p.data = value
         p.grad = None
+
+
+def contract_rows(a: Tensor, b: Tensor) -> Tensor:
+    """``aᵀ b`` for ``a`` (rows×p), ``b`` (rows×q), summed over the long rows: formed as
+    ``(bᵀ a)ᵀ`` when ``a`` is the wider, the orientation BLAS runs fastest (the result a
+    transposed view): on two CPU cores ``G_K = gᵀ z`` of a 2048-wide layer at batch 1024 takes
+    1.0 ms this way against 1.4–1.7 ms the other."""
+    if a.shape[1] > b.shape[1]:
+        return (b.mT @ a).mT
+    return a.mT @ b
 
 
 def first_fused_backward(layer, *grads: Tensor) -> bool:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import LowRankOptimizer
-from .functional import adamw_update_
+from .functional import adamw_foreach_, adamw_update_
 
 __all__ = ["LowRankAdam", "LR_SCALINGS", "NEW_MOMENTS", "COEFFICIENT_METRICS"]
 
@@ -198,3 +198,9 @@ class LowRankAdam(LowRankOptimizer):
         adamw_update_(param, grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()),
                       lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                       weight_decay=group["weight_decay"])
+
+    def _update_many_(self, params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        adamw_foreach_(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                       int(states[0]["step"].item()), lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                       weight_decay=group["weight_decay"])

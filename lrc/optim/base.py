@@ -218,15 +218,17 @@ class LowRankOptimizer(Optimizer):
 
         if self.update_every > 1 and not phase:
             coefficient_grads = {layer: _square(layer, *grads) for layer, grads in coefficient_grads.items()}
-        pending = []
+        coefficients, dense = [], []
         for group in self.param_groups:
             for p in group["params"]:
                 layer = self._layers.get(p)
                 if layer is not None:
                     if layer in coefficient_grads:
-                        pending.append(self._update_coefficient(layer, *coefficient_grads[layer], group))
+                        coefficients.append((layer, *coefficient_grads[layer], group))
                 elif p.grad is not None and p not in self._bases:
-                    self._step_dense(p, group)
+                    dense.append((p, group))
+        pending = self._update_coefficients(coefficients)
+        self._step_dense(dense)
         if phase == self.update_every - 1:
             self._truncate(pending)
         else:  # the first steps of a cycle: the layers keep (take) the augmented bases
@@ -375,18 +377,69 @@ class LowRankOptimizer(Optimizer):
         return out
 
     # ---- updates --------------------------------------------------------------------------
-    def _step_dense(self, p: Tensor, group: dict) -> None:
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            for key in self._state_keys:
-                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] += 1
-        self._update_(p, p.grad, state, group)
+    def _update_many_(self, params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict) -> None:
+        """Hook: the update of several tensors that share ``group`` and their step count; one
+        ``_update_`` each unless a subclass has a multi-tensor form (the same values)."""
+        for param, grad, state in zip(params, grads, states):
+            self._update_(param, grad, state, group)
 
-    def _update_coefficient(self, layer: LowRankMatrixModule, Ut: Tensor, Vt: Tensor, G_S: Tensor,
-                            group: dict) -> tuple:
-        """Steps 3–5 of DESIGN.md for one layer: pad ``S`` and the moments, update ``S̄``."""
+    def _step_dense(self, items: list[tuple[Tensor, dict]]) -> None:
+        """The dense parameters' update (``(p, group)`` pairs): those of one group, device, dtype
+        and step count in one multi-tensor update."""
+        batches: dict[tuple, list[Tensor]] = {}
+        for p, group in items:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                for key in self._state_keys:
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            # the step count lives on the CPU, as torch.optim's: reading it never waits for a device
+            batches.setdefault((id(group), p.device, p.dtype, float(state["step"])), []).append(p)
+        groups = {id(group): group for _, group in items}
+        for (gid, *_), params in batches.items():
+            self._update_many_(params, [p.grad for p in params], [self.state[p] for p in params], groups[gid])
+
+    def _update_coefficients(self, items: list[tuple]) -> list[tuple]:
+        """Steps 3–5 of DESIGN.md for every layer of ``items`` (``(layer, Ũ, Ṽ, G_S, group)``):
+        pad ``S`` and the moments, update ``S̄``. The coefficients of one shape, step count and
+        step size are updated as one stacked tensor — a few kernels for all of them instead of a
+        set per layer; each entry takes exactly the value a layer-by-layer update gives it."""
+        prepared = [self._prepare_coefficient(*item) for item in items]
+        batches: dict[tuple, list[int]] = {}
+        for i, (_, sub, _, _, S_bar, padded, _, _) in enumerate(prepared):
+            key = (id(sub["params"]), tuple(S_bar.shape), S_bar.dtype, S_bar.device, float(padded["step"]),
+                   sub["lr"], sub["weight_decay"])
+            batches.setdefault(key, []).append(i)
+        pending: list = [None] * len(prepared)
+        for idx in batches.values():
+            parts = [prepared[i] for i in idx]
+            sub = parts[0][1]
+            if len(idx) == 1:
+                S_bar, padded, G_S, weight = parts[0][4:]
+                before = S_bar.clone()
+                self._update_(S_bar, G_S, padded, sub)
+                S_bars, steps, weights = S_bar[None], before[None], None if weight is None else weight[None]
+                moments = {k: padded[k][None] for k in self._state_keys}
+            else:
+                S_bars = torch.stack([part[4] for part in parts])
+                moments = {k: torch.stack([part[5][k] for part in parts]) for k in self._state_keys}
+                steps = S_bars.clone()
+                self._update_(S_bars, torch.stack([part[6] for part in parts]),
+                              {"step": parts[0][5]["step"], **moments}, sub)
+                weights = None if parts[0][7] is None else torch.stack([part[7] for part in parts])
+            if weights is not None:  # entrywise weights on the step (the decay included)
+                S_bars.copy_(steps + weights * (S_bars - steps))
+            steps = torch.linalg.vector_norm((S_bars - steps).flatten(1), dim=1)
+            for j, (i, part) in enumerate(zip(idx, parts)):
+                padded = {"step": part[5]["step"], **{k: moments[k][j] for k in self._state_keys}}
+                pending[i] = (part[0], sub, part[2], part[3], S_bars[j], padded, steps[j])
+        return pending
+
+    def _prepare_coefficient(self, layer: LowRankMatrixModule, Ut: Tensor, Vt: Tensor, G_S: Tensor,
+                             group: dict) -> tuple:
+        """One layer's ``S̄``, padded moments, ``G_S``, the group with its step size and the
+        entrywise weights of its step (or ``None``), before the update."""
         S = layer.S
         a, b = S.shape[0] + Ut.shape[1], S.shape[1] + Vt.shape[1]
         state = self.state[S]
@@ -404,13 +457,7 @@ class LowRankOptimizer(Optimizer):
         scale = self.coefficient_lr_scale(layer, S_bar)
         if scale != 1.0:  # a larger step on S̄, the same decay per step (lr·wd) as without it
             group = dict(group, lr=group["lr"] * scale, weight_decay=group["weight_decay"] / scale)
-        before = S_bar.clone()
-        self._update_(S_bar, G_S, padded, group)
-        weight = self.coefficient_step_weight(layer, S_bar)
-        if weight is not None:  # entrywise weights on the step (the decay included)
-            S_bar.copy_(before + weight * (S_bar - before))
-        step_norm = torch.linalg.vector_norm(S_bar - before)
-        return layer, group, Ut, Vt, S_bar, padded, step_norm
+        return layer, group, Ut, Vt, S_bar, padded, G_S, self.coefficient_step_weight(layer, S_bar)
 
     def _project_carried(self, layer, Ut: Tensor, Vt: Tensor, state: dict, padded: dict) -> None:
         """Moments of the new directions from those the last truncation cut: with ``C_U``, ``C_V``
@@ -455,7 +502,11 @@ class LowRankOptimizer(Optimizer):
         for idx in by_shape.values():
             P, sigma, R = sign_fixed_svd(torch.stack([pending[i][4] for i in idx]))
             if self.budget is None:
-                taus = torch.tensor([pending[i][1]["tau"] for i in idx], dtype=torch.float64, device=sigma.device)
+                taus = [pending[i][1]["tau"] for i in idx]
+                if len(set(taus)) == 1:  # one tolerance: no host-to-device copy (a synchronisation)
+                    taus = taus[0]
+                else:
+                    taus = torch.tensor(taus, dtype=torch.float64).to(sigma.device, non_blocking=True)
                 raw.append(untruncated_rank(sigma, taus))
             for j, i in enumerate(idx):
                 svds[i] = (P[j], sigma[j], R[j])
@@ -535,9 +586,9 @@ class LowRankOptimizer(Optimizer):
         for layer, _, Ut, Vt, S_bar, padded, step_norm in pending:
             U, S, V = layer.factor_parameters()
             state = self.state[S]
-            for key in self._state_keys:
-                state[key] = padded[key]
-            layer.set_factors(torch.cat([U.detach(), Ut], 1), S_bar, torch.cat([V.detach(), Vt], 1))
+            for key in self._state_keys:  # own storage: the update stacked layers of one shape
+                state[key] = padded[key].clone()
+            layer.set_factors(torch.cat([U.detach(), Ut], 1), S_bar.clone(), torch.cat([V.detach(), Vt], 1))
         if self.distributed and pending:
             self.bytes_communicated += broadcast_(
                 [t.data for item in pending for t in item[0].factor_parameters()]

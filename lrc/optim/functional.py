@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
-__all__ = ["adamw_update_", "heavy_ball_update_"]
+__all__ = ["adamw_update_", "adamw_foreach_", "heavy_ball_update_"]
 
 
 def adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, *,
@@ -25,6 +26,24 @@ def adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tens
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
     param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+def adamw_foreach_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                   step: int, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """:func:`adamw_update_` on several tensors with one step number, through the multi-tensor
+    (``torch._foreach_*``) kernels ``torch.optim`` uses: the same operations in the same order,
+    a few kernel launches for all tensors instead of a set per tensor."""
+    if weight_decay:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr / bias_correction1)
 
 
 def heavy_ball_update_(param: Tensor, grad: Tensor, momentum_buffer: Tensor, *, lr: float, momentum: float,
