@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -108,6 +109,29 @@ def merge_layers(model: nn.Module, names) -> nn.Module:
     return model
 
 
+def is_text_batch(x: Tensor) -> bool:
+    """Whether ``x`` is a batch of lrc's text form: integers ``(N, 2, T)``, token ids and mask."""
+    return not x.is_floating_point() and x.dim() == 3 and x.shape[1] == 2
+
+
+class TextInputs(nn.Module):
+    """A text model as ONNX users call it: ``input_ids`` and ``attention_mask`` (``N×T`` each,
+    what a tokenizer returns) as two inputs, stacked into lrc's ``(N, 2, T)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(torch.stack([input_ids, attention_mask], 1))
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    """The longest sequence a Hugging Face model's position embeddings take (``None``: unbounded)."""
+    config = getattr(getattr(model, "model", None), "config", None)
+    return getattr(config, "max_position_embeddings", None)
+
+
 class OnnxUnavailable(ValueError):
     """``torch.onnx.export`` needs packages of the ``onnx`` extra (the CLI: one line, exit 2)."""
 
@@ -126,11 +150,21 @@ def export_onnx(model: nn.Module, x: Tensor, path: str | Path, check: bool = Tru
         raise OnnxUnavailable(f"ONNX export needs the onnx extra ({e.name} is missing): "
                               "pip install 'lrc[onnx]'") from None
     plain = inference_form(model).cpu().float()
-    x = x.detach().cpu().float()
+    x = x.detach().cpu()
     path = Path(path)
-    with atomic_path(path) as tmp:
-        program = torch.onnx.export(plain, (x,), dynamo=True, input_names=["input"], output_names=["logits"],
-                                    dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    if is_text_batch(x):  # token ids and attention mask: two inputs, any batch and sequence length
+        module, args, names = TextInputs(plain), (x[:, 0], x[:, 1]), ["input_ids", "attention_mask"]
+        batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=_max_positions(plain))
+        dynamic = ({0: batch, 1: sequence}, {0: batch, 1: sequence})
+    else:
+        x = x.float()
+        module, args, names = plain, (x,), ["input"]
+        dynamic = ({0: torch.export.Dim("batch")},)
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        # torch.onnx says when it renames a dynamic axis after another with the same constraints
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used", category=UserWarning)
+        program = torch.onnx.export(module, args, dynamo=True, input_names=names, output_names=["logits"],
+                                    dynamic_shapes=dynamic, verbose=False)
         program.save(str(tmp), external_data=False)
     result: dict = {"path": str(path)}
     if not check:
@@ -140,7 +174,7 @@ def export_onnx(model: nn.Module, x: Tensor, path: str | Path, check: bool = Tru
     except ImportError:
         return result
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: x.numpy()}
+    feed = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}
     got = torch.from_numpy(session.run(None, feed)[0])
     with torch.inference_mode():
         want = plain(x)

@@ -98,6 +98,20 @@ def test_adapters_from_the_cli_train_reload_evaluate_and_export_for_transformers
     x[:, 1] = 1
     with torch.no_grad():
         assert torch.allclose(hf(input_ids=x[:, 0], attention_mask=x[:, 1]).logits, model.eval()(x), atol=1e-5)
+    if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")):
+        return
+    import onnxruntime as ort
+
+    # ONNX as a tokenizer's output feeds it: input_ids and attention_mask, any batch and length
+    assert "onnxruntime agrees" in lrc("export", out, "--onnx", tmp_path / "m.onnx").stdout
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    x = torch.randint(5, 17, (3, 2, 9))
+    x[:, 1] = 1
+    x[0, 1, 7:] = 0  # padding
+    got = torch.from_numpy(session.run(None, {"input_ids": x[:, 0].numpy(), "attention_mask": x[:, 1].numpy()})[0])
+    with torch.no_grad():
+        assert torch.allclose(got, model(x), atol=1e-4)
 
 
 def test_a_factorized_hf_model_trains_a_step_in_fused_mode(tiny):

@@ -473,7 +473,7 @@ def export_cmd(
     example = None
     if inference or onnx is not None:
         shape = _input_shape(input_shape, meta, path)
-        example = torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(0))
+        example = _example_input(model, meta, shape, batch_size)
     summary = dict(meta["summary"])
     if inference:
         from ..inference import choose_layers, merge_layers
@@ -510,6 +510,23 @@ def export_cmd(
             line += (f"; onnxruntime agrees with PyTorch to {checked['max_abs_diff']:.1e} (outputs up to "
                      f"{checked['max_abs_output']:.1f}), {checked['onnxruntime_ms']:.3f} ms at batch {batch_size}")
         typer.echo(line)
+
+
+def _example_input(model, meta: dict, shape: list[int], batch_size: int):
+    """A batch to trace and time the model with: random images, or for a text model (shape
+    ``2×T``) random token ids below its vocabulary size with a full attention mask."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    if meta["architecture"]["name"] == "hf":
+        if len(shape) != 2 or shape[0] != 2:
+            raise ValueError(f"--input-shape {','.join(map(str, shape))}: a text model takes 2,T (token ids and "
+                             "attention mask of T tokens), e.g. --input-shape 2,128")
+        vocab = getattr(getattr(getattr(model, "model", None), "config", None), "vocab_size", None) or 100
+        x = torch.ones(batch_size, *shape, dtype=torch.long)
+        x[:, 0] = torch.randint(0, vocab, (batch_size, shape[1]), generator=generator)
+        return x
+    return torch.randn(batch_size, *shape, generator=generator)
 
 
 def _input_shape(text: str | None, meta: dict, path: Path) -> list[int]:
