@@ -7,6 +7,9 @@ after the truncation (no training) with the ranks chosen.
     python benchmarks/allocation.py --preset vggsmall-fashion-mnist-compress \\
         --checkpoint runs/vggsmall-dense/model.safetensors --target-crs 90
 
+``--calibration N`` adds rows truncated for the inputs of N training samples (activation-aware,
+``factorize(calibration=…)``) by each allocation rule.
+
 The preset gives the model, the data set, ``factorize.exclude``, ``factorize.conv_format`` and
 ``factorize.rank`` (a cap on every layer). "Common τ" is ``factorize(tau=τ)`` with τ bisected
 until the c.r. reaches the target (it may overshoot by a few tenths: ranks are integers).
@@ -25,6 +28,7 @@ from lrc.io import load_weights, read_checkpoint
 from lrc.linalg import ALLOCATIONS
 from lrc.models import build_model
 from lrc.presets import load_preset
+from lrc.train import calibration_batches
 
 
 def truncated(cfg: dict, checkpoint: str, **kwargs) -> tuple[torch.nn.Module, dict]:
@@ -51,10 +55,12 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True, help="the dense model (a run's model.safetensors)")
     parser.add_argument("--target-crs", default="90", help="comma-separated, percent")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--calibration", type=int, default=0, help="training samples for activation-aware rows")
     args = parser.parse_args()
     cfg = load_preset(args.preset)
     data = build_data(cfg["data"]["name"], args.data_dir, 0, cfg["data"]["image_size"], cfg["data"].get("channels"))
     _, test = data.loaders(512, 0)
+    batches = calibration_batches(data.train, args.calibration)
     print("| c.r. | rule | test accuracy | c.r. reached | ranks |\n| ---: | --- | ---: | ---: | --- |")
     for target in (float(t) for t in args.target_crs.split(",")):
         rows = []
@@ -63,6 +69,10 @@ def main() -> None:
             rows.append((allocation, model, ranks))
         tau, model, ranks = common_tau(cfg, args.checkpoint, target)
         rows.append((f"common τ = {tau:.3f}", model, ranks))
+        for allocation in ALLOCATIONS if args.calibration else ():
+            model, ranks = truncated(cfg, args.checkpoint, target_cr=target, allocation=allocation,
+                                     calibration=batches, calibration_samples=args.calibration)
+            rows.append((f"{allocation}, calibrated on {args.calibration}", model, ranks))
         for rule, model, ranks in rows:
             accuracy = 100 * evaluate(model, test)["top1"]
             print(f"| {target:g} % | {rule} | {accuracy:.2f} % | {compression_ratio(model):.1f} % | {ranks} |",

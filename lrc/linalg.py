@@ -27,6 +27,8 @@ __all__ = [
     "allocate_ranks",
     "ALLOCATIONS",
     "factor_parameter_count",
+    "input_whitener",
+    "product_svd",
     "rotate_first_moment",
     "rotate_second_moment",
     "SECOND_MOMENT_RULES",
@@ -118,6 +120,31 @@ def in_channel_modes(fn, T: Tensor, P_out: Tensor, P_in: Tensor, *args) -> Tenso
     to each spatial slice ``T[:, :, i, j]`` of a Tucker core or moment: for the rotations
     that is ``T ×₁ P_outᵀ ×₂ P_inᵀ``."""
     return fn(T.permute(2, 3, 0, 1), P_out, P_in, *args).permute(2, 3, 0, 1).contiguous()
+
+
+def input_whitener(gram: Tensor, damping: float = 1e-4) -> Tensor | None:
+    """The lower Cholesky factor ``L`` of a layer's input second moment, ``gram / mean(diag) +
+    damping·I = L Lᵀ`` (float64): ``‖(W − Ŵ) X‖`` over inputs ``X`` is ``‖(W − Ŵ) L‖`` up to a
+    constant, so the best rank-``r`` ``Ŵ`` for those inputs is ``[W L]_r L⁻¹``. ``damping``
+    (relative to the mean input energy) keeps directions the inputs never took in play. ``None``
+    when the inputs were all zero (nothing to weight by)."""
+    gram = gram.double()
+    scale = gram.diagonal().mean()
+    if not torch.isfinite(scale) or scale <= 0:
+        return None
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    L, info = torch.linalg.cholesky_ex(gram / scale + damping * eye)
+    return L if info.item() == 0 else None
+
+
+def product_svd(X: Tensor, Y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``X Yᵀ = U diag(σ) Vᵀ`` of a product of ``X`` (n×r) and ``Y`` (m×r), through a
+    QR of each and the SVD of an r×r matrix (never the n×m product); sign-fixed as
+    :func:`sign_fixed_svd`. Returns ``(U, σ, V)``."""
+    Q1, R1 = torch.linalg.qr(X)
+    Q2, R2 = torch.linalg.qr(Y)
+    P, sigma, R = sign_fixed_svd(R1 @ R2.mT)
+    return Q1 @ P, sigma, Q2 @ R
 
 
 def sign_fixed_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -41,7 +41,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
              "columns": None, "train_file": None, "test_file": None, "metric": "accuracy"},
     "factorize": {"rank": None, "tau": None, "include": None, "exclude": [], "conv_format": "matrix",
                   "match_cr": None, "target_cr": None, "adapter": False, "trainable": None,
-                  "adapter_dropout": 0.0, "allocation": "relative"},
+                  "adapter_dropout": 0.0, "allocation": "relative", "calibration": 0},
     "optimizer": {"method": "lowrank-adam", "lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999],
                   "momentum": 0.9, "tau": 0.1, "min_rank": 1, "max_rank": None, "mode": "fused",
                   "second_moment": "squared", "lr_scaling": "dense",
@@ -270,6 +270,12 @@ def validate(cfg: dict, source: str) -> None:
                           f"{', '.join(NEW_MOMENTS)}")
     if fac["allocation"] not in ALLOCATIONS:
         raise PresetError(f"{source}: factorize.allocation {fac['allocation']!r}: choose one of {', '.join(ALLOCATIONS)}")
+    if not _is_int(fac["calibration"]) or fac["calibration"] < 0:
+        raise PresetError(f"{source}: factorize.calibration = {fac['calibration']!r}: a number of training samples "
+                          "(0: truncate the weights alone)")
+    if fac["calibration"] and fac["adapter"]:
+        raise PresetError(f"{source}: factorize.calibration truncates pretrained weights; adapters start at zero: "
+                          "set it to 0")
     if opt["coefficient_metric"] not in COEFFICIENT_METRICS:
         raise PresetError(f"{source}: optimizer.coefficient_metric {opt['coefficient_metric']!r}: choose one of "
                           f"{', '.join(COEFFICIENT_METRICS)}")

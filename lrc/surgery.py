@@ -5,16 +5,18 @@ from __future__ import annotations
 import copy
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import FACTORIZED, LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear, TuckerConv2d
 from .layers.attention import SplitMultiheadAttention, split_attention_supported
-from .layers.lowrank import conv1d_as_linear, is_conv1d
-from .layers.tucker import unfold
-from .linalg import ALLOCATIONS, allocate_ranks, factor_parameter_count
+from .layers.lora import LoRAModule
+from .layers.lowrank import LowRankMatrixModule, conv1d_as_linear, is_conv1d
+from .layers.tucker import mode_product, unfold
+from .linalg import ALLOCATIONS, allocate_ranks, factor_parameter_count, input_whitener, product_svd
 
 __all__ = ["factorize", "densify", "compression_ratio", "count_parameters", "FactorizeReport", "LayerReport"]
 
@@ -100,6 +102,18 @@ def _conv_candidate(module, rank, tau, adapter, kind, conv_format):
     return None
 
 
+def _factorizable(module: nn.Module) -> bool:
+    """Whether a candidate passes the checks of its kind (a convolution: ungrouped, zero-padded,
+    a plain convolution)."""
+    if not isinstance(module, nn.Conv2d):
+        return True
+    try:
+        _check_conv(module)
+    except _Skip:
+        return False
+    return True
+
+
 def _acts_as_plain_conv(module: nn.Conv2d) -> bool:
     """Whether an ``nn.Conv2d`` subclass computes what ``nn.Conv2d.forward`` would, judged on a
     copy with random weights at three input sizes (odd, even; batch 1 and 2), so that its own
@@ -140,7 +154,8 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
               include: Sequence[str] | None = None, exclude: Sequence[str] = (),
               adapter: bool = False, kind: str = "lowrank", ranks: dict[str, int] | None = None,
               conv_format: str = "matrix", target_cr: float | None = None,
-              adapter_dropout: float = 0.0, allocation: str = "relative") -> FactorizeReport:
+              adapter_dropout: float = 0.0, allocation: str = "relative",
+              calibration: Iterable | Tensor | None = None, calibration_samples: int = 512) -> FactorizeReport:
     """Replace ``nn.Linear`` and ``nn.Conv2d`` layers of ``model`` in place by
     :class:`~lrc.LowRankLinear` / :class:`~lrc.LowRankConv2d` (truncated-SVD initialisation);
     Hugging Face's ``Conv1D`` (GPT-2's transposed linear maps) as ``nn.Linear``, restored by
@@ -163,12 +178,20 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
             paper's format for VGG); LoRA layers are always matrices.
         target_cr: a compression ratio in percent (over all parameters of the model, against
             the dense model): the ranks of all layers are chosen together under one parameter
-            budget (the singular values of the dense weights with the most relative energy
-            per parameter are kept, :func:`~lrc.linalg.allocate_ranks`), in place of ``tau``;
+            budget over the singular values of the dense weights
+            (:func:`~lrc.linalg.allocate_ranks` by ``allocation``), in place of ``tau``;
             ``rank``, if given, caps every layer.
         allocation: with ``target_cr``, how the budget is shared (:func:`~lrc.linalg.allocate_ranks`):
             ``"relative"`` (one threshold on every layer's relative singular values) or
             ``"per-parameter"`` (relative energy per parameter).
+        calibration: inputs of the model (a tensor batch, or an iterable of batches or of
+            ``(inputs, labels)`` pairs such as a DataLoader): the truncation keeps what matters for
+            the inputs each layer sees rather than for the weight alone — the rank-``r`` ``Ŵ``
+            closest to ``W`` on those inputs, ``[W L]_r L⁻¹`` with ``L Lᵀ`` the second moment of
+            the layer's inputs (patches for a matrix convolution, channels for a Tucker core's input
+            mode); ``tau`` and ``target_cr`` then weigh singular values of ``W L``. ``None``: the
+            plain truncated SVD of the weights.
+        calibration_samples: how many samples of ``calibration`` to run through the model.
 
     Layers whose factorization would not save parameters are kept dense (unless
     ``adapter``); the report says which and why.
@@ -194,6 +217,10 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
         raise ValueError(f"adapter_dropout must lie in [0, 1), got {adapter_dropout!r}")
     if adapter_dropout and not adapter:
         raise ValueError("adapter_dropout is for adapter=True")
+    if calibration is not None and adapter:
+        raise ValueError("calibration chooses how to truncate pretrained weights; adapters start at zero")
+    if not isinstance(calibration_samples, int) or isinstance(calibration_samples, bool) or calibration_samples < 1:
+        raise ValueError(f"calibration_samples must be a positive integer, got {calibration_samples!r}")
     report = FactorizeReport()
     matched: set[str] = set()
     split = _split_attention(model, include, exclude, report)
@@ -217,19 +244,30 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
 
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    whiteners: dict[str, Tensor] = {}
+    if calibration is not None:
+        channels = conv_format == "tucker" and kind == "lowrank"
+        grams = input_grams(model, {name: module for name, module in targets if _factorizable(module)},
+                            calibration, calibration_samples, channels)
+        whiteners = {name: L for name, gram in grams.items() if (L := input_whitener(gram)) is not None}
+    # the candidates as the truncation sees them: weights times their inputs' whitener
+    seen = [(name, _whitened(module, whiteners[name], conv_format, kind) if name in whiteners else module)
+            for name, module in targets]
     if target_cr is not None:
-        ranks = _budget_ranks(model, targets, target_cr, rank, kind, conv_format, allocation)
-    for name, module in targets:
+        ranks = _budget_ranks(model, seen, target_cr, rank, kind, conv_format, allocation)
+    for (name, module), (_, source) in zip(targets, seen):
         weight = _dense_weight(module)
         n, m = weight.shape[0], weight.numel() // weight.shape[0]
         wanted = ranks.get(name, rank) if ranks else rank
         layer_rank = wanted if wanted is None or isinstance(wanted, tuple) else min(wanted, n, m)
         try:
-            new = next(x for x in (d(module, layer_rank, tau, adapter, kind, conv_format) for d in _DISPATCH)
+            new = next(x for x in (d(source, layer_rank, tau, adapter, kind, conv_format) for d in _DISPATCH)
                        if x is not None)
         except _Skip as why:
             report.skipped.append((name, str(why)))
             continue
+        if name in whiteners:
+            _unwhiten(new, whiteners[name])
         before = sum(p.numel() for p in module.parameters())
         after = sum(p.numel() for p in new.parameters())
         if after >= before and not adapter:
@@ -241,6 +279,92 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
         replace_module(model, name, new)
         report.replaced.append(LayerReport(name, type(new).__name__, tuple(weight.shape), new.rank, before, after))
     return report
+
+
+def input_grams(model: nn.Module, modules: dict[str, nn.Module], calibration, samples: int,
+                channels: bool = False) -> dict[str, Tensor]:
+    """``Σ x xᵀ`` (float64) of the inputs each of ``modules`` (by name) receives while ``model``
+    runs on up to ``samples`` samples of ``calibration`` (a batch, or an iterable of batches or
+    of ``(inputs, labels)``): for a linear map its input vectors, for a convolution its input
+    patches (``in·kh·kw``) or, with ``channels``, its input channels at every pixel."""
+    grams: dict[str, Tensor] = {}
+
+    def hook(name):
+        def record(module, args, _):
+            x = args[0].detach()
+            if isinstance(module, nn.Conv2d):
+                if channels:
+                    rows = [x.movedim(1, -1).reshape(-1, x.shape[1])]
+                else:  # patches in the order of weight.reshape(out, -1), a few samples at a time
+                    rows = [F.unfold(part, module.kernel_size, module.dilation, module.padding, module.stride)
+                            .transpose(1, 2).reshape(-1, x.shape[1] * module.weight[0, 0].numel())
+                            for part in x.split(8)]
+            else:
+                rows = [x.reshape(-1, x.shape[-1])]
+            for r in rows:
+                r = r.to(torch.promote_types(r.dtype, torch.float32))
+                g = (r.mT @ r).double()
+                grams[name] = g if name not in grams else grams[name] + g
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            seen = 0
+            for batch in ([calibration] if isinstance(calibration, Tensor) else calibration):
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                x = x[: samples - seen].to(device)
+                model(x)
+                seen += len(x)
+                if seen >= samples:
+                    break
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if not grams and modules:
+        raise ValueError("calibration: no input reached the layers to factorize (an empty data set?)")
+    return grams
+
+
+def _whitened(module: nn.Module, L: Tensor, conv_format: str, kind: str) -> nn.Module:
+    """A copy of ``module`` whose weight is ``W L`` (``L`` acting on the input side: the
+    flattened patch of a matrix convolution, the input channels of a Tucker core)."""
+    new = copy.deepcopy(module)
+    W = _dense_weight(module).double()
+    if isinstance(module, nn.Conv2d) and conv_format == "tucker" and kind == "lowrank":
+        Wl = torch.einsum("oihw,ij->ojhw", W, L.to(W.device))
+    else:
+        Wl = (W.reshape(W.shape[0], -1) @ L.to(W.device)).reshape(W.shape)
+    with torch.no_grad():
+        new.weight.copy_(Wl.mT if is_conv1d(module) else Wl)
+    return new
+
+
+@torch.no_grad()
+def _unwhiten(new: nn.Module, L: Tensor) -> None:
+    """Turn the factors of ``W L``'s truncation (``new``) into those of ``Ŵ = [W L]_r L⁻¹``: the
+    input-side factor ``Y`` becomes ``L⁻ᵀ Y``, then orthonormal again (a matrix layer gets the
+    exact SVD of its product, so ``S`` is diagonal as after a plain truncation)."""
+    def solve(Y):  # L⁻ᵀ Y
+        return torch.linalg.solve_triangular(L.mT.to(Y.device), Y.double(), upper=True)
+
+    if isinstance(new, TuckerConv2d):
+        U_out, core, U_in = new.factor_parameters()
+        Q, R = torch.linalg.qr(solve(U_in))
+        new.set_factors(U_out.detach().clone(), mode_product(core.double(), R, 1).to(core.dtype), Q.to(U_in.dtype))
+    elif isinstance(new, LoRAModule):
+        U, sigma, V = product_svd(new.A.double(), solve(new.B))
+        root = sigma.sqrt()
+        new.A.copy_(U * root)
+        new.B.copy_(V * root)
+    elif isinstance(new, LowRankMatrixModule):
+        U, S, V = new.factor_parameters()
+        U2, sigma, V2 = product_svd(U.double() @ S.double(), solve(V))
+        new.set_factors(U2.to(U.dtype), torch.diag(sigma).to(S.dtype), V2.to(V.dtype))
 
 
 def _budget_ranks(model: nn.Module, targets: list, target_cr: float, rank: int | None, kind: str,

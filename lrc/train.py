@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
 from .data import build_data
@@ -124,8 +124,18 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:
     return dist.get_rank(), dist.get_world_size(), device, initialised
 
 
-def build_run(cfg: dict, device: torch.device, total_steps: int = 0):
-    """Model (dense, from checkpoint, factorized), optimizer and architecture record."""
+def calibration_batches(dataset, samples: int, batch_size: int = 64) -> list:
+    """``samples`` training samples (the same fixed subset for every seed and method) in batches,
+    for ``factorize(calibration=…)``; empty for ``samples = 0``."""
+    if not samples:
+        return []
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(4242))[:samples].tolist()
+    return list(DataLoader(Subset(dataset, keep), batch_size=batch_size))
+
+
+def build_run(cfg: dict, device: torch.device, total_steps: int = 0, calibration=None):
+    """Model (dense, from checkpoint, factorized), optimizer and architecture record;
+    ``calibration``: the batches ``factorize.calibration`` asks for (see :func:`calibration_batches`)."""
     arch = {"name": architecture_name(cfg["model"]["name"], cfg["model"].get("factory")),
             "args": dict(cfg["model"]["args"])}
     path = cfg["model"]["checkpoint"]
@@ -169,7 +179,9 @@ def build_run(cfg: dict, device: torch.device, total_steps: int = 0):
                            ranks=ranks, conv_format=fac["conv_format"],
                            target_cr=None if warm else fac.get("target_cr"),
                            adapter=fac.get("adapter", False), adapter_dropout=fac.get("adapter_dropout", 0.0),
-                           allocation=fac.get("allocation", "relative"))
+                           allocation=fac.get("allocation", "relative"),
+                           calibration=calibration if fac.get("calibration") else None,
+                           calibration_samples=max(1, fac.get("calibration") or 1))
         if not report.replaced:
             raise ValueError("factorize replaced no layer: check factorize.rank/include/exclude "
                              "(a rank must be below what a layer allows to save parameters)")
@@ -445,7 +457,8 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
     if metric == "f1" and data.num_classes != 2:
         raise ValueError(f"data.metric f1 is the F1 score of class 1 of two classes; this data set has "
                          f"{data.num_classes}: use accuracy or mcc")
-    model, opt, arch, report = build_run(cfg, device, tcfg["epochs"] * math.ceil(len(data.train) / batch_size))
+    model, opt, arch, report = build_run(cfg, device, tcfg["epochs"] * math.ceil(len(data.train) / batch_size),
+                                         calibration_batches(data.train, cfg["factorize"].get("calibration", 0)))
     broadcast_([t.data for t in list(model.parameters()) + list(model.buffers())])  # same start everywhere
     own_averaging = isinstance(opt, LowRankOptimizer)  # else: average here for AdamW
     sampler = GlobalBatchSampler(len(data.train), tcfg["seed"], batch_size, rank, world)

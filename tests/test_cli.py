@@ -114,6 +114,8 @@ def test_version_and_help():
     (["train", "--conv-format", "cp", "--out", "{tmp}/c"], "factorize.conv_format 'cp': choose matrix or tucker"),
     (["train", "--set", "data.image_size=64", "--out", "{tmp}/i"], "data.image_size: digits keeps its native size"),
     (["factorize", "--tau", "0", "--out", "{tmp}/x.safetensors"], "must lie in (0, 1)"),
+    (["factorize", "--calibration", "-1", "--out", "{tmp}/x.safetensors"], "--calibration -1: a number of"),
+    (["train", "--set", "factorize.calibration=-5", "--out", "{tmp}/k"], "factorize.calibration = -5"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
@@ -199,6 +201,31 @@ def test_factorize_then_train_from_the_factorized_file(tmp_path):
         "--set", "optimizer.lr_scaling=none")  # the paper's small steps: ranks stay at or below the start
     model, meta = load_model(tmp_path / "run" / "model.safetensors")
     assert meta["layers"]["3"]["rank"] <= 8  # started from the file's rank-8 factors
+
+
+def test_calibrated_factorize_and_train_truncate_for_the_layers_inputs(tmp_path):
+    lrc("train", "--method", "dense", "--epochs", "2", "--quiet", "--out", tmp_path / "dense")
+    dense = tmp_path / "dense" / "model.safetensors"
+    for name, extra in (("plain", ()), ("calibrated", ("--calibration", "300"))):
+        lrc("factorize", "--checkpoint", dense, "--rank", "6", "--out", tmp_path / f"{name}.safetensors", *extra)
+    plain, _ = load_model(tmp_path / "plain.safetensors")
+    calibrated, meta = load_model(tmp_path / "calibrated.safetensors")
+    assert meta["summary"]["calibration"] == 300 and calibrated[1].rank == plain[1].rank == 6
+    assert not torch.allclose(calibrated[1].matrix_weight(), plain[1].matrix_weight())
+    # on the training inputs the calibrated first layer is closer to the dense one
+    from lrc.data import build_data
+    from lrc.io import load_weights, read_checkpoint
+    from lrc.models import build_model
+
+    x = build_data("digits").train.tensors[0][:300]
+    reference = build_model("mlp", in_features=64, hidden=[1024, 1024], num_classes=10)
+    load_weights(reference, read_checkpoint(str(dense)), str(dense))
+    with torch.no_grad():
+        error = {name: (m[:2](x) - reference[:2](x)).norm() for name, m in (("plain", plain), ("calibrated", calibrated))}
+    assert error["calibrated"] < error["plain"]
+    lrc("train", "--checkpoint", dense, "--set", "factorize.calibration=200", "--set", "factorize.rank=6",
+        "--epochs", "1", "--quiet", "--out", tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["test_accuracy"] > 0.5
 
 
 def test_dense_method_trains_a_dense_model(tmp_path):

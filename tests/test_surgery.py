@@ -142,3 +142,100 @@ def test_adapter_dropout_drops_only_the_adapter_input_while_training():
     assert torch.allclose(model(x), dense(x), atol=1e-6)  # the frozen path never sees it
     with pytest.raises(ValueError, match="adapter=True"):
         factorize(nn.Sequential(nn.Linear(4, 4)), rank=2, adapter_dropout=0.1)
+
+
+# ---- activation-aware truncation (factorize(calibration=…)) ---------------------------------------
+def _anisotropic(n_samples, dim, generator):
+    """Inputs whose directions differ in energy by 10⁴."""
+    scales = torch.logspace(0, -2, dim, dtype=torch.float64)
+    return torch.randn(n_samples, dim, generator=generator, dtype=torch.float64) * scales
+
+
+def _closed_form(W, X, r, damping=1e-4):
+    """[W L]_r L⁻¹ with L Lᵀ = XᵀX / mean(diag) + damping·I (float64)."""
+    C = X.T @ X
+    C = C / C.diagonal().mean() + damping * torch.eye(C.shape[0], dtype=C.dtype)
+    L = torch.linalg.cholesky(C)
+    P, s, Qh = torch.linalg.svd(W @ L)
+    return (P[:, :r] * s[:r]) @ Qh[:r] @ torch.linalg.inv(L)
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "lora"])
+def test_calibrated_truncation_of_a_linear_layer_is_the_best_rank_r_map_on_its_inputs(kind):
+    g = torch.Generator().manual_seed(0)
+    dense = nn.Sequential(nn.Linear(12, 9).double())
+    X = _anisotropic(300, 12, g)
+    plain, calibrated = copy.deepcopy(dense), copy.deepcopy(dense)
+    factorize(plain, rank=3, kind=kind)
+    factorize(calibrated, rank=3, kind=kind, calibration=[(X[:150], None), (X[150:], None)], calibration_samples=300)
+    W = dense[0].weight.detach()
+    got = calibrated[0].matrix_weight().detach() if kind == "lowrank" else calibrated[0].A @ calibrated[0].B.T
+    assert torch.allclose(got, _closed_form(W, X, 3), atol=1e-10)
+    if kind == "lowrank":  # orthonormal factors and a diagonal S, as after a plain truncation
+        U, S, V = calibrated[0].factor_parameters()
+        eye = torch.eye(3, dtype=torch.float64)
+        assert torch.allclose(U.T @ U, eye, atol=1e-12) and torch.allclose(V.T @ V, eye, atol=1e-12)
+        assert torch.equal(S, torch.diag(S.diagonal()))
+    error = lambda m: (m(X) - dense(X)).norm()  # noqa: E731
+    with torch.no_grad():
+        assert error(calibrated) < 0.5 * error(plain)
+
+
+def test_calibration_on_inputs_of_equal_energy_in_every_direction_is_the_plain_truncation():
+    dense = nn.Sequential(nn.Linear(16, 20).double())
+    X = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64)).Q * 3.0  # XᵀX = 9·I
+    plain, calibrated = copy.deepcopy(dense), copy.deepcopy(dense)
+    factorize(plain, tau=0.5)
+    factorize(calibrated, tau=0.5, calibration=X)
+    assert plain[0].rank == calibrated[0].rank < 8
+    assert torch.allclose(calibrated[0].matrix_weight(), plain[0].matrix_weight(), atol=1e-12)
+
+
+@pytest.mark.parametrize("conv_format", ["matrix", "tucker"])
+def test_calibrated_truncation_of_a_convolution(conv_format):
+    """Matrix format: the best rank-r kernel on the input patches (closed form through unfold);
+    Tucker: the HOSVD of the kernel with its input-channel mode whitened by the channels' second
+    moment, the input factor orthonormal again."""
+    g = torch.Generator().manual_seed(1)
+    conv = nn.Conv2d(4, 6, 3, padding=1).double()
+    x = torch.randn(5, 4, 7, 7, generator=g, dtype=torch.float64) * torch.tensor([1.0, 0.3, 0.1, 0.01],
+                                                                                 dtype=torch.float64)[:, None, None]
+    dense = nn.Sequential(conv)
+    calibrated = copy.deepcopy(dense)
+    factorize(calibrated, rank=2, calibration=x, conv_format=conv_format)
+    W = conv.weight.detach()
+    if conv_format == "matrix":
+        patches = nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 36)
+        want = _closed_form(W.reshape(6, 36), patches, 2).reshape(W.shape)
+        assert torch.allclose(calibrated[0].weight, want, atol=1e-10)
+    else:
+        from lrc.layers.tucker import mode_product, unfold
+
+        pixels = x.movedim(1, -1).reshape(-1, 4)
+        C = pixels.T @ pixels
+        L = torch.linalg.cholesky(C / C.diagonal().mean() + 1e-4 * torch.eye(4, dtype=torch.float64))
+        Wl = torch.einsum("oihw,ij->ojhw", W, L)
+        Uo = torch.linalg.svd(unfold(Wl, 0))[0][:, :2]
+        Ui = torch.linalg.svd(unfold(Wl, 1))[0][:, :2]
+        core = mode_product(mode_product(Wl, Uo.T, 0), Ui.T, 1)
+        want = mode_product(mode_product(core, Uo, 0), torch.linalg.inv(L).T @ Ui, 1)
+        assert torch.allclose(calibrated[0].dense_weight(), want, atol=1e-10)
+        U_in = calibrated[0].U_in
+        assert torch.allclose(U_in.T @ U_in, torch.eye(2, dtype=torch.float64), atol=1e-12)
+
+
+def test_calibration_is_refused_for_adapters_and_needs_inputs():
+    with pytest.raises(ValueError, match="adapters start at zero"):
+        factorize(nn.Sequential(nn.Linear(4, 4)), rank=2, adapter=True, calibration=torch.randn(3, 4))
+    with pytest.raises(ValueError, match="no input reached"):
+        factorize(nn.Sequential(nn.Linear(4, 4)), rank=2, calibration=[])
+
+
+def test_calibration_leaves_convolutions_that_are_kept_dense_alone():
+    """Self-padding and grouped convolutions are not factorized; their inputs are not gathered
+    either (an unfold with the module's own padding attribute would not fit them)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(SamePadConv(3, 16, 5, stride=2), nn.Conv2d(16, 32, 1), SamePadConv(32, 32, 3, groups=32)).to(f64)
+    x = torch.randn(4, 3, 4, 4, dtype=f64)  # the first conv's input is smaller than its kernel unpadded
+    report = factorize(model, rank=4, calibration=x)
+    assert [r.name for r in report.replaced] == ["1"] and {"0", "2"} <= set(dict(report.skipped))

@@ -296,6 +296,11 @@ def factorize_cmd(
                                               "of all layers chosen together under one budget (in place of --tau)."),
     include: List[str] = typer.Option([], "--include", help="Glob of layer names to factorize (repeatable)."),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Glob of layers kept dense (repeatable)."),
+    calibration: int = typer.Option(0, "--calibration", metavar="N", help="Truncate for the inputs N training "
+                                    "samples of the preset's data set give each layer (activation-aware), not "
+                                    "for the weights alone."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the preset's data set lies "
+                                            "(for --calibration)."),
     set_: List[str] = typer.Option([], "--set", help="Override any preset field: section.key=value."),
 ) -> None:
     """Replace a model's dense layers by factorized ones (truncated SVD) and write it.
@@ -322,20 +327,33 @@ def factorize_cmd(
         fac = dict(fac, rank=rank, tau=tau)
     if tau is not None and not 0.0 < tau < 1.0:
         raise ValueError(f"--tau {tau}: must lie in (0, 1)")
+    if calibration < 0:
+        raise ValueError(f"--calibration {calibration}: a number of training samples (0: off)")
+    calibration = calibration or fac["calibration"]
     arch = {"name": architecture_name(cfg["model"]["name"], cfg["model"]["factory"]), "args": dict(cfg["model"]["args"])}
     model = build_model(arch["name"], **arch["args"])
     if checkpoint:
         load_weights(model, read_checkpoint(checkpoint), str(checkpoint), new_head=cfg["model"]["new_head"])
+    batches = None
+    if calibration:
+        from ..data import build_data
+        from ..train import calibration_batches, text_options
+
+        d = cfg["data"]
+        data = build_data(d["name"], data_dir or d["data_dir"], 0, d["image_size"], d.get("channels"),
+                          d.get("train_samples"), text=text_options(cfg))
+        batches = calibration_batches(data.train, calibration)
     report = factorize(model, rank=fac["rank"], tau=fac["tau"], include=include or fac["include"],
                        exclude=fac["exclude"] if exclude is None else exclude,
                        conv_format=conv_format or fac["conv_format"], target_cr=fac["target_cr"],
-                       allocation=fac["allocation"])
+                       allocation=fac["allocation"], calibration=batches, calibration_samples=max(1, calibration))
     if not report.replaced:
         raise ValueError("no layer was factorized: every candidate was excluded or would not save parameters "
                          "at this rank (a rank must be below what a layer allows)")
     typer.echo(str(report))
     typer.echo(f"c.r. {compression_ratio(model):.1f}%")
-    save_model(out, model, arch, {"source": str(checkpoint) if checkpoint else "random init"})
+    save_model(out, model, arch, {"source": str(checkpoint) if checkpoint else "random init",
+                                  **({"calibration": calibration} if calibration else {})})
     typer.echo(f"wrote {out}")
 
 
