@@ -735,3 +735,29 @@ def test_multi_tensor_adamw_equals_the_single_tensor_update(weight_decay):
         adamw_update_(p, g, m, v, 7, **kw)
     for p, (m, v), (p1, m1, v1) in zip(params, moments, single):
         assert torch.equal(p, p1) and torch.equal(m, m1) and torch.equal(v, v1)
+
+
+def _tucker_net():
+    torch.manual_seed(1)
+    model = nn.Sequential(TuckerConv2d(3, 12, 3, (3, 2), padding=1, dtype=f64), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(12 * 8 * 8, 5, dtype=f64))
+    return model, torch.randn(16, 3, 8, 8, dtype=f64), torch.randint(0, 5, (16,))
+
+
+@pytest.mark.parametrize("make", [mlp, convnet, _tucker_net])
+def test_fixed_ranks_keep_every_layer_at_its_rank_while_the_bases_rotate(make):
+    """fixed_ranks: Ŝ is truncated back to the layer's own rank(s) — whatever tau (0.9 would cut
+    most of it) or a budget would choose; the bases still move, orthonormal, and a layer's rank
+    differs from another's."""
+    (a, x, y), (b, _, _) = make(), make()
+    layers = lambda m: [l for l in m.modules() if isinstance(l, (LowRankLinear, LowRankConv2d, TuckerConv2d))]  # noqa: E731
+    before = [(l.rank, l.factor_parameters()[0].detach().clone()) for l in layers(a)]
+    train(a, x, y, LowRankAdam(a, lr=1e-2, tau=0.9, fixed_ranks=True), 4)
+    train(b, x, y, LowRankAdam(b, lr=1e-2, tau=0.9), 4)
+    for layer, (rank, U0) in zip(layers(a), before):
+        U = layer.factor_parameters()[0].detach()
+        assert layer.rank == rank and U.shape == U0.shape and not torch.allclose(U, U0)
+        assert torch.allclose(U.T @ U, torch.eye(U.shape[1], dtype=f64), atol=1e-12)
+    assert [l.rank for l in layers(b)] != [r for r, _ in before]  # tau alone would have changed them
+    with pytest.raises(ValueError, match="fixed_ranks"):
+        LowRankAdam(a, fixed_ranks="yes")

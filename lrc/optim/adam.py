@@ -108,6 +108,10 @@ class LowRankAdam(LowRankOptimizer):
             largest relative energy ``σ_i² / ‖W_ℓ‖²`` over all layers; ``"per-parameter"`` those with
             the most relative energy per parameter (it starves large layers at high compression).
             Default: ``"relative"``.
+        fixed_ranks (bool): every layer keeps the rank it has (from ``factorize``: a rank, ``tau``,
+            ``target_cr``, a calibrated truncation): the step still augments, updates and truncates
+            ``Ŝ`` back to that rank — the bases rotate, the ranks do not adapt; ``tau``,
+            ``target_cr`` and ``max_params`` then choose nothing. Default: ``False``.
         distributed (bool | None): average gradients over the processes of ``torch.distributed``
             (one flat all-reduce per phase; the fused backward averages ``G_K``, ``G_L`` and
             ``G_S`` itself) and take rank 0's new ranks. ``None``: when a process group of
@@ -126,7 +130,8 @@ class LowRankAdam(LowRankOptimizer):
                  project_moments: bool = True, distributed: bool | None = None, lr_scaling: str = "dense",
                  new_moments: str = "zero", update_every: int = 1,
                  target_cr: float | None = None, max_params: int | None = None,
-                 coefficient_metric: str = "uniform", allocation: str = "relative") -> None:
+                 coefficient_metric: str = "uniform", allocation: str = "relative",
+                 fixed_ranks: bool = False) -> None:
         if lr_scaling not in LR_SCALINGS:
             raise ValueError(f"Invalid lr_scaling: {lr_scaling!r} (one of {LR_SCALINGS})")
         if new_moments not in NEW_MOMENTS:
@@ -146,7 +151,7 @@ class LowRankAdam(LowRankOptimizer):
         super().__init__(model, defaults, mode=mode, tau=tau, min_rank=min_rank, max_rank=max_rank,
                          second_moment=second_moment, project_moments=project_moments, distributed=distributed,
                          update_every=update_every, target_cr=target_cr,
-                         max_params=max_params, allocation=allocation)
+                         max_params=max_params, allocation=allocation, fixed_ranks=fixed_ranks)
         self.lr_scaling = lr_scaling
         self.new_moments = new_moments
         self.carry_moments = new_moments == "project"

@@ -48,7 +48,7 @@ class LowRankOptimizer(Optimizer):
                  max_rank: int | None, second_moment: str = "squared", project_moments: bool = True,
                  distributed: bool | None = None, update_every: int = 1,
                  target_cr: float | None = None, max_params: int | None = None,
-                 allocation: str = "relative") -> None:
+                 allocation: str = "relative", fixed_ranks: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
         if mode not in MODES:
@@ -73,7 +73,10 @@ class LowRankOptimizer(Optimizer):
             raise ValueError("give target_cr or max_params, not both: each sets the budget")
         if allocation not in ALLOCATIONS:
             raise ValueError(f"Invalid allocation: {allocation!r} (one of {ALLOCATIONS})")
+        if not isinstance(fixed_ranks, bool):
+            raise ValueError(f"Invalid fixed_ranks: {fixed_ranks!r} (True or False)")
         self.allocation = allocation
+        self.fixed_ranks = fixed_ranks
         self.mode = mode
         self.update_every = update_every
         # carry the moments of the directions a truncation cut, to be projected onto the next
@@ -494,14 +497,14 @@ class LowRankOptimizer(Optimizer):
         for i, (layer, group, _, _, S_bar, _, _) in enumerate(pending):
             if isinstance(layer, TuckerConv2d):  # the SVDs of the two channel-mode unfoldings
                 svds[i] = mode_svds(S_bar)
-                if self.budget is None:
+                if self.budget is None and not self.fixed_ranks:
                     raw.append(untruncated_rank(_pad_stack(svds[i][0][1], svds[i][1][1]), group["tau"]))
                 order += [(i, 0), (i, 1)]
             else:
                 by_shape.setdefault((tuple(S_bar.shape), S_bar.dtype, S_bar.device), []).append(i)
         for idx in by_shape.values():
             P, sigma, R = sign_fixed_svd(torch.stack([pending[i][4] for i in idx]))
-            if self.budget is None:
+            if self.budget is None and not self.fixed_ranks:
                 taus = [pending[i][1]["tau"] for i in idx]
                 if len(set(taus)) == 1:  # one tolerance: no host-to-device copy (a synchronisation)
                     taus = taus[0]
@@ -511,7 +514,9 @@ class LowRankOptimizer(Optimizer):
             for j, i in enumerate(idx):
                 svds[i] = (P[j], sigma[j], R[j])
             order += [(i, None) for i in idx]
-        if self.budget is not None and pending:
+        if self.fixed_ranks:  # every layer keeps its rank: the truncation only rotates the bases
+            new_ranks = [_ranks_of(pending[i][0])[0 if mode is None else mode] for i, mode in order]
+        elif self.budget is not None and pending:
             new_ranks = self._allocate(pending, svds, order)
         else:
             new_ranks = torch.cat(raw).tolist() if raw else []
