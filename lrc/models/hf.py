@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -167,5 +168,7 @@ def apply_peft(model: nn.Module, method: str, include, trainable, total_steps: i
                                     tinit=total_steps // 10, tfinal=total_steps // 5, deltaT=1, **common)
     else:
         config = peft.LoraConfig(r=r, use_dora=method == "peft-dora", **common)
-    model.model = peft.get_peft_model(model.model, config)
+    with warnings.catch_warnings():  # transformers' deprecation notes to PEFT, not to our user
+        warnings.simplefilter("ignore", FutureWarning)
+        model.model = peft.get_peft_model(model.model, config)
     model.peft_method = method
