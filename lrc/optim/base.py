@@ -418,25 +418,18 @@ class LowRankOptimizer(Optimizer):
         for idx in batches.values():
             parts = [prepared[i] for i in idx]
             sub = parts[0][1]
-            if len(idx) == 1:
-                S_bar, padded, G_S, weight = parts[0][4:]
-                before = S_bar.clone()
-                self._update_(S_bar, G_S, padded, sub)
-                S_bars, steps, weights = S_bar[None], before[None], None if weight is None else weight[None]
-                moments = {k: padded[k][None] for k in self._state_keys}
-            else:
-                S_bars = torch.stack([part[4] for part in parts])
-                moments = {k: torch.stack([part[5][k] for part in parts]) for k in self._state_keys}
-                steps = S_bars.clone()
-                self._update_(S_bars, torch.stack([part[6] for part in parts]),
-                              {"step": parts[0][5]["step"], **moments}, sub)
-                weights = None if parts[0][7] is None else torch.stack([part[7] for part in parts])
-            if weights is not None:  # entrywise weights on the step (the decay included)
-                S_bars.copy_(steps + weights * (S_bars - steps))
-            steps = torch.linalg.vector_norm((S_bars - steps).flatten(1), dim=1)
+            S_bars = torch.stack([part[4] for part in parts])
+            moments = {k: torch.stack([part[5][k] for part in parts]) for k in self._state_keys}
+            before = S_bars.clone()
+            self._update_(S_bars, torch.stack([part[6] for part in parts]), {"step": parts[0][5]["step"], **moments},
+                          sub)
+            if parts[0][7] is not None:  # entrywise weights on the step (the decay included)
+                weights = torch.stack([part[7] for part in parts])
+                S_bars.copy_(before + weights * (S_bars - before))
+            norms = torch.linalg.vector_norm((S_bars - before).flatten(1), dim=1)
             for j, (i, part) in enumerate(zip(idx, parts)):
                 padded = {"step": part[5]["step"], **{k: moments[k][j] for k in self._state_keys}}
-                pending[i] = (part[0], sub, part[2], part[3], S_bars[j], padded, steps[j])
+                pending[i] = (part[0], sub, part[2], part[3], S_bars[j], padded, norms[j])
         return pending
 
     def _prepare_coefficient(self, layer: LowRankMatrixModule, Ut: Tensor, Vt: Tensor, G_S: Tensor,
