@@ -49,7 +49,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                   "fixed_ranks": False},
     "train": {"epochs": 10, "seed": 0, "device": "auto", "bf16": False, "grad_clip": None,
               "schedule": "cosine", "warmup_epochs": 0.0, "tau_warmup_epochs": 0.0,
-              "budget_warmup_epochs": 0.0},
+              "budget_warmup_epochs": 0.0, "distill": 0.0, "distill_temperature": 2.0},
 }
 
 # keys that default to None but take a number
@@ -290,6 +290,11 @@ def validate(cfg: dict, source: str) -> None:
         raise PresetError(f"{source}: train.device {train['device']!r} must be auto, cpu or cuda")
     if not train["budget_warmup_epochs"] >= 0:
         raise PresetError(f"{source}: train.budget_warmup_epochs = {train['budget_warmup_epochs']} must be ≥ 0")
+    if not 0.0 <= train["distill"] <= 1.0:
+        raise PresetError(f"{source}: train.distill = {train['distill']} is the weight of the teacher's soft targets: "
+                          "give a number in [0, 1] (0: off)")
+    if not train["distill_temperature"] > 0:
+        raise PresetError(f"{source}: train.distill_temperature = {train['distill_temperature']} must be > 0")
     if not train["tau_warmup_epochs"] >= 0:
         raise PresetError(f"{source}: train.tau_warmup_epochs = {train['tau_warmup_epochs']} must be ≥ 0")
     if train["schedule"] not in ("cosine", "constant"):

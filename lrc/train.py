@@ -13,6 +13,7 @@ resumed run ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -22,7 +23,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -133,8 +134,19 @@ def calibration_batches(dataset, samples: int, batch_size: int = 64) -> list:
     return list(DataLoader(Subset(dataset, keep), batch_size=batch_size))
 
 
-def build_run(cfg: dict, device: torch.device, total_steps: int = 0, calibration=None):
-    """Model (dense, from checkpoint, factorized), optimizer and architecture record;
+class Run(NamedTuple):
+    """What :func:`build_run` builds."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    architecture: dict
+    report: object  # the FactorizationReport, None when nothing was factorized here
+    teacher: nn.Module | None  # the starting model, frozen, with ``train.distill``
+
+
+def build_run(cfg: dict, device: torch.device, total_steps: int = 0, calibration=None) -> Run:
+    """Model (dense, from checkpoint, factorized), optimizer, architecture record and, with
+    ``train.distill``, the teacher (a frozen copy of the model as loaded, before any surgery);
     ``calibration``: the batches ``factorize.calibration`` asks for (see :func:`calibration_batches`)."""
     arch = {"name": architecture_name(cfg["model"]["name"], cfg["model"].get("factory")),
             "args": dict(cfg["model"]["args"])}
@@ -155,6 +167,15 @@ def build_run(cfg: dict, device: torch.device, total_steps: int = 0, calibration
         model = build_model(arch["name"], **arch["args"])
         if path:
             load_weights(model, read_checkpoint(path), str(path), new_head=cfg["model"]["new_head"])
+    teacher = None
+    if cfg["train"].get("distill", 0.0) > 0:  # the model as the user gave it, before factorize/PEFT change it
+        if not path:
+            raise ValueError("train.distill learns from the model the run starts from: give a trained one "
+                             "(--checkpoint, --from-dense or model.checkpoint)")
+        if cfg["model"]["new_head"]:
+            raise ValueError("train.distill learns from the starting model, whose new head is untrained: train "
+                             "it dense first (lrc train --method dense) and distill from that run (--from-dense)")
+        teacher = copy.deepcopy(model).to(device).eval().requires_grad_(False)
     method = opt_cfg["method"]
     if method in PEFT:
         from .models.hf import apply_peft
@@ -206,7 +227,7 @@ def build_run(cfg: dict, device: torch.device, total_steps: int = 0, calibration
                               coefficient_metric=opt_cfg.get("coefficient_metric", "uniform"), **common, **lowrank)
         else:
             opt = LowRankSGD(model, momentum=opt_cfg["momentum"], **common, **lowrank)
-    return model, opt, arch, report
+    return Run(model, opt, arch, report, teacher)
 
 
 def text_options(cfg: dict) -> dict | None:
@@ -457,7 +478,7 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
     if metric == "f1" and data.num_classes != 2:
         raise ValueError(f"data.metric f1 is the F1 score of class 1 of two classes; this data set has "
                          f"{data.num_classes}: use accuracy or mcc")
-    model, opt, arch, report = build_run(cfg, device, tcfg["epochs"] * math.ceil(len(data.train) / batch_size),
+    model, opt, arch, report, teacher = build_run(cfg, device, tcfg["epochs"] * math.ceil(len(data.train) / batch_size),
                                          calibration_batches(data.train, cfg["factorize"].get("calibration", 0)))
     broadcast_([t.data for t in list(model.parameters()) + list(model.buffers())])  # same start everywhere
     own_averaging = isinstance(opt, LowRankOptimizer)  # else: average here for AdamW
@@ -529,6 +550,10 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     out = model(x)
                     loss = F.cross_entropy(out, y)
+                    if teacher is not None:
+                        with torch.no_grad():
+                            soft = teacher(x)
+                        loss = distillation_loss(out, soft, loss, tcfg["distill"], tcfg["distill_temperature"])
                     extra = model.auxiliary_loss() if hasattr(model, "auxiliary_loss") else None
                     if extra is not None:  # PEFT AdaLoRA's orthogonal regulariser
                         loss = loss + extra
@@ -627,6 +652,18 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
     if main:
         save_model(model_path, model, arch, summary)
     return RunResult(run_dir, model_path, last)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, task_loss: torch.Tensor, weight: float,
+                      temperature: float) -> torch.Tensor:
+    """``(1 − weight)·task_loss + weight·T²·KL(softmax(teacher/T) ‖ softmax(student/T))``, the KL
+    averaged over the batch (Hinton et al. 2015; the T² keeps the soft term's gradient on the scale
+    of the task loss's as T changes)."""
+    t = temperature
+    wide = torch.promote_types(student.dtype, torch.float32)  # bf16 logits: the softmaxes in float32
+    soft = F.kl_div(F.log_softmax(student.to(wide) / t, dim=1), F.log_softmax(teacher.to(wide) / t, dim=1),
+                    log_target=True, reduction="batchmean")
+    return (1.0 - weight) * task_loss + weight * t * t * soft
 
 
 def _warm_budget(start: int, final: int, step: int, steps: int) -> int:

@@ -167,9 +167,9 @@ def test_build_run_takes_a_dense_lrc_file_for_every_method_and_refuses_a_factori
     arch = {"name": "mlp", "args": {"in_features": 64, "hidden": [32, 32], "num_classes": 10}}
     dense = build_model(arch["name"], **arch["args"])
     save_model(tmp_path / "dense.safetensors", dense, arch)
-    model, _, _, _ = build_run(_small_cfg("dense", tmp_path / "dense.safetensors"), torch.device("cpu"))
+    model = build_run(_small_cfg("dense", tmp_path / "dense.safetensors"), torch.device("cpu")).model
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), dense.state_dict().values()))
-    model, _, _, report = build_run(_small_cfg("lowrank-adam", tmp_path / "dense.safetensors"), torch.device("cpu"))
+    model, _, _, report, _ = build_run(_small_cfg("lowrank-adam", tmp_path / "dense.safetensors"), torch.device("cpu"))
     assert [r.name for r in report.replaced] == ["1", "3"]
     factorize(dense, rank=4, exclude=["5"])
     save_model(tmp_path / "lowrank.safetensors", dense, arch)
