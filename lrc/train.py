@@ -478,8 +478,9 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
     if metric == "f1" and data.num_classes != 2:
         raise ValueError(f"data.metric f1 is the F1 score of class 1 of two classes; this data set has "
                          f"{data.num_classes}: use accuracy or mcc")
-    model, opt, arch, report, teacher = build_run(cfg, device, tcfg["epochs"] * math.ceil(len(data.train) / batch_size),
-                                         calibration_batches(data.train, cfg["factorize"].get("calibration", 0)))
+    steps = tcfg["epochs"] * math.ceil(len(data.train) / batch_size)
+    model, opt, arch, report, teacher = build_run(
+        cfg, device, steps, calibration_batches(data.train, cfg["factorize"].get("calibration", 0)))
     broadcast_([t.data for t in list(model.parameters()) + list(model.buffers())])  # same start everywhere
     own_averaging = isinstance(opt, LowRankOptimizer)  # else: average here for AdamW
     sampler = GlobalBatchSampler(len(data.train), tcfg["seed"], batch_size, rank, world)
