@@ -1,8 +1,5 @@
 """``train.distill``: training against the soft targets of the model the run starts from."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -10,17 +7,7 @@ from safetensors.torch import load_file
 from lrc.presets import PresetError, apply_override, load_preset
 from lrc.layers import FACTORIZED
 from lrc.train import build_run, distillation_loss
-from tests.test_compare import ENV
-
-SMALL = ("--epochs", "1", "--set", "model.args.hidden=[32,32]", "--set", "factorize.rank=4", "--quiet")
-
-
-def lrc(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "lrc", *map(str, args)], capture_output=True, text=True, env=ENV,
-                          timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
+from tests.test_compare import SMALL, lrc
 
 
 def test_distillation_loss_is_the_weighted_kl_and_its_gradient_is_the_softmax_difference():
