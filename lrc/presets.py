@@ -49,11 +49,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                   "fixed_ranks": False},
     "train": {"epochs": 10, "seed": 0, "device": "auto", "bf16": False, "grad_clip": None,
               "schedule": "cosine", "warmup_epochs": 0.0, "tau_warmup_epochs": 0.0,
-              "budget_warmup_epochs": 0.0, "distill": 0.0, "distill_temperature": 2.0},
+              "budget_warmup_epochs": 0.0, "budget_warmup_start_cr": None, "distill": 0.0, "distill_temperature": 2.0},
 }
 
 # keys that default to None but take a number
-_FLOAT_OR_NONE = {"tau", "grad_clip", "target_cr"}
+_FLOAT_OR_NONE = {"tau", "grad_clip", "target_cr", "budget_warmup_start_cr"}
 
 # keys whose value may be a mapping (everything else must be a scalar or a list)
 _MAPPING_KEYS = {("model", "args")}
@@ -290,6 +290,10 @@ def validate(cfg: dict, source: str) -> None:
         raise PresetError(f"{source}: train.device {train['device']!r} must be auto, cpu or cuda")
     if not train["budget_warmup_epochs"] >= 0:
         raise PresetError(f"{source}: train.budget_warmup_epochs = {train['budget_warmup_epochs']} must be ≥ 0")
+    start = train["budget_warmup_start_cr"]
+    if start is not None and not 0.0 < start < (fac["target_cr"] or 100.0):
+        raise PresetError(f"{source}: train.budget_warmup_start_cr = {start:g} is the c.r. a budget warm-up starts "
+                          f"from: give a percentage in (0, {fac['target_cr'] or 100:g}), below the target c.r.")
     if not 0.0 <= train["distill"] <= 1.0:
         raise PresetError(f"{source}: train.distill = {train['distill']} is the weight of the teacher's soft targets: "
                           "give a number in [0, 1] (0: off)")

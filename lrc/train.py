@@ -193,12 +193,20 @@ def build_run(cfg: dict, device: torch.device, total_steps: int = 0, calibration
         warm = budgeted and cfg["train"].get("budget_warmup_epochs", 0.0) > 0 and method != "lora"
         if cfg["train"].get("budget_warmup_epochs", 0.0) > 0 and not budgeted:
             raise ValueError("train.budget_warmup_epochs shrinks a budget to a target c.r.: set --target-cr")
-        if warm and fac["rank"] is None:
-            raise ValueError("train.budget_warmup_epochs starts from the ranks factorize.rank gives: set it")
-        report = factorize(model, rank=None if budgeted and not warm else fac["rank"], tau=fac["tau"],
+        start_cr = cfg["train"].get("budget_warmup_start_cr")
+        if start_cr is not None and not cfg["train"].get("budget_warmup_epochs", 0.0) > 0:
+            raise ValueError("train.budget_warmup_start_cr is where a budget warm-up starts: set "
+                             "train.budget_warmup_epochs too")
+        start_cr = start_cr if warm else None
+        if warm and start_cr is None and fac["rank"] is None:
+            raise ValueError("train.budget_warmup_epochs starts from the ranks factorize.rank gives (or from "
+                             "train.budget_warmup_start_cr): set one")
+        # the start: a larger budget allocated like the target (start_cr), or the preset's ranks
+        first_cr = start_cr if warm else fac.get("target_cr")
+        report = factorize(model, rank=None if budgeted and first_cr is not None else fac["rank"], tau=fac["tau"],
                            include=include, exclude=fac["exclude"], kind="lora" if method == "lora" else "lowrank",
                            ranks=ranks, conv_format=fac["conv_format"],
-                           target_cr=None if warm else fac.get("target_cr"),
+                           target_cr=first_cr,
                            adapter=fac.get("adapter", False), adapter_dropout=fac.get("adapter_dropout", 0.0),
                            allocation=fac.get("allocation", "relative"),
                            calibration=calibration if fac.get("calibration") else None,

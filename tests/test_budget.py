@@ -392,3 +392,30 @@ def test_budget_warmup_starts_at_the_presets_ranks_reaches_the_target_and_resume
     with pytest.raises(ValueError, match="set --target-cr"):
         train(apply_override(load_preset("digits-mlp"), "train.budget_warmup_epochs=1"), tmp_path / "x",
               progress=False)
+
+
+def test_budget_warmup_start_cr_starts_at_that_budget_allocated_like_the_target(tmp_path):
+    """The warm-up from a c.r.: the start is factorize(target_cr=start) — the same ranks — and the
+    run ends at the target."""
+    from lrc.models import build_model
+    from lrc.presets import PresetError, apply_override, load_preset, with_target_cr
+    from lrc.surgery import compression_ratio, factorize
+    from lrc.train import build_run, train
+
+    cfg = with_target_cr(apply_override(load_preset("digits-mlp"), "train.epochs=1"), 95, "test")
+    cfg = apply_override(apply_override(cfg, "train.budget_warmup_epochs=0.5"), "train.budget_warmup_start_cr=60")
+    torch.manual_seed(cfg["train"]["seed"])
+    run = build_run(cfg, torch.device("cpu"))
+    torch.manual_seed(cfg["train"]["seed"])
+    reference = build_model(cfg["model"]["name"], **cfg["model"]["args"])
+    factorize(reference, target_cr=60, exclude=cfg["factorize"]["exclude"], include=cfg["factorize"]["include"])
+    assert 59.5 <= compression_ratio(run.model) <= 60.5
+    assert ({n: m.rank for n, m in run.model.named_modules() if hasattr(m, "rank")}
+            == {n: m.rank for n, m in reference.named_modules() if hasattr(m, "rank")})
+    assert run.optimizer.budget < sum(p.numel() for layer in run.optimizer.layers for p in layer.factor_parameters())
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert 95 <= result.metrics["compression_ratio"] <= 95.5
+    with pytest.raises(PresetError, match="below the target"):
+        apply_override(cfg, "train.budget_warmup_start_cr=97")
+    with pytest.raises(ValueError, match="set train.budget_warmup_epochs"):
+        build_run(apply_override(cfg, "train.budget_warmup_epochs=0"), torch.device("cpu"))
