@@ -5,8 +5,9 @@ factorized in matrix or Tucker format, against dense AdamW.
     python benchmarks/conv_step_time.py --device cuda --batch 512
 
 Each model at its preset's rank (lenet5-fashion-mnist: 18, vggsmall-fashion-mnist: 8), the
-preset's excluded layers dense, LowRankAdam in fused mode with τ = 0.1, on 1×28×28 inputs.
-Prints the median time per step over --steps steps after --warmup.
+preset's excluded layers dense, LowRankAdam in fused mode with τ = 0.1, on 1×28×28 inputs; the
+Tucker layers once per ``--executions`` (``TuckerConv2d.execution``: through the factors, through
+the dense kernel, or ``auto``). Prints the median time per step over --steps steps after --warmup.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lrc import LowRankAdam, compression_ratio, factorize
+from lrc.layers import TuckerConv2d
 from lrc.models import build_model
 from lrc.presets import load_preset
 
@@ -47,6 +49,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--executions", nargs="+", default=["factored", "auto"],
+                        choices=["factored", "dense", "auto"], help="how the Tucker layers run")
     args = parser.parse_args()
     torch.manual_seed(0)
     x = torch.randn(args.batch, 1, 28, 28, device=args.device)
@@ -57,12 +61,17 @@ def main() -> None:
         dense = build_model(cfg["model"]["name"], **cfg["model"]["args"]).to(args.device)
         base = median_step_time(dense, torch.optim.AdamW(dense.parameters(), lr=1e-3), x, y, args.steps, args.warmup)
         print(f"| {name} | dense (AdamW) | 0.0 % | {1e3 * base:.1f} | 1.00 |")
-        for conv_format in ("matrix", "tucker"):
+        for conv_format, execution in [("matrix", None)] + [("tucker", e) for e in args.executions]:
             model = copy.deepcopy(dense)
             factorize(model, rank=cfg["factorize"]["rank"], exclude=cfg["factorize"]["exclude"], conv_format=conv_format)
+            tucker = [m for m in model.modules() if isinstance(m, TuckerConv2d)]
+            for m in tucker:
+                m.execution = execution
             opt = LowRankAdam(model, lr=1e-3, tau=0.1)
             t = median_step_time(model, opt, x, y, args.steps, args.warmup)
-            print(f"| {name} | {conv_format} | {compression_ratio(model):.1f} % | {1e3 * t:.1f} | {t / base:.2f} |")
+            label = conv_format if execution is None else (
+                f"tucker, {execution} ({sum(m.runs_dense() for m in tucker)}/{len(tucker)} through the dense kernel)")
+            print(f"| {name} | {label} | {compression_ratio(model):.1f} % | {1e3 * t:.1f} | {t / base:.2f} |")
 
 
 if __name__ == "__main__":

@@ -160,6 +160,76 @@ def test_tucker_fused_equals_two_pass_after_20_steps_with_orthonormal_factors(op
     assert rel(w_fused, w_two) < tol
 
 
+def _executed(model, execution):
+    for m in model.modules():
+        if isinstance(m, TuckerConv2d):
+            m.execution = execution
+    return model
+
+
+@pytest.mark.parametrize("execution", ["factored", "dense"])
+def test_both_executions_give_the_dense_conv_and_the_k_l_s_gradients(execution):
+    """Through the factors or through the dense kernel: the outputs, ∇x and the factor gradients
+    of the module's convention, in float64."""
+    torch.manual_seed(0)
+    layer = _executed(TuckerConv2d(5, 7, 3, ranks=(3, 2), stride=2, padding=1, dtype=f64), execution)
+    assert layer.runs_dense() == (execution == "dense")
+    x = torch.randn(4, 5, 9, 9, dtype=f64, requires_grad=True)
+    target = torch.randn(4, 7, 5, 5, dtype=f64)
+    F.mse_loss(layer(x), target).backward()
+    W = layer.dense_weight().detach().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    F.mse_loss(F.conv2d(x_ref, W, layer.bias, 2, 1), target).backward()
+    gW, C = W.grad, layer.core.detach()
+    U_out, U_in = layer.U_out.detach(), layer.U_in.detach()
+    assert rel(x.grad, x_ref.grad) < 1e-12
+    assert rel(layer.core.grad, mode_product(mode_product(gW, U_out.mT, 0), U_in.mT, 1)) < 1e-12
+    G_out = unfold(mode_product(gW, U_in.mT, 1), 0) @ torch.linalg.qr(unfold(C, 0).mT).Q
+    G_in = unfold(mode_product(gW, U_out.mT, 0), 1) @ torch.linalg.qr(unfold(C, 1).mT).Q
+    assert torch.allclose(layer.U_out.grad.abs(), G_out.abs(), atol=1e-12)
+    assert torch.allclose(layer.U_in.grad.abs(), G_in.abs(), atol=1e-12)
+
+
+def test_auto_execution_runs_dense_where_the_ranks_keep_a_quarter_of_the_channels():
+    assert TuckerConv2d(16, 16, 3, ranks=(4, 4)).runs_dense()  # 16·16 = 256 ≥ 256
+    assert not TuckerConv2d(16, 16, 3, ranks=(4, 3)).runs_dense()
+    assert not _executed(TuckerConv2d(16, 16, 3, ranks=(16, 16)), "factored").runs_dense()
+    assert _executed(TuckerConv2d(64, 64, 3, ranks=(2, 2)), "dense").runs_dense()
+
+
+@pytest.mark.parametrize("mode", ["fused", "two_pass", "parallel"])
+@pytest.mark.parametrize("opt_name", ["adam", "sgd"])
+def test_dense_execution_trains_as_the_factored_one(mode, opt_name):
+    """20 steps with moving ranks: the dense-kernel path equals the three-convolution path to
+    1e-10 in float64, in every mode (parallel: two half-batches accumulated per step)."""
+    from lrc import LowRankAdam, LowRankSGD
+
+    cls, kw = (LowRankAdam, {"lr": 5e-2}) if opt_name == "adam" else (LowRankSGD, {"lr": 1.0})
+    results = {}
+    for execution in ("factored", "dense"):
+        model, x, y = tucker_net()
+        _executed(model, execution)
+        opt = cls(model, mode=mode, tau=0.15, **kw)
+        history = []
+
+        def closure():
+            opt.zero_grad()
+            for xs, ys in ((x[:8], y[:8]), (x[8:], y[8:])) if mode == "parallel" else ((x, y),):
+                (F.cross_entropy(model(xs), ys) * len(ys) / len(y)).backward()
+
+        for _ in range(20):
+            if mode == "two_pass":
+                opt.step(closure)
+            else:
+                closure()
+                opt.step()
+            history.append([m.rank for m in model if isinstance(m, TuckerConv2d)])
+        results[execution] = weights(model), history
+    assert results["dense"][1] == results["factored"][1]
+    assert len({str(h) for h in results["dense"][1]}) > 1, "the ranks should move in this test"
+    assert rel(results["dense"][0], results["factored"][0]) < 1e-10
+
+
 def test_tucker_state_dict_round_trip_across_rank_changes(tmp_path):
     from lrc import LowRankAdam
 
