@@ -195,6 +195,8 @@ def test_auto_execution_runs_dense_where_the_ranks_keep_a_quarter_of_the_channel
     assert not TuckerConv2d(16, 16, 3, ranks=(4, 3)).runs_dense()
     assert not _executed(TuckerConv2d(16, 16, 3, ranks=(16, 16)), "factored").runs_dense()
     assert _executed(TuckerConv2d(64, 64, 3, ranks=(2, 2)), "dense").runs_dense()
+    with pytest.raises(ValueError, match="execution must be one of auto, factored, dense, got 'Dense'"):
+        TuckerConv2d(16, 16, 3, ranks=(4, 4)).execution = "Dense"
 
 
 @pytest.mark.parametrize("mode", ["fused", "two_pass", "parallel"])

@@ -31,7 +31,9 @@ from ..linalg import augment_basis, sign_fixed_svd
 from .lowrank import (LayerFunction, _conv_padding, _pair, check_conv, dense_conv, first_fused_backward, initial_rank,
                       replace_data)
 
-__all__ = ["TuckerConv2d", "unfold", "mode_product"]
+__all__ = ["TuckerConv2d", "unfold", "mode_product", "EXECUTIONS"]
+
+EXECUTIONS = ("auto", "factored", "dense")  # TuckerConv2d.execution
 
 
 def unfold(T: Tensor, mode: int) -> Tensor:
@@ -183,7 +185,7 @@ class TuckerConv2d(nn.Module):
         self._fused_grads: tuple[Tensor, Tensor, Tensor] | None = None
         self._mode_grads: tuple[Tensor, Tensor] | None = None  # ∇W ×₂ U_inᵀ and ∇W ×₁ U_outᵀ
         self._backward_count = 0
-        self.execution = "auto"  # how forward/backward run: "auto", "factored" or "dense" (runs_dense)
+        self.execution = "auto"  # how forward/backward run (runs_dense)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -305,6 +307,17 @@ class TuckerConv2d(nn.Module):
     def to_dense(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` with the same outputs."""
         return dense_conv(self, self.dense_weight().detach())
+
+    @property
+    def execution(self) -> str:
+        """``"auto"``, ``"factored"`` or ``"dense"``: how forward and backward run (:meth:`runs_dense`)."""
+        return self._execution
+
+    @execution.setter
+    def execution(self, value: str) -> None:
+        if value not in EXECUTIONS:
+            raise ValueError(f"TuckerConv2d.execution must be one of {', '.join(EXECUTIONS)}, got {value!r}")
+        self._execution = value
 
     def runs_dense(self) -> bool:
         """Whether the forward and backward go through the dense kernel (:class:`_TuckerDense`)
