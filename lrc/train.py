@@ -190,20 +190,20 @@ def build_run(cfg: dict, device: torch.device, total_steps: int = 0, calibration
         budgeted = fac.get("target_cr") is not None  # the budget chooses the ranks; no preset cap
         # a budget warm-up starts at the preset's ranks and shrinks to the target in training (lora has no
         # training of ranks: it starts at the target)
-        warm = budgeted and cfg["train"].get("budget_warmup_epochs", 0.0) > 0 and method != "lora"
-        if cfg["train"].get("budget_warmup_epochs", 0.0) > 0 and not budgeted:
-            raise ValueError("train.budget_warmup_epochs shrinks a budget to a target c.r.: set --target-cr")
+        warmup_epochs = cfg["train"].get("budget_warmup_epochs", 0.0)
         start_cr = cfg["train"].get("budget_warmup_start_cr")
-        if start_cr is not None and not cfg["train"].get("budget_warmup_epochs", 0.0) > 0:
+        if warmup_epochs > 0 and not budgeted:
+            raise ValueError("train.budget_warmup_epochs shrinks a budget to a target c.r.: set --target-cr")
+        if start_cr is not None and not warmup_epochs > 0:
             raise ValueError("train.budget_warmup_start_cr is where a budget warm-up starts: set "
                              "train.budget_warmup_epochs too")
-        start_cr = start_cr if warm else None
+        warm = budgeted and warmup_epochs > 0 and method != "lora"
         if warm and start_cr is None and fac["rank"] is None:
             raise ValueError("train.budget_warmup_epochs starts from the ranks factorize.rank gives (or from "
                              "train.budget_warmup_start_cr): set one")
-        # the start: a larger budget allocated like the target (start_cr), or the preset's ranks
+        # the first ranks: the target's budget, the warm-up's start budget, or the preset's rank
         first_cr = start_cr if warm else fac.get("target_cr")
-        report = factorize(model, rank=None if budgeted and first_cr is not None else fac["rank"], tau=fac["tau"],
+        report = factorize(model, rank=None if first_cr is not None else fac["rank"], tau=fac["tau"],
                            include=include, exclude=fac["exclude"], kind="lora" if method == "lora" else "lowrank",
                            ranks=ranks, conv_format=fac["conv_format"],
                            target_cr=first_cr,

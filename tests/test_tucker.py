@@ -77,9 +77,20 @@ def test_bad_settings_are_refused_with_the_argument_named():
 f64 = torch.float64
 
 
-def test_gradients_follow_the_k_l_s_convention():
+def _executed(model, execution):
+    for m in model.modules():
+        if isinstance(m, TuckerConv2d):
+            m.execution = execution
+    return model
+
+
+@pytest.mark.parametrize("execution", ["auto", "factored", "dense"])
+def test_gradients_follow_the_k_l_s_convention(execution):
+    """Through the factors or through the dense kernel ("auto" takes it for this layer): ∇x and
+    the factor gradients of the module's convention, in float64."""
     torch.manual_seed(0)
-    layer = TuckerConv2d(5, 7, 3, ranks=(3, 2), stride=2, padding=1, dtype=f64)
+    layer = _executed(TuckerConv2d(5, 7, 3, ranks=(3, 2), stride=2, padding=1, dtype=f64), execution)
+    assert layer.runs_dense() == (execution != "factored")
     x = torch.randn(4, 5, 9, 9, dtype=f64, requires_grad=True)
     target = torch.randn(4, 7, 5, 5, dtype=f64)
     F.mse_loss(layer(x), target).backward()
@@ -158,36 +169,6 @@ def test_tucker_fused_equals_two_pass_after_20_steps_with_orthonormal_factors(op
     tol = 1e-6
     assert floor < tol / 10 and real > tol * 100, (floor, real)
     assert rel(w_fused, w_two) < tol
-
-
-def _executed(model, execution):
-    for m in model.modules():
-        if isinstance(m, TuckerConv2d):
-            m.execution = execution
-    return model
-
-
-@pytest.mark.parametrize("execution", ["factored", "dense"])
-def test_both_executions_give_the_dense_conv_and_the_k_l_s_gradients(execution):
-    """Through the factors or through the dense kernel: the outputs, ∇x and the factor gradients
-    of the module's convention, in float64."""
-    torch.manual_seed(0)
-    layer = _executed(TuckerConv2d(5, 7, 3, ranks=(3, 2), stride=2, padding=1, dtype=f64), execution)
-    assert layer.runs_dense() == (execution == "dense")
-    x = torch.randn(4, 5, 9, 9, dtype=f64, requires_grad=True)
-    target = torch.randn(4, 7, 5, 5, dtype=f64)
-    F.mse_loss(layer(x), target).backward()
-    W = layer.dense_weight().detach().requires_grad_(True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    F.mse_loss(F.conv2d(x_ref, W, layer.bias, 2, 1), target).backward()
-    gW, C = W.grad, layer.core.detach()
-    U_out, U_in = layer.U_out.detach(), layer.U_in.detach()
-    assert rel(x.grad, x_ref.grad) < 1e-12
-    assert rel(layer.core.grad, mode_product(mode_product(gW, U_out.mT, 0), U_in.mT, 1)) < 1e-12
-    G_out = unfold(mode_product(gW, U_in.mT, 1), 0) @ torch.linalg.qr(unfold(C, 0).mT).Q
-    G_in = unfold(mode_product(gW, U_out.mT, 0), 1) @ torch.linalg.qr(unfold(C, 1).mT).Q
-    assert torch.allclose(layer.U_out.grad.abs(), G_out.abs(), atol=1e-12)
-    assert torch.allclose(layer.U_in.grad.abs(), G_in.abs(), atol=1e-12)
 
 
 def test_auto_execution_runs_dense_where_the_ranks_keep_a_quarter_of_the_channels():

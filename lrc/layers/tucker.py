@@ -114,27 +114,23 @@ class _TuckerDense(LayerFunction):
         if not any(ctx.needs_input_grad[1:4]):
             return grad_x, None, None, None, None
         dW = conv2d_weight(x, W.shape, g.to(x.dtype), **conv).to(core.dtype)  # ∇W, the dense layer's gradient
-        with torch.autocast(x.device.type, enabled=False):  # contractions of ∇W in the factors' precision
-            return _TuckerDense._factor_grads(ctx, layer, dW, grad_x, U_out, core, U_in)
-
-    @staticmethod
-    def _factor_grads(ctx, layer: "TuckerConv2d", dW: Tensor, grad_x, U_out: Tensor, core: Tensor, U_in: Tensor):
         _, need_out, need_core, need_in, _ = ctx.needs_input_grad
         fused = layer.fused and need_out and need_in
         G_out = G_in = None
-        D_out = mode_product(dW, U_in.mT, 1)  # ∇W ×₂ U_inᵀ
-        D_in = mode_product(dW, U_out.mT, 0)  # ∇W ×₁ U_outᵀ
-        if need_out:
-            G_out = (unfold(D_out, 0) @ _row_basis(unfold(core, 0)).to(D_out.dtype)).to(U_out.dtype)
-        if need_in:
-            G_in = (unfold(D_in, 1) @ _row_basis(unfold(core, 1)).to(D_in.dtype)).to(U_in.dtype)
-        if layer.keep_mode_grads and need_out and need_in:
-            old = layer._mode_grads
-            layer._mode_grads = (D_out, D_in) if old is None else (old[0] + D_out, old[1] + D_in)
-        grad_core = mode_product(D_out, U_out.mT, 0)
-        if fused:
-            grad_core = layer._record_fused(lambda Uh, Vh: mode_product(mode_product(dW, Uh.mT, 0), Vh.mT, 1),
-                                            G_out, G_in, grad_core, U_out, U_in)
+        with torch.autocast(x.device.type, enabled=False):  # contractions of ∇W in the factors' precision
+            D_out = mode_product(dW, U_in.mT, 1)  # ∇W ×₂ U_inᵀ
+            D_in = mode_product(dW, U_out.mT, 0)  # ∇W ×₁ U_outᵀ
+            if need_out:
+                G_out = (unfold(D_out, 0) @ _row_basis(unfold(core, 0)).to(D_out.dtype)).to(U_out.dtype)
+            if need_in:
+                G_in = (unfold(D_in, 1) @ _row_basis(unfold(core, 1)).to(D_in.dtype)).to(U_in.dtype)
+            if layer.keep_mode_grads and need_out and need_in:
+                old = layer._mode_grads
+                layer._mode_grads = (D_out, D_in) if old is None else (old[0] + D_out, old[1] + D_in)
+            grad_core = mode_product(D_out, U_out.mT, 0)
+            if fused:
+                grad_core = layer._record_fused(lambda Uh, Vh: mode_product(mode_product(dW, Uh.mT, 0), Vh.mT, 1),
+                                                G_out, G_in, grad_core, U_out, U_in)
         return grad_x, G_out, grad_core if need_core or fused else None, G_in, None
 
 
