@@ -809,7 +809,10 @@ def _plot_diagnostics(plt, out_dir: Path, methods: list[str], seed: int, lrs: di
         for ax, (key, title) in zip(axes, DIAGNOSTICS):
             ax.plot([e["epoch"] for e in rows], [statistics.median(v[key] for v in e["layers"].values()) for e in rows],
                     marker="o", label=label(method))
-            ax.set(xlabel="epoch", title=title, yscale="log")
+            ax.set(xlabel="epoch", title=title)
+    for ax in axes:  # logarithmic where there is something to show on it (fixed ranks truncate nothing)
+        if any(y > 0 for line in ax.get_lines() for y in line.get_ydata()):
+            ax.set_yscale("log")
     axes[0].set_ylabel(f"median over layers (seed {seed})")
     axes[0].legend(fontsize="small")
     fig.tight_layout()

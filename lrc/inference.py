@@ -153,7 +153,7 @@ def export_onnx(model: nn.Module, x: Tensor, path: str | Path, check: bool = Tru
     x = x.detach().cpu()
     path = Path(path)
     if is_text_batch(x):  # token ids and attention mask: two inputs, any batch and sequence length
-        module, args, names = TextInputs(plain), (x[:, 0], x[:, 1]), ["input_ids", "attention_mask"]
+        module, args, names = TextInputs(plain).eval(), (x[:, 0], x[:, 1]), ["input_ids", "attention_mask"]
         batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=_max_positions(plain))
         dynamic = ({0: batch, 1: sequence}, {0: batch, 1: sequence})
     else:

@@ -14,15 +14,7 @@ from safetensors.torch import load_file
 from lrc.io import load_model
 from lrc.models import build_model
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-LRC = [sys.executable, "-m", "lrc"]
-
-
-def lrc(*args, check=True, timeout=300):
-    proc = subprocess.run([*LRC, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"lrc {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
-    return proc
+from ._cli import ENV, LRC, lrc
 
 
 @pytest.fixture(scope="module")
