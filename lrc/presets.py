@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .evaluate import METRICS
+from .layers.tucker import EXECUTIONS
 from .linalg import ALLOCATIONS, SECOND_MOMENT_RULES
 from .optim.adam import COEFFICIENT_METRICS, LR_SCALINGS, NEW_MOMENTS
 from .optim.base import MODES
@@ -41,7 +42,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
              "columns": None, "train_file": None, "test_file": None, "metric": "accuracy"},
     "factorize": {"rank": None, "tau": None, "include": None, "exclude": [], "conv_format": "matrix",
                   "match_cr": None, "target_cr": None, "adapter": False, "trainable": None,
-                  "adapter_dropout": 0.0, "allocation": "relative", "calibration": 0},
+                  "adapter_dropout": 0.0, "allocation": "relative", "calibration": 0, "execution": "auto"},
     "optimizer": {"method": "lowrank-adam", "lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999],
                   "momentum": 0.9, "tau": 0.1, "min_rank": 1, "max_rank": None, "mode": "fused",
                   "second_moment": "squared", "lr_scaling": "dense",
@@ -282,6 +283,8 @@ def validate(cfg: dict, source: str) -> None:
                           f"{', '.join(COEFFICIENT_METRICS)}")
     if fac["conv_format"] not in ("matrix", "tucker"):
         raise PresetError(f"{source}: factorize.conv_format {fac['conv_format']!r}: choose matrix or tucker")
+    if fac["execution"] not in EXECUTIONS:
+        raise PresetError(f"{source}: factorize.execution {fac['execution']!r}: choose one of {', '.join(EXECUTIONS)}")
     if opt["lr"] < 0:
         raise PresetError(f"{source}: optimizer.lr = {opt['lr']} must be ≥ 0")
     if train["epochs"] < 1:

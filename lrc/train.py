@@ -39,7 +39,7 @@ from .distributed import all_reduce_mean_, broadcast_
 from .evaluate import evaluate, layer_ranks
 from .io import (CheckpointError, atomic_path, is_lrc_file, load_model, load_state, load_weights, read_checkpoint,
                  read_metadata, save_model, save_state)
-from .layers import FACTORIZED
+from .layers import FACTORIZED, TuckerConv2d
 from .models import architecture_name, build_model
 from .optim import LowRankAdam, LowRankOptimizer, LowRankSGD
 from .presets import PEFT
@@ -218,6 +218,9 @@ def build_run(cfg: dict, device: torch.device, total_steps: int = 0, calibration
         _freeze_for_adapters(model, fac.get("trainable"))
     if arch["name"] == "hf" and "config" not in arch["args"]:  # the file rebuilds without the directory
         arch["args"]["config"] = model.model.config.to_diff_dict()
+    for module in model.modules():  # how the Tucker convolutions run (whether factorized here or loaded so)
+        if isinstance(module, TuckerConv2d):
+            module.execution = fac.get("execution", "auto")
     model.to(device)
     common = dict(lr=opt_cfg["lr"], weight_decay=opt_cfg["weight_decay"])
     if method in ("dense", "lora", *PEFT):

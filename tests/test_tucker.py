@@ -180,6 +180,19 @@ def test_auto_execution_runs_dense_where_the_ranks_keep_a_quarter_of_the_channel
         TuckerConv2d(16, 16, 3, ranks=(4, 4)).execution = "Dense"
 
 
+def test_the_preset_key_sets_how_every_tucker_layer_runs():
+    from lrc.presets import PresetError, apply_override, load_preset
+    from lrc.train import build_run
+
+    cfg = apply_override(load_preset("lenet5-fashion-mnist"), "factorize.conv_format=tucker")
+    for execution in ("auto", "factored", "dense"):
+        model = build_run(apply_override(cfg, f"factorize.execution={execution}"), torch.device("cpu")).model
+        layers = [m for m in model.modules() if isinstance(m, TuckerConv2d)]
+        assert layers and all(m.execution == execution for m in layers)
+    with pytest.raises(PresetError, match="factorize.execution 'fast': choose one of auto, factored, dense"):
+        apply_override(cfg, "factorize.execution=fast")
+
+
 @pytest.mark.parametrize("mode", ["fused", "two_pass", "parallel"])
 @pytest.mark.parametrize("opt_name", ["adam", "sgd"])
 def test_dense_execution_trains_as_the_factored_one(mode, opt_name):
