@@ -24,14 +24,23 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 LRC = [sys.executable, "-m", "lrc"]
 
 
-def lrc(*args, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
-    """``lrc ARGS`` in this process: its exit status, stdout and stderr (``timeout`` is accepted for
-    the signature of a subprocess call and not enforced)."""
+class CommandTimeout(Exception):
+    pass
+
+
+def _timed_out(signum, frame):
+    raise CommandTimeout("the command ran past the test's timeout")
+
+
+def lrc(*args, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``lrc ARGS`` in this process: its exit status, stdout and stderr. A command still running
+    after ``timeout`` seconds is interrupted (an exception raised by SIGALRM), so that a hang
+    fails its test instead of stalling the suite."""
     from lrc.cli import app
 
     argv = [str(a) for a in args]
     threads = torch.get_num_threads()
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
     streams = sys.stdout, sys.stderr
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         for stream in streams:
@@ -42,6 +51,8 @@ def lrc(*args, check: bool = True, timeout: float | None = None) -> subprocess.C
         sys.stdout = open(1, "w", encoding="utf-8", errors="replace", closefd=False)
         sys.stderr = open(2, "w", encoding="utf-8", errors="replace", closefd=False)
         try:
+            signal.signal(signal.SIGALRM, _timed_out)
+            signal.alarm(timeout)
             with warnings.catch_warnings():
                 _interpreter_warnings()
                 app(args=argv, prog_name="lrc", standalone_mode=True)
@@ -52,6 +63,7 @@ def lrc(*args, check: bool = True, timeout: float | None = None) -> subprocess.C
             traceback.print_exc()
             code = 1
         finally:
+            signal.alarm(0)
             sys.stdout.flush()
             sys.stderr.flush()
             sys.stdout, sys.stderr = streams
