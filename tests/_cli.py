@@ -3,9 +3,10 @@
 ``lrc(*args)`` runs the command in this process (the same Typer app the console script calls,
 with stdout and stderr captured at the file-descriptor level, so that what worker processes
 write is captured too) and returns a ``subprocess.CompletedProcess``: a fresh interpreter per
-call cost ~2–3 s of imports, minutes of the suite. Warnings are printed to the captured stderr
-under a fresh interpreter's filters, as the console script would show them. Tests of what only a real process
-shows — signals, the console script's start-up, torchrun — start one with ``LRC`` and ``ENV``.
+call cost ~2–3 s of imports, minutes of the suite. Warnings reach the captured stderr under a
+fresh interpreter's filters, as the console script would show them. Tests of what only a real
+process shows — signals, the console script's start-up, torchrun — start one with ``LRC`` and
+``ENV``.
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ def lrc(*args, check: bool = True, timeout: int = 300) -> subprocess.CompletedPr
             code = 1
         finally:
             signal.alarm(0)
-            sys.stdout.flush()
-            sys.stderr.flush()
+            sys.stdout.close()  # flushes; the descriptors stay open (closefd=False)
+            sys.stderr.close()
             sys.stdout, sys.stderr = streams
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
@@ -85,8 +86,8 @@ def lrc(*args, check: bool = True, timeout: int = 300) -> subprocess.CompletedPr
 
 
 def _interpreter_warnings() -> None:
-    """Warnings as a fresh ``python`` shows them: each once per place, on ``sys.stderr``, the
-    deprecation, import and resource warnings that Python hides by default hidden."""
+    """Warnings as a fresh ``python`` shows them: each once per place, on ``sys.stderr``, except
+    the deprecation, import and resource warnings that Python hides by default."""
     warnings.resetwarnings()
     warnings.simplefilter("default")
     for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):

@@ -1,4 +1,5 @@
-"""End-to-end: the ``lrc`` command through its real entry point, on the built-in digits data."""
+"""End-to-end: the ``lrc`` command (its Typer app in this process, see ``tests/_cli.py``; signals and
+torchrun in real processes), on the built-in digits data."""
 
 import json
 import os

@@ -1,5 +1,5 @@
 """``lrc compare`` with a learning-rate grid (``--lrs``) and from a dense model (``--from-dense``),
-through the real entry point, on a small MLP over the built-in digits data."""
+through the command (``tests/_cli.py``), on a small MLP over the built-in digits data."""
 
 import csv
 import json
