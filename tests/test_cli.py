@@ -2,7 +2,6 @@
 torchrun in real processes), on the built-in digits data."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
