@@ -4,7 +4,8 @@
 with stdout and stderr captured at the file-descriptor level, so that what worker processes
 write is captured too) and returns a ``subprocess.CompletedProcess``: a fresh interpreter per
 call cost ~2–3 s of imports, minutes of the suite. Warnings reach the captured stderr under a
-fresh interpreter's filters, as the console script would show them. Tests of what only a real
+fresh interpreter's filters, as the console script would show them, and the command computes with
+one thread, as under ``ENV`` (bitwise the results of a worker of ``lrc compare --jobs``). Tests of what only a real
 process shows — signals, the console script's start-up, torchrun — start one with ``LRC`` and
 ``ENV``.
 """
@@ -52,6 +53,7 @@ def lrc(*args, check: bool = True, timeout: int = 300) -> subprocess.CompletedPr
         sys.stdout = open(1, "w", encoding="utf-8", errors="replace", closefd=False)
         sys.stderr = open(2, "w", encoding="utf-8", errors="replace", closefd=False)
         try:
+            torch.set_num_threads(int(ENV["OMP_NUM_THREADS"]))  # as the command ran in ENV: results bitwise alike
             signal.signal(signal.SIGALRM, _timed_out)
             signal.alarm(timeout)
             with warnings.catch_warnings():
