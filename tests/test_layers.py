@@ -143,3 +143,32 @@ def test_load_state_dict_takes_the_checkpoint_rank():
     b.set_factors(torch.zeros(30, 5), torch.zeros(5, 5), torch.zeros(20, 5))
     b(x).sum().backward()
     assert b.U.grad.shape == (30, 5)
+
+
+def test_factorizing_a_layer_takes_one_svd_not_one_of_a_random_initialisation_first(monkeypatch):
+    """from_linear/from_conv build the module without its default initialisation (an SVD of a
+    random matrix that the real one overwrites: a third of factorize's time on VGG16)."""
+    from lrc.layers import TuckerConv2d
+    from lrc.layers.lora import LoRAConv2d, LoRALinear
+
+    calls = []
+    svd = torch.linalg.svd
+    def counted(A, **kw):  # an SVD on the meta device (shapes only) costs nothing
+        if A.device.type != "meta":
+            calls.append(A.shape)
+        return svd(A, **kw)
+
+    monkeypatch.setattr(torch.linalg, "svd", counted)
+    torch.manual_seed(0)
+    linear, conv = nn.Linear(30, 20, dtype=f64), nn.Conv2d(4, 6, 3, dtype=f64)
+    for make in (lambda: LowRankLinear.from_linear(linear, rank=5), lambda: LoRALinear.from_linear(linear, rank=5),
+                 lambda: LowRankConv2d.from_conv(conv, rank=3), lambda: LoRAConv2d.from_conv(conv, rank=3)):
+        calls.clear()
+        layer = make()
+        assert len(calls) == 1 and layer.bias is not None and torch.isfinite(layer.bias).all()
+    calls.clear()
+    tucker = TuckerConv2d.from_conv(conv, ranks=(3, 2))
+    assert len(calls) == 2  # one per channel mode
+    W = LowRankLinear.from_linear(linear, rank=20).to_dense().weight
+    assert torch.allclose(W, linear.weight, atol=1e-12)
+    assert torch.allclose(tucker.bias, conv.bias)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import skip_init  # factors set right after: no SVD of a random initialisation
 
 from ..linalg import sign_fixed_svd
 from .lowrank import _conv_padding, _pair, dense_conv, filled, initial_rank, linear_origin
@@ -79,8 +80,8 @@ class LoRALinear(LoRAModule):
         if adapter:
             raise ValueError("LoRA layers of lrc are for factorized training; use adapter mode of LowRankLinear")
         W = layer.weight.detach()
-        new = cls(layer.in_features, layer.out_features, initial_rank(W, rank, tau), bias=layer.bias is not None,
-                  device=W.device, dtype=W.dtype)
+        new = skip_init(cls, layer.in_features, layer.out_features, initial_rank(W, rank, tau),
+                        bias=layer.bias is not None, device=W.device, dtype=W.dtype)
         new._init_from_matrix(W, None if layer.bias is None else layer.bias.detach())
         return new
 
@@ -114,8 +115,9 @@ class LoRAConv2d(LoRAModule):
         if adapter or layer.groups != 1 or layer.padding_mode != "zeros":
             raise ValueError("LoRAConv2d supports plain convolutions (groups=1, zero padding, no adapter)")
         W = layer.weight.detach().reshape(layer.out_channels, -1)
-        new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, initial_rank(W, rank, tau),
-                  layer.stride, layer.padding, layer.dilation, layer.bias is not None, W.device, W.dtype)
+        new = skip_init(cls, layer.in_channels, layer.out_channels, layer.kernel_size, initial_rank(W, rank, tau),
+                        layer.stride, layer.padding, layer.dilation, layer.bias is not None, device=W.device,
+                        dtype=W.dtype)
         new._init_from_matrix(W, None if layer.bias is None else layer.bias.detach())
         return new
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv2d_input, conv2d_weight
+from torch.nn.utils import skip_init  # factors set right after: no SVD of a random initialisation
 
 from ..distributed import all_reduce_mean_
 from ..linalg import augment_basis, sign_fixed_svd, truncation_rank
@@ -304,8 +305,8 @@ class LowRankLinear(LowRankMatrixModule):
         ``rank`` then caps the rank chosen by ``tau``). Same device and dtype."""
         W = layer.weight.detach()
         r = initial_rank(W, rank, tau)
-        new = cls(layer.in_features, layer.out_features, r, bias=layer.bias is not None,
-                  adapter=adapter, device=W.device, dtype=W.dtype)
+        new = skip_init(cls, layer.in_features, layer.out_features, r, bias=layer.bias is not None,
+                        adapter=adapter, device=W.device, dtype=W.dtype)
         new._init_from_matrix(W, None if layer.bias is None else layer.bias.detach())
         return new
 
@@ -386,10 +387,10 @@ class LowRankConv2d(LowRankMatrixModule):
         """Factorize ``layer`` by truncated SVD of its ``out × (in·kh·kw)`` kernel matrix."""
         W = layer.weight.detach().reshape(layer.out_channels, -1)
         r = initial_rank(W, rank, tau)
-        new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, r, stride=layer.stride,
-                  padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
-                  bias=layer.bias is not None, padding_mode=layer.padding_mode, adapter=adapter,
-                  device=W.device, dtype=W.dtype)
+        new = skip_init(cls, layer.in_channels, layer.out_channels, layer.kernel_size, r, stride=layer.stride,
+                        padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                        bias=layer.bias is not None, padding_mode=layer.padding_mode, adapter=adapter,
+                        device=W.device, dtype=W.dtype)
         new._init_from_matrix(W, None if layer.bias is None else layer.bias.detach())
         return new
 

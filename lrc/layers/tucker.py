@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv2d_input, conv2d_weight
+from torch.nn.utils import skip_init  # factors set right after: no SVD of a random initialisation
 
 from ..distributed import all_reduce_mean_
 from ..linalg import augment_basis, sign_fixed_svd
@@ -261,9 +262,9 @@ class TuckerConv2d(nn.Module):
         out, inp = W.shape[:2]
         ranks = tuple(initial_rank(unfold(W, mode), None if r is None else min(r, W.shape[mode]), tau)
                       for mode, r in enumerate(ranks))
-        new = cls(inp, out, layer.kernel_size, ranks, stride=layer.stride, padding=layer.padding,
-                  dilation=layer.dilation, groups=layer.groups, bias=layer.bias is not None,
-                  padding_mode=layer.padding_mode, device=W.device, dtype=W.dtype)
+        new = skip_init(cls, inp, out, layer.kernel_size, ranks, stride=layer.stride, padding=layer.padding,
+                        dilation=layer.dilation, groups=layer.groups, bias=layer.bias is not None,
+                        padding_mode=layer.padding_mode, device=W.device, dtype=W.dtype)
         new._init_from_kernel(W, None if layer.bias is None else layer.bias.detach(), ranks)
         return new
 
