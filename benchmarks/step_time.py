@@ -8,6 +8,9 @@ Methods, all at rank 64 for the three 2048×2048 layers (the 10-way head stays d
                          so every step augments to 128 and truncates back: the full cost)
   lowrank-adam fused every4  the same with update_every=4: one augmentation and one truncation
                          per 4 steps, the 2 steps between at the augmented rank 128 (mean over the cycle)
+  lowrank-adam fused padded-r16  the fused step with svd_batching="padded" (every SVD of the step in
+                         one call or few) and rank_every=16 (the ranks read and changed once per 16
+                         truncations): the steady state of issue 12, the mean over 16 steps
   lowrank-adam two_pass  LowRankAdam, mode="two_pass" (a second forward/backward per step)
   dense adamw            torch.optim.AdamW on the dense model
   lora floor             W = A Bᵀ trained by torch.optim.Adam: the same forward/backward cost,
@@ -27,11 +30,17 @@ one kernel launch; ``--device cuda`` counts the launches themselves) and the rea
 value on the host (``.item()``, ``.tolist()``, ``bool()``...: on a GPU each waits for the device;
 ``--device cuda`` counts the synchronisations torch reports). Reads of the optimizers' step
 counters are not counted: they live on the CPU, as torch.optim's, and never wait for a device.
+On the CPU the last column also gives the waits a GPU would take for the same step: the calls of
+``torch.linalg.svd`` (its error check waits once per call) and the reads, less those of the
+CholeskyQR2 checks, which run on the CPU only (a GPU takes Householder QR, no read).
+
+    python benchmarks/step_time.py --model vgg16 --count-only   # the counts only (one step, batch 8)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 import warnings
@@ -71,6 +80,9 @@ def dense_mlp(device) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(WIDTH, CLASSES)).to(device)
 
 
+_FACTORIZED: dict = {}
+
+
 def build_vgg16(method: str, device):
     import torchvision
 
@@ -78,7 +90,10 @@ def build_vgg16(method: str, device):
     model = torchvision.models.vgg16(num_classes=CLASSES).to(device)
     if method == "dense adamw":
         return model, torch.optim.AdamW(model.parameters(), lr=1e-3), None
-    factorize(model, target_cr=95.0, conv_format="tucker")
+    if device not in _FACTORIZED:  # the truncation (minutes on a CPU) once, copied for each method
+        factorize(model, target_cr=95.0, conv_format="tucker")
+        _FACTORIZED[device] = model
+    model = copy.deepcopy(_FACTORIZED[device])
     if method == "lora floor":  # LoRA at the ranks the truncation chose (a Tucker layer: its larger rank)
         dense = torchvision.models.vgg16(num_classes=CLASSES).to(device)
         ranks = {name: max(m.ranks) if isinstance(m, TuckerConv2d) else m.rank for name, m in model.named_modules()
@@ -86,8 +101,16 @@ def build_vgg16(method: str, device):
         factorize(dense, ranks=ranks, kind="lora")
         return dense, torch.optim.Adam(dense.parameters(), lr=1e-3), None
     mode = method.split()[1]
-    every = 4 if method.endswith("every4") else 1
-    return model, LowRankAdam(model, lr=1e-3, target_cr=95.0, mode=mode, update_every=every), mode
+    return model, LowRankAdam(model, lr=1e-3, target_cr=95.0, mode=mode, **variant(method)), mode
+
+
+def variant(method: str) -> dict:
+    """The options a method's name adds to LowRankAdam."""
+    if method.endswith("every4"):
+        return {"update_every": 4}
+    if method.endswith("padded-r16"):
+        return {"svd_batching": "padded", "rank_every": 16}
+    return {}
 
 
 def build(method: str, device, model_name: str = "mlp"):
@@ -101,10 +124,9 @@ def build(method: str, device, model_name: str = "mlp"):
             model[i] = LoRALinear(model[i], RANK)
         return model, torch.optim.Adam(model.parameters(), lr=1e-3), None
     factorize(model, rank=RANK)
-    every = 4 if method.endswith("every4") else 1
     mode = method.split()[1]
     return model, LowRankAdam(model, lr=1e-3, tau=0.1, min_rank=RANK, max_rank=RANK, mode=mode,
-                              update_every=every), mode
+                              **variant(method)), mode
 
 
 def sync(device) -> None:
@@ -113,21 +135,29 @@ def sync(device) -> None:
 
 
 class _Count(TorchDispatchMode):
-    """Counts the operations dispatched and the host reads of tensor values (except ``skip``)."""
+    """Counts the operations dispatched, the host reads of tensor values (except ``skip``; those
+    inside a CholeskyQR2 check apart) and the SVD calls."""
 
     def __init__(self, skip: set[int]) -> None:
         super().__init__()
-        self.ops, self.reads, self.skip = 0, 0, skip
+        self.ops, self.reads, self.cpu_only_reads, self.svds, self.skip = 0, 0, 0, 0, skip
+        self.in_cholesky_qr2 = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
         if func is torch.ops.aten._local_scalar_dense.default and id(args[0]) not in self.skip:
-            self.reads += 1
+            if self.in_cholesky_qr2:
+                self.cpu_only_reads += 1
+            else:
+                self.reads += 1
+        if func.__name__.startswith("_linalg_svd"):
+            self.svds += 1
         return func(*args, **(kwargs or {}))
 
 
-def count_step(model, opt, step) -> tuple[int, int]:
-    """(operations or CUDA kernel launches, host reads or CUDA synchronisations) of one ``step()``."""
+def count_step(model, opt, step) -> tuple[int, int, int | None]:
+    """(operations or CUDA kernel launches, host reads or CUDA synchronisations, on the CPU the
+    waits a GPU would take — else None) of one ``step()``."""
     skip = {id(s["step"]) for s in opt.state.values() if "step" in s}
     device = next(model.parameters()).device
     if device.type == "cuda":
@@ -145,22 +175,32 @@ def count_step(model, opt, step) -> tuple[int, int]:
                 torch.cuda.set_sync_debug_mode("default")
         launches = sum(e.count for e in prof.key_averages() if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
                                                                            "cudaLaunchKernelExC"))
-        return launches, sum("synchroniz" in str(w.message) for w in caught)
+        return launches, sum("synchroniz" in str(w.message) for w in caught), None
+    import lrc.linalg
+
     reads = Counter()
-    original = torch.Tensor.tolist
+    original, cholesky_qr2 = torch.Tensor.tolist, lrc.linalg._cholesky_qr2_against
 
     def tolist(t):  # a CPU tensor's tolist reads without dispatching; on a GPU it is a copy and a wait
         if id(t) not in skip:
             reads["tolist"] += 1
         return original(t)
 
-    torch.Tensor.tolist = tolist
+    def checked(*args):  # CholeskyQR2 runs on the CPU only: its reads are no GPU's waits
+        counter.in_cholesky_qr2 = True
+        try:
+            return cholesky_qr2(*args)
+        finally:
+            counter.in_cholesky_qr2 = False
+
+    torch.Tensor.tolist, lrc.linalg._cholesky_qr2_against = tolist, checked
     try:
         with _Count(skip) as counter:
             step()
     finally:
-        torch.Tensor.tolist = original
-    return counter.ops, counter.reads + reads["tolist"]
+        torch.Tensor.tolist, lrc.linalg._cholesky_qr2_against = original, cholesky_qr2
+    reads = counter.reads + reads["tolist"]
+    return counter.ops, reads + counter.cpu_only_reads, reads + counter.svds
 
 
 def make_batch(batch: int, device, model_name: str):
@@ -204,7 +244,7 @@ def time_steps(method: str, batch: int, steps: int, warmup: int, device, model_n
             parts["forward"].append(t1 - t0)
             parts["backward"].append(t2 - t1)
             parts["step"].append(t3 - t2)
-    average = statistics.mean if method.endswith("every4") else statistics.median  # steps of a cycle differ
+    average = statistics.mean if method.endswith(("every4", "r16")) else statistics.median  # steps of a cycle differ
     out = {k: average(v) * 1e3 for k, v in parts.items()}
 
     def one_step():
@@ -214,12 +254,21 @@ def time_steps(method: str, batch: int, steps: int, warmup: int, device, model_n
             closure()
             opt.step()
 
-    out["ops"], out["reads"] = count_step(model, opt, one_step)
+    cycle = 4 if method.endswith("every4") else 16 if method.endswith("padded-r16") else 1
+
+    def steps_of_a_cycle():
+        for _ in range(cycle):
+            one_step()
+
+    ops, reads, waits = count_step(model, opt, steps_of_a_cycle)
+    out["ops"], out["reads"] = ops / cycle, reads / cycle
+    out["waits"] = None if waits is None else waits / cycle
     out["params"] = sum(p.numel() for p in model.parameters())
     return out
 
 
-METHODS = ["lowrank-adam fused", "lowrank-adam fused every4", "lowrank-adam two_pass", "dense adamw", "lora floor"]
+METHODS = ["lowrank-adam fused", "lowrank-adam fused every4", "lowrank-adam fused padded-r16", "lowrank-adam two_pass",
+           "dense adamw", "lora floor"]
 
 
 def main() -> None:
@@ -229,16 +278,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--model", choices=("mlp", "vgg16"), default="mlp")
+    parser.add_argument("--count-only", action="store_true",
+                        help="only the counts per step (one warm-up step, batch 8, no timing)")
     args = parser.parse_args()
+    if args.count_only:
+        args.batches, args.steps, args.warmup = [8], 1, 1
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     what = (f"MLP {WIDTH}x{DEPTH}→{CLASSES}, rank {RANK}" if args.model == "mlp"
             else "vgg16(num_classes=10) at 32×32, Tucker convolutions, target c.r. 95 %")
-    count = "CUDA kernel launches / synchronisations" if device.type == "cuda" else "ops dispatched / host reads"
+    count = ("CUDA kernel launches / synchronisations" if device.type == "cuda" else
+             "ops dispatched / host reads / the waits a GPU would take (SVD calls + reads outside CholeskyQR2)")
     print(f"# step time, {what}, {name}, torch {torch.__version__}")
     print(f"# median of {args.steps} steps after {args.warmup} warm-up steps, milliseconds; per step: {count}\n")
-    print("| batch | method | c.r. | step (ms) | forward | backward | opt.step() | ops or launches | reads or syncs |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| batch | method | c.r. | step (ms) | forward | backward | opt.step() | ops or launches | reads or syncs "
+          "| GPU waits |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     ratios, every4 = [], []
     for batch in args.batches:
         results: dict[str, dict] = {}
@@ -247,13 +302,18 @@ def main() -> None:
             r["cr"] = 100.0 * (1.0 - r["params"] / results["dense adamw"]["params"])
             split = ("—", "—", "—") if m.endswith("two_pass") else (f"{r['forward']:.1f}", f"{r['backward']:.1f}",
                                                                    f"{r['step']:.1f}")
+            waits = r["reads"] if r["waits"] is None else r["waits"]
             print(f"| {batch} | {m} | {r['cr']:.1f} % | {r['total']:.1f} | {split[0]} | {split[1]} | {split[2]} | "
-                  f"{r['ops']} | {r['reads']} |", flush=True)
+                  f"{r['ops']:g} | {r['reads']:g} | {waits:g} |", flush=True)
+        if args.count_only:
+            continue
         fused = results["lowrank-adam fused"]["total"]
         every4.append((batch, results["lowrank-adam fused every4"]["total"] / fused,
                        results["lowrank-adam fused every4"]["total"] / results["lora floor"]["total"]))
         ratios.append((batch, fused / results["lora floor"]["total"], fused / results["dense adamw"]["total"],
                        results["lowrank-adam two_pass"]["total"] / fused))
+    if args.count_only:
+        return
     print("\n| batch | fused / LoRA floor | fused / dense AdamW | two_pass / fused |")
     print("| ---: | ---: | ---: | ---: |")
     for batch, lora, dense, two in ratios:

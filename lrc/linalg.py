@@ -20,6 +20,7 @@ __all__ = [
     "mode_svds",
     "in_channel_modes",
     "sign_fixed_svd",
+    "padded_svds",
     "truncation_rank",
     "untruncated_rank",
     "clip_rank",
@@ -155,9 +156,73 @@ def sign_fixed_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     batch ``(..., m, n)`` as well.
     """
     P, sigma, Rh = torch.linalg.svd(A, full_matrices=False)
+    P, R = _fix_signs(P, Rh.mT)
+    return P, sigma, R
+
+
+def padded_svds(mats: Sequence[Tensor], right: Sequence[bool] | None = None) -> list[tuple]:
+    """:func:`sign_fixed_svd` of matrices of different shapes in one ``torch.linalg.svd`` call (per
+    dtype and device).
+
+    On a GPU every ``torch.linalg.svd`` call waits for the device once (its error check), so one
+    call per shape costs one synchronisation per shape. Here a rectangular ``A`` is first made
+    square by a QR (``A = Q R`` when tall: the SVD of ``R``, left vectors ``Q P``; of ``Aᵀ`` when wide:
+    the SVD of ``Rᵀ``, right vectors ``Q R̃``), which keeps its singular values and vectors. Each
+    square ``B`` (k×k) is then placed in a common K×K frame as ``diag(B, c·I)`` with ``c = 2‖B‖_F``
+    (1 for a zero ``B``): ``c`` exceeds every singular value of ``B``, so the frame's singular values
+    are ``K − k`` copies of ``c`` and then ``B``'s, and, the padding block being invertible, ``B``'s
+    singular vectors (those of zero singular values too) lie in ``B``'s own coordinates — sliced
+    out, they are ``B``'s SVD. Returns ``(P, σ, R)`` per matrix (thin: ``min(a, b)`` pairs), ``R``
+    ``None`` where ``right[i]`` (default: all true) is false; equal to :func:`sign_fixed_svd` of each
+    up to rounding."""
+    right = [True] * len(mats) if right is None else list(right)
+    squares, maps = [], []
+    for A in mats:
+        a, b = A.shape
+        if a > b:
+            Q, R = torch.linalg.qr(A)
+            squares.append(R)
+            maps.append((Q, None))
+        elif a < b:
+            Q, R = torch.linalg.qr(A.mT)
+            squares.append(R.mT)
+            maps.append((None, Q))
+        else:
+            squares.append(A)
+            maps.append((None, None))
+    groups: dict[tuple, list[int]] = {}
+    for i, B in enumerate(squares):
+        groups.setdefault((B.dtype, B.device), []).append(i)
+    out: list = [None] * len(mats)
+    for (dtype, device), idx in groups.items():
+        size = max(squares[i].shape[0] for i in idx)
+        frame = torch.zeros(len(idx), size, size, dtype=dtype, device=device)
+        norms = torch.stack([torch.linalg.vector_norm(squares[i]) for i in idx])
+        pad = torch.where(norms > 0, 2 * norms, torch.ones_like(norms))
+        for j, i in enumerate(idx):
+            k = squares[i].shape[0]
+            frame[j, :k, :k] = squares[i]
+            if size > k:
+                frame[j, k:, k:].diagonal().copy_(pad[j].expand(size - k))
+        P, sigma, Rh = torch.linalg.svd(frame, full_matrices=False)
+        for j, i in enumerate(idx):
+            k = squares[i].shape[0]
+            p = size - k
+            left, rvec = P[j, :k, p:], Rh[j, p:, :k].mT
+            if maps[i][0] is not None:
+                left = maps[i][0] @ left
+            if maps[i][1] is not None:
+                rvec = maps[i][1] @ rvec if right[i] else None
+            left, rvec = _fix_signs(left, rvec)
+            out[i] = (left, sigma[j, p:], rvec if right[i] else None)
+    return out
+
+
+def _fix_signs(P: Tensor, R: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Each singular pair signed so that the largest-magnitude entry of its column of ``P`` is positive."""
     idx = P.abs().argmax(dim=-2, keepdim=True)
     sign = torch.where(torch.gather(P, -2, idx) < 0, -1.0, 1.0).to(P.dtype)
-    return P * sign, sigma, Rh.mT * sign
+    return P * sign, None if R is None else R * sign
 
 
 def untruncated_rank(sigma: Tensor, tau: float | Tensor) -> Tensor:
@@ -259,23 +324,24 @@ def allocate_ranks(spectra: Sequence[Sequence[Sequence[float]]], cost, budget: i
         gain = sigma[r] * sigma[r] / totals[i][mode]
         return (-gain / (max(added, 1) if per_parameter else 1), i, mode, r, added)
 
-    heap = [e for i, modes in enumerate(spectra) for mode in range(len(modes)) if (e := entry(i, mode))]
+    # An entry's key depends on its layer's ranks only: whenever a layer grows, every mode of it gets
+    # a fresh entry and a new version; entries of an older version are dropped when they come up
+    # (re-queuing them would keep one more duplicate alive per growth: quadratic in the ranks).
+    version = [[0] * len(modes) for modes in spectra]
+    heap = [(*e, 0) for i, modes in enumerate(spectra) for mode in range(len(modes)) if (e := entry(i, mode))]
     heapq.heapify(heap)
     while heap:
-        _, i, mode, r, added = heapq.heappop(heap)
-        fresh = entry(i, mode)
-        if fresh is None:
-            continue
-        if fresh[3] != r or fresh[4] != added:  # the other mode grew since: its cost changed
-            heapq.heappush(heap, fresh)
+        _, i, mode, r, added, v = heapq.heappop(heap)
+        if v != version[i][mode]:
             continue
         if spent + added > budget:  # does not fit: this mode stops growing, cheaper ones may go on
             continue
         ranks[i][mode] += 1
         spent += added
         for other in range(len(spectra[i])):  # this mode again; the others' costs changed (or they unblocked)
+            version[i][other] += 1
             if (e := entry(i, other)) is not None:
-                heapq.heappush(heap, e)
+                heapq.heappush(heap, (*e, version[i][other]))
     return [tuple(r) for r in ranks]
 
 

@@ -4,6 +4,7 @@ import torch
 from lrc.linalg import (
     augment_basis,
     pad_block,
+    padded_svds,
     rotate_first_moment,
     rotate_second_moment,
     sign_fixed_svd,
@@ -93,6 +94,42 @@ def test_sign_fixed_svd_reconstructs_and_fixes_signs():
     assert (P[idx, torch.arange(5)] > 0).all()
     P2, s2, R2 = sign_fixed_svd(-A)  # same singular vectors up to the pair sign: fixed identically
     assert torch.allclose(P2, P, atol=1e-12) and torch.allclose(R2, -R, atol=1e-12)
+
+
+def test_padded_svds_are_the_svds_of_each_matrix_in_one_call(monkeypatch):
+    """Square, tall, wide, rank-deficient and zero matrices, with and without right vectors, in
+    one SVD call: each gets its own SVD — the singular vectors of zero singular values too stay
+    orthonormal inside the matrix's own coordinates."""
+    torch.manual_seed(0)
+    deficient = torch.randn(6, 2, dtype=f64) @ torch.randn(2, 6, dtype=f64)
+    mats = [torch.randn(8, 8, dtype=f64), torch.randn(5, 5, dtype=f64), deficient, torch.zeros(3, 3, dtype=f64),
+            torch.randn(6, 4, dtype=f64), torch.randn(7, 5, dtype=f64),
+            torch.randn(7, 2, dtype=f64) @ torch.randn(2, 4, dtype=f64),  # rank-deficient, tall and wide
+            torch.randn(3, 1, dtype=f64) @ torch.randn(1, 6, dtype=f64),
+            torch.randn(3, 7, dtype=f64),
+            torch.randn(4, 9, dtype=f64), torch.randn(6, 2, dtype=f64) @ torch.randn(2, 5, dtype=f64)]
+    right = [True] * 8 + [False] * 3
+    calls = []
+    svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda A, **kw: calls.append(A.shape) or svd(A, **kw))
+    out = padded_svds(mats, right)
+    assert len(calls) == 1
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    for A, (P, s, R), r in zip(mats, out, right):
+        k = min(A.shape)
+        P0, s0, R0 = sign_fixed_svd(A)
+        assert P.shape == (A.shape[0], k) and s.shape == (k,)
+        assert torch.allclose(s, s0, atol=1e-12)
+        assert torch.allclose(P.T @ P, torch.eye(k, dtype=f64), atol=1e-12)
+        nonzero = s0 > 1e-10 * max(s0.max().item(), 1.0)
+        assert torch.allclose(P[:, nonzero], P0[:, nonzero], atol=1e-10)  # the same sign convention
+        if r:
+            assert torch.allclose(R.T @ R, torch.eye(k, dtype=f64), atol=1e-12)
+            assert torch.allclose((P * s) @ R.T, A, atol=1e-12)
+            assert torch.allclose(R[:, nonzero], R0[:, nonzero], atol=1e-10)
+        else:
+            assert R is None
+            assert torch.allclose(A @ A.T @ P, P * s.square(), atol=1e-10)
 
 
 def test_truncate_keeps_the_leading_pairs():

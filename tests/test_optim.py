@@ -761,3 +761,95 @@ def test_fixed_ranks_keep_every_layer_at_its_rank_while_the_bases_rotate(make):
     assert [l.rank for l in layers(b)] != [r for r, _ in before]  # tau alone would have changed them
     with pytest.raises(ValueError, match="fixed_ranks"):
         LowRankAdam(a, fixed_ranks="yes")
+
+
+# ---- issue 12: SVDs in few calls, ranks chosen at a bounded cadence -------------------------------
+@pytest.mark.parametrize("mode", ["fused", "two_pass", "parallel"])
+@pytest.mark.parametrize("make, kw", [
+    (lambda: mlp(20), {"tau": 0.2}),
+    (lambda: mlp(20), {"max_params": 900}),
+    (convnet, {"tau": 0.1, "lr": 5e-2, "lr_scaling": "none"}),
+    (_tucker_net, {"tau": 0.1}),
+], ids=["mlp-tau", "mlp-budget", "conv", "tucker"])
+def test_padded_svds_step_equals_the_shape_wise_step(make, kw, mode):
+    """svd_batching="padded" (all of a step's SVDs in one or a few calls, the GPU default) gives
+    the shape-wise path's ranks and weights to 1e-10 in float64 while the ranks move."""
+    def go(batching):
+        model, x, y = make()
+        opt = LowRankAdam(model, mode=mode, svd_batching=batching, **{"lr": 2e-2, **kw})
+        def shapes():
+            return tuple(tuple(m.S.shape[:2]) for m in model if hasattr(m, "S"))
+
+        history = [shapes()]
+        for _ in range(6):
+            train(model, x, y, opt, 1)
+            history.append(shapes())
+        return history, weights(model)
+
+    h_shape, w_shape = go("shape")
+    h_padded, w_padded = go("padded")
+    assert h_padded == h_shape
+    assert len(set(h_shape)) > 1 or mode == "parallel", "the ranks should move"
+    assert rel(w_padded, w_shape) < 1e-10
+
+
+def test_padded_svds_take_one_svd_call_for_layers_of_different_ranks(monkeypatch):
+    model, x, y = mlp(8)
+    model[2].set_factors(model[2].U[:, :5], model[2].S[:5, :5], model[2].V[:, :5])  # ranks 8 and 5
+    opt = LowRankAdam(model, lr=1e-2, svd_batching="padded")
+    calls = []
+    svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda A, **k: calls.append(tuple(A.shape)) or svd(A, **k))
+    train(model, x, y, opt, 1)
+    assert calls == [(2, 16, 16)]
+    opt.svd_batching = "shape"
+    calls.clear()
+    train(model, x, y, opt, 1)
+    assert len(calls) == 2 or ranks(model)[0] == ranks(model)[1]
+
+
+@pytest.mark.parametrize("update_every", [1, 2])
+def test_rank_every_chooses_ranks_on_every_kth_truncation_only(update_every):
+    """rank_every=3: the first truncation and every third chooses the ranks (as rank_every=1
+    would from the same Ŝ); the others keep them, so the parameter shapes change only there."""
+    model, x, y = mlp(20)
+    opt = LowRankAdam(model, lr=2e-2, tau=0.2, rank_every=3, update_every=update_every)
+    history = train(model, x, y, opt, 12 * update_every)
+    truncated = history[update_every - 1:: update_every]  # the ranks after each truncation
+    for t in range(1, len(truncated)):
+        if t % 3:
+            assert truncated[t] == truncated[t - 1]
+    assert len({tuple(h) for h in truncated}) > 1, "the ranks should move on the choosing truncations"
+    assert opt.param_groups[0]["truncations"] == 12
+
+
+def test_rank_every_one_is_the_default_step_and_resumes_its_cadence(tmp_path):
+    model, x, y = mlp(20)
+    a = train(model, x, y, LowRankAdam(model, lr=2e-2, tau=0.2), 4)
+    model2, _, _ = mlp(20)
+    b = train(model2, x, y, LowRankAdam(model2, lr=2e-2, tau=0.2, rank_every=1), 4)
+    assert a == b and torch.equal(weights(model), weights(model2))
+    model, _, _ = mlp(20)
+    opt = LowRankAdam(model, lr=2e-2, tau=0.2, rank_every=3)
+    train(model, x, y, opt, 4)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    fresh, _, _ = mlp(20)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    fresh.load_state_dict(ckpt["model"])
+    fresh_opt = LowRankAdam(fresh, lr=2e-2, tau=0.2, rank_every=3)
+    fresh_opt.load_state_dict(ckpt["opt"])
+    assert fresh_opt.param_groups[0]["truncations"] == 4
+    assert train(fresh, x, y, fresh_opt, 5) == train(model, x, y, opt, 5)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="rank_every"):
+            LowRankAdam(model, rank_every=bad)
+    with pytest.raises(ValueError, match="svd_batching"):
+        LowRankAdam(model, svd_batching="one")
+
+
+def test_fixed_ranks_with_update_every_keep_the_rank_before_the_cycle():
+    """Inside a cycle a layer holds its augmented bases; the cycle's truncation goes back to the
+    rank it had before them (it once kept the augmented rank, doubling every cycle)."""
+    model, x, y = mlp(6)
+    history = train(model, x, y, LowRankAdam(model, lr=1e-2, fixed_ranks=True, update_every=3), 9)
+    assert history[2::3] == [[6, 6]] * 3 and history[0] == [12, 12]

@@ -112,6 +112,20 @@ class LowRankAdam(LowRankOptimizer):
             ``target_cr``, a calibrated truncation): the step still augments, updates and truncates
             ``Ŝ`` back to that rank — the bases rotate, the ranks do not adapt; ``tau``,
             ``target_cr`` and ``max_params`` then choose nothing. Default: ``False``.
+        rank_every (int): the ranks are chosen (by ``tau``, ``target_cr`` or ``max_params``) on one
+            truncation in ``rank_every`` — the first, then every ``rank_every``-th; the others keep
+            every layer's rank, as ``fixed_ranks``. Choosing reads the new ranks from the device (on a
+            GPU a synchronisation) and may change parameter shapes, which a compiled or captured
+            step, DDP's buckets or a CUDA graph must then follow; between, shapes stay put and
+            nothing is read. ``1``: every truncation chooses, as the paper. Default: ``1``.
+        svd_batching (str): how the truncation's SVDs are called. ``"shape"``: one batched call per
+            shape of ``Ŝ`` and two per Tucker core (LAPACK on the CPU gains nothing from more);
+            ``"padded"``: every layer's ``Ŝ`` (and the channel unfoldings of Tucker cores) in one
+            call (:func:`~lrc.linalg.padded_svds`: rectangular ones made square by a QR, all placed
+            in one frame; equal to the shape-wise SVDs up to rounding) — on a GPU each
+            ``torch.linalg.svd`` call waits for the device once, so this is one synchronisation
+            instead of one per shape; ``"auto"``: ``"padded"`` on accelerators, ``"shape"`` on the
+            CPU. Default: ``"auto"``.
         distributed (bool | None): average gradients over the processes of ``torch.distributed``
             (one flat all-reduce per phase; the fused backward averages ``G_K``, ``G_L`` and
             ``G_S`` itself) and take rank 0's new ranks. ``None``: when a process group of
@@ -131,7 +145,7 @@ class LowRankAdam(LowRankOptimizer):
                  new_moments: str = "zero", update_every: int = 1,
                  target_cr: float | None = None, max_params: int | None = None,
                  coefficient_metric: str = "uniform", allocation: str = "relative",
-                 fixed_ranks: bool = False) -> None:
+                 fixed_ranks: bool = False, rank_every: int = 1, svd_batching: str = "auto") -> None:
         if lr_scaling not in LR_SCALINGS:
             raise ValueError(f"Invalid lr_scaling: {lr_scaling!r} (one of {LR_SCALINGS})")
         if new_moments not in NEW_MOMENTS:
@@ -151,7 +165,8 @@ class LowRankAdam(LowRankOptimizer):
         super().__init__(model, defaults, mode=mode, tau=tau, min_rank=min_rank, max_rank=max_rank,
                          second_moment=second_moment, project_moments=project_moments, distributed=distributed,
                          update_every=update_every, target_cr=target_cr,
-                         max_params=max_params, allocation=allocation, fixed_ranks=fixed_ranks)
+                         max_params=max_params, allocation=allocation, fixed_ranks=fixed_ranks,
+                         rank_every=rank_every, svd_batching=svd_batching)
         self.lr_scaling = lr_scaling
         self.new_moments = new_moments
         self.carry_moments = new_moments == "project"

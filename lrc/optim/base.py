@@ -26,15 +26,17 @@ from ..linalg import (
     in_channel_modes,
     mode_svds,
     pad_block,
+    padded_svds,
     rotate_first_moment,
     rotate_second_moment,
     sign_fixed_svd,
     untruncated_rank,
 )
 
-__all__ = ["LowRankOptimizer", "MODES"]
+__all__ = ["LowRankOptimizer", "MODES", "SVD_BATCHINGS"]
 
 MODES = ("fused", "two_pass", "parallel")
+SVD_BATCHINGS = ("auto", "shape", "padded")
 TRAINED = (LowRankMatrixModule, TuckerConv2d)  # layer kinds these optimizers train
 
 
@@ -48,7 +50,8 @@ class LowRankOptimizer(Optimizer):
                  max_rank: int | None, second_moment: str = "squared", project_moments: bool = True,
                  distributed: bool | None = None, update_every: int = 1,
                  target_cr: float | None = None, max_params: int | None = None,
-                 allocation: str = "relative", fixed_ranks: bool = False) -> None:
+                 allocation: str = "relative", fixed_ranks: bool = False, rank_every: int = 1,
+                 svd_batching: str = "auto") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
         if mode not in MODES:
@@ -75,6 +78,12 @@ class LowRankOptimizer(Optimizer):
             raise ValueError(f"Invalid allocation: {allocation!r} (one of {ALLOCATIONS})")
         if not isinstance(fixed_ranks, bool):
             raise ValueError(f"Invalid fixed_ranks: {fixed_ranks!r} (True or False)")
+        if not isinstance(rank_every, int) or isinstance(rank_every, bool) or rank_every < 1:
+            raise ValueError(f"Invalid rank_every: {rank_every!r} (must be an integer ≥ 1)")
+        if svd_batching not in SVD_BATCHINGS:
+            raise ValueError(f"Invalid svd_batching: {svd_batching!r} (one of {SVD_BATCHINGS})")
+        self.rank_every = rank_every
+        self.svd_batching = svd_batching
         self.allocation = allocation
         self.fixed_ranks = fixed_ranks
         self.mode = mode
@@ -107,9 +116,11 @@ class LowRankOptimizer(Optimizer):
         groups = [g for g in ({"params": lowrank}, {"params": dense}) if g["params"]]
         if not groups:
             raise ValueError("the model has no trainable parameters")
-        # phase: the step's place in a basis-update cycle of ``update_every`` steps (kept in the
-        # groups so that it travels with state_dict())
-        super().__init__(groups, dict(defaults, tau=tau, min_rank=min_rank, max_rank=max_rank, phase=0))
+        # phase: the step's place in a basis-update cycle of ``update_every`` steps; truncations:
+        # how many truncations so far (``rank_every``) — kept in the groups so that they travel
+        # with state_dict()
+        super().__init__(groups, dict(defaults, tau=tau, min_rank=min_rank, max_rank=max_rank, phase=0,
+                                             truncations=0))
         self.target_cr = target_cr
         self.budget = None if target_cr is None else self._budget(model, target_cr, min_rank)
         if max_params is not None:
@@ -481,40 +492,29 @@ class LowRankOptimizer(Optimizer):
             padded[key] = full
 
     def _truncate(self, pending: list[tuple]) -> None:
-        """Steps 6–7 for all layers at once: one batched SVD per shape of ``Ŝ`` (per channel
-        mode of a Tucker core) and one read of the new ranks from the device; then each
-        layer's rank change, in one place."""
-        by_shape: dict[tuple, list[int]] = {}
-        svds: list = [None] * len(pending)
-        raw, order = [], []
-        for i, (layer, group, _, _, S_bar, _, _) in enumerate(pending):
-            if isinstance(layer, TuckerConv2d):  # the SVDs of the two channel-mode unfoldings
-                svds[i] = mode_svds(S_bar)
-                if self.budget is None and not self.fixed_ranks:
-                    raw.append(untruncated_rank(_pad_stack(svds[i][0][1], svds[i][1][1]), group["tau"]))
-                order += [(i, 0), (i, 1)]
-            else:
-                by_shape.setdefault((tuple(S_bar.shape), S_bar.dtype, S_bar.device), []).append(i)
-        for idx in by_shape.values():
-            P, sigma, R = sign_fixed_svd(torch.stack([pending[i][4] for i in idx]))
-            if self.budget is None and not self.fixed_ranks:
-                taus = [pending[i][1]["tau"] for i in idx]
-                if len(set(taus)) == 1:  # one tolerance: no host-to-device copy (a synchronisation)
-                    taus = taus[0]
-                else:
-                    taus = torch.tensor(taus, dtype=torch.float64).to(sigma.device, non_blocking=True)
-                raw.append(untruncated_rank(sigma, taus))
-            for j, i in enumerate(idx):
-                svds[i] = (P[j], sigma[j], R[j])
-            order += [(i, None) for i in idx]
-        if self.fixed_ranks:  # every layer keeps its rank: the truncation only rotates the bases
-            new_ranks = [_ranks_of(pending[i][0])[0 if mode is None else mode] for i, mode in order]
+        """Steps 6–7 for all layers at once: the SVDs of every ``Ŝ`` (per channel mode of a Tucker
+        core) batched by :meth:`_svds`, one read of the new ranks from the device (on the steps that
+        choose ranks, see ``rank_every``); then each layer's rank change, in one place."""
+        svds, order, sigmas = self._svds(pending)
+        count = self.param_groups[0].get("truncations", 0)
+        for group in self.param_groups:
+            group["truncations"] = count + 1
+        # the ranks the layers had before this cycle's augmentation (update_every > 1: they hold it)
+        before = [self.state[item[0].S].pop("cycle_ranks", None) or _ranks_of(item[0]) for item in pending]
+        if self.fixed_ranks or count % self.rank_every:  # keep the ranks: the truncation only rotates the bases
+            new_ranks = [before[i][0 if mode is None else mode] for i, mode in order]
         elif self.budget is not None and pending:
             new_ranks = self._allocate(pending, svds, order)
+        elif sigmas:
+            spectra = torch.nn.utils.rnn.pad_sequence([v.double() for v in sigmas], batch_first=True)
+            taus = [pending[i][1]["tau"] for i, _ in order]
+            if len(set(taus)) == 1:  # one tolerance: no host-to-device copy (a synchronisation)
+                taus = taus[0]
+            else:
+                taus = torch.tensor(taus, dtype=torch.float64).to(spectra.device, non_blocking=True)
+            new_ranks = untruncated_rank(spectra, taus).tolist()
         else:
-            new_ranks = torch.cat(raw).tolist() if raw else []
-        if self.distributed and pending:  # every process takes rank 0's decision: shapes agree
-            new_ranks = broadcast_ints(new_ranks, pending[0][4].device)
+            new_ranks = []
         ranks = dict(zip(order, new_ranks))
         for i, (layer, group, Ut, Vt, S_bar, padded, step_norm) in enumerate(pending):
             if isinstance(layer, TuckerConv2d):
@@ -535,6 +535,44 @@ class LowRankOptimizer(Optimizer):
             self.bytes_communicated += broadcast_(
                 [t.data for item in pending for t in item[0].factor_parameters()]
                 + [t for item in pending for t in self._shared_state(item[0])])
+
+    def _svds(self, pending: list[tuple]) -> tuple[list, list, list[Tensor]]:
+        """The sign-fixed SVDs of every layer's ``Ŝ``: per matrix layer ``(P, σ, R)``, per Tucker
+        layer ``((P_out, σ_out), (P_in, σ_in))`` of its two channel-mode unfoldings; ``order``, the
+        ``(layer index, mode)`` of each rank to choose (``mode`` ``None`` for a matrix layer); and
+        the singular values behind each of those ranks. ``svd_batching="shape"``: one batched SVD per shape of ``Ŝ`` and two per
+        Tucker layer; ``"padded"``: all of them in one call (:func:`~lrc.linalg.padded_svds`), one
+        device synchronisation."""
+        if not pending:
+            return [], [], []
+        order: list[tuple] = []
+        for i, item in enumerate(pending):
+            order += [(i, 0), (i, 1)] if isinstance(item[0], TuckerConv2d) else [(i, None)]
+        svds: list = [None] * len(pending)
+        if self._padded(pending[0][4]):
+            mats = [pending[i][4] if mode is None else
+                    pending[i][4].movedim(mode, 0).reshape(pending[i][4].shape[mode], -1) for i, mode in order]
+            results = dict(zip(order, padded_svds(mats, [mode is None for _, mode in order])))
+            for i, item in enumerate(pending):
+                if isinstance(item[0], TuckerConv2d):
+                    svds[i] = tuple(results[(i, mode)][:2] for mode in (0, 1))
+                else:
+                    svds[i] = results[(i, None)]
+        else:
+            by_shape: dict[tuple, list[int]] = {}
+            for i, item in enumerate(pending):
+                if isinstance(item[0], TuckerConv2d):
+                    svds[i] = mode_svds(item[4])
+                else:
+                    by_shape.setdefault((tuple(item[4].shape), item[4].dtype, item[4].device), []).append(i)
+            for idx in by_shape.values():
+                P, sigma, R = sign_fixed_svd(torch.stack([pending[i][4] for i in idx]))
+                for j, i in enumerate(idx):
+                    svds[i] = (P[j], sigma[j], R[j])
+        return svds, order, [svds[i][1] if mode is None else svds[i][mode][1] for i, mode in order]
+
+    def _padded(self, like: Tensor) -> bool:
+        return self.svd_batching == "padded" or (self.svd_batching == "auto" and like.device.type != "cpu")
 
     def _allocate(self, pending: list[tuple], svds: list, order: list) -> list[int]:
         """With ``target_cr``: the new ranks of all stepped layers from one budget
@@ -584,6 +622,7 @@ class LowRankOptimizer(Optimizer):
         for layer, _, Ut, Vt, S_bar, padded, step_norm in pending:
             U, S, V = layer.factor_parameters()
             state = self.state[S]
+            state.setdefault("cycle_ranks", list(_ranks_of(layer)))  # what fixed ranks keep at the cycle's end
             for key in self._state_keys:  # own storage: the update stacked layers of one shape
                 state[key] = padded[key].clone()
             layer.set_factors(torch.cat([U.detach(), Ut], 1), S_bar.clone(), torch.cat([V.detach(), Vt], 1))
@@ -677,11 +716,3 @@ def _layer_cost(layer, ranks: tuple[int, ...]) -> int:
         kh, kw = layer.kernel_size
         return factor_parameter_count((layer.out_channels, layer.in_channels, kh * kw), ranks)
     return factor_parameter_count((layer.out_dim, layer.in_dim), ranks)
-
-
-def _pad_stack(a: Tensor, b: Tensor) -> Tensor:
-    """Two descending vectors of singular values as the rows of one matrix; the zeros
-    appended to the shorter one do not count towards its rank."""
-    out = a.new_zeros(2, max(a.shape[0], b.shape[0]))
-    out[0, : a.shape[0]], out[1, : b.shape[0]] = a, b
-    return out

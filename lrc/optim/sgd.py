@@ -35,7 +35,8 @@ class LowRankSGD(LowRankOptimizer):
         momentum (float): ``γ`` in ``[0, 1)``. Default: ``0.9``.
         weight_decay (float): L2 penalty. Default: ``0``.
         nesterov (bool): Nesterov momentum. Default: ``False``.
-        tau, min_rank, max_rank, mode, update_every, target_cr, max_params, allocation, fixed_ranks, distributed: as
+        tau, min_rank, max_rank, mode, update_every, target_cr, max_params, allocation, fixed_ranks,
+            rank_every, svd_batching, distributed: as
             :class:`~lrc.LowRankAdam`.
     """
 
@@ -45,7 +46,8 @@ class LowRankSGD(LowRankOptimizer):
                  nesterov: bool = False, tau: float = 0.1, min_rank: int = 1, max_rank: int | None = None,
                  mode: str = "fused", distributed: bool | None = None, update_every: int = 1,
                  target_cr: float | None = None, max_params: int | None = None,
-                 allocation: str = "relative", fixed_ranks: bool = False) -> None:
+                 allocation: str = "relative", fixed_ranks: bool = False, rank_every: int = 1,
+                 svd_batching: str = "auto") -> None:
         if not 0.0 <= lr:
             raise ValueError(f"Invalid lr: {lr!r} (must be ≥ 0)")
         if not 0.0 <= momentum < 1.0:
@@ -57,7 +59,8 @@ class LowRankSGD(LowRankOptimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
         super().__init__(model, defaults, mode=mode, tau=tau, min_rank=min_rank, max_rank=max_rank,
                          distributed=distributed, update_every=update_every, target_cr=target_cr,
-                         max_params=max_params, allocation=allocation, fixed_ranks=fixed_ranks)
+                         max_params=max_params, allocation=allocation, fixed_ranks=fixed_ranks,
+                         rank_every=rank_every, svd_batching=svd_batching)
 
     def _update_(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
         heavy_ball_update_(param, grad, state["momentum_buffer"], lr=group["lr"], momentum=group["momentum"],
