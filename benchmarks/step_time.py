@@ -263,6 +263,8 @@ def time_steps(method: str, batch: int, steps: int, warmup: int, device, model_n
     ops, reads, waits = count_step(model, opt, steps_of_a_cycle)
     out["ops"], out["reads"] = ops / cycle, reads / cycle
     out["waits"] = None if waits is None else waits / cycle
+    if hasattr(opt, "finish_cycle"):
+        opt.finish_cycle()  # update_every: the model at its truncated ranks
     out["params"] = sum(p.numel() for p in model.parameters())
     return out
 
