@@ -515,6 +515,8 @@ class LowRankOptimizer(Optimizer):
             new_ranks = untruncated_rank(spectra, taus).tolist()
         else:
             new_ranks = []
+        if self.distributed and pending and not (self.fixed_ranks or count % self.rank_every):
+            new_ranks = broadcast_ints(new_ranks, pending[0][4].device)  # rank 0's decision: shapes agree
         ranks = dict(zip(order, new_ranks))
         for i, (layer, group, Ut, Vt, S_bar, padded, step_norm) in enumerate(pending):
             if isinstance(layer, TuckerConv2d):
@@ -540,9 +542,9 @@ class LowRankOptimizer(Optimizer):
         """The sign-fixed SVDs of every layer's ``Ŝ``: per matrix layer ``(P, σ, R)``, per Tucker
         layer ``((P_out, σ_out), (P_in, σ_in))`` of its two channel-mode unfoldings; ``order``, the
         ``(layer index, mode)`` of each rank to choose (``mode`` ``None`` for a matrix layer); and
-        the singular values behind each of those ranks. ``svd_batching="shape"``: one batched SVD per shape of ``Ŝ`` and two per
-        Tucker layer; ``"padded"``: all of them in one call (:func:`~lrc.linalg.padded_svds`), one
-        device synchronisation."""
+        the singular values behind each of those ranks. ``svd_batching="shape"``: one batched SVD
+        per shape of ``Ŝ`` and two per Tucker layer; ``"padded"``: all of them in one call
+        (:func:`~lrc.linalg.padded_svds`), one device synchronisation."""
         if not pending:
             return [], [], []
         order: list[tuple] = []
