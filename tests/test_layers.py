@@ -153,16 +153,27 @@ def test_factorizing_a_layer_takes_one_svd_not_one_of_a_random_initialisation_fi
 
     calls = []
     svd = torch.linalg.svd
+
+    svdvals = torch.linalg.svdvals
+
     def counted(A, **kw):  # an SVD on the meta device (shapes only) costs nothing
         if A.device.type != "meta":
             calls.append(A.shape)
         return svd(A, **kw)
 
+    def counted_values(A):
+        calls.append(A.shape)
+        return svdvals(A)
+
     monkeypatch.setattr(torch.linalg, "svd", counted)
+    monkeypatch.setattr(torch.linalg, "svdvals", counted_values)
     torch.manual_seed(0)
     linear, conv = nn.Linear(30, 20, dtype=f64), nn.Conv2d(4, 6, 3, dtype=f64)
     for make in (lambda: LowRankLinear.from_linear(linear, rank=5), lambda: LoRALinear.from_linear(linear, rank=5),
-                 lambda: LowRankConv2d.from_conv(conv, rank=3), lambda: LoRAConv2d.from_conv(conv, rank=3)):
+                 lambda: LowRankConv2d.from_conv(conv, rank=3), lambda: LoRAConv2d.from_conv(conv, rank=3),
+                 # by τ too: the spectrum that chooses the rank is the SVD that initialises
+                 lambda: LowRankLinear.from_linear(linear, tau=0.3), lambda: LoRALinear.from_linear(linear, tau=0.3),
+                 lambda: LowRankConv2d.from_conv(conv, tau=0.3), lambda: LoRAConv2d.from_conv(conv, tau=0.3)):
         calls.clear()
         layer = make()
         assert len(calls) == 1 and layer.bias is not None and torch.isfinite(layer.bias).all()

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn.utils import skip_init  # factors set right after: no SVD of a random initialisation
 
 from ..linalg import sign_fixed_svd
-from .lowrank import _conv_padding, _pair, dense_conv, filled, initial_rank, linear_origin
+from .lowrank import _conv_padding, _pair, dense_conv, filled, initial_svd, linear_origin
 
 __all__ = ["LoRALinear", "LoRAConv2d", "LoRAModule"]
 
@@ -34,8 +34,8 @@ class LoRAModule(nn.Module):
     adapter = False
 
     @torch.no_grad()
-    def _init_from_matrix(self, W: Tensor, bias: Tensor | None) -> None:
-        P, sigma, R = sign_fixed_svd(W.to(torch.promote_types(W.dtype, torch.float32)))
+    def _init_from_matrix(self, W: Tensor, bias: Tensor | None, svd: tuple | None = None) -> None:
+        P, sigma, R = svd if svd is not None else sign_fixed_svd(W.to(torch.promote_types(W.dtype, torch.float32)))
         root = sigma[: self.rank].sqrt()
         self.A.copy_(P[:, : self.rank] * root)
         self.B.copy_(R[:, : self.rank] * root)
@@ -80,9 +80,10 @@ class LoRALinear(LoRAModule):
         if adapter:
             raise ValueError("LoRA layers of lrc are for factorized training; use adapter mode of LowRankLinear")
         W = layer.weight.detach()
-        new = skip_init(cls, layer.in_features, layer.out_features, initial_rank(W, rank, tau),
-                        bias=layer.bias is not None, device=W.device, dtype=W.dtype)
-        new._init_from_matrix(W, None if layer.bias is None else layer.bias.detach())
+        r, svd = initial_svd(W, rank, tau)
+        new = skip_init(cls, layer.in_features, layer.out_features, r, bias=layer.bias is not None, device=W.device,
+                        dtype=W.dtype)
+        new._init_from_matrix(W, None if layer.bias is None else layer.bias.detach(), svd)
         return new
 
     def forward(self, x: Tensor) -> Tensor:
@@ -115,10 +116,10 @@ class LoRAConv2d(LoRAModule):
         if adapter or layer.groups != 1 or layer.padding_mode != "zeros":
             raise ValueError("LoRAConv2d supports plain convolutions (groups=1, zero padding, no adapter)")
         W = layer.weight.detach().reshape(layer.out_channels, -1)
-        new = skip_init(cls, layer.in_channels, layer.out_channels, layer.kernel_size, initial_rank(W, rank, tau),
-                        layer.stride, layer.padding, layer.dilation, layer.bias is not None, device=W.device,
-                        dtype=W.dtype)
-        new._init_from_matrix(W, None if layer.bias is None else layer.bias.detach())
+        r, svd = initial_svd(W, rank, tau)
+        new = skip_init(cls, layer.in_channels, layer.out_channels, layer.kernel_size, r, layer.stride, layer.padding,
+                        layer.dilation, layer.bias is not None, device=W.device, dtype=W.dtype)
+        new._init_from_matrix(W, None if layer.bias is None else layer.bias.detach(), svd)
         return new
 
     def forward(self, x: Tensor) -> Tensor:

@@ -192,9 +192,10 @@ class LowRankMatrixModule(nn.Module):
         return self.out_dim * self.in_dim + (self.out_dim if self.bias is not None else 0)
 
     @torch.no_grad()
-    def _init_from_matrix(self, W: Tensor, bias: Tensor | None) -> None:
-        """Truncated SVD of an n×m matrix into the factors (S = 0 in adapter mode)."""
-        P, sigma, R = sign_fixed_svd(W.to(torch.promote_types(W.dtype, torch.float32)))
+    def _init_from_matrix(self, W: Tensor, bias: Tensor | None, svd: tuple | None = None) -> None:
+        """Truncated SVD of an n×m matrix into the factors (S = 0 in adapter mode); ``svd``: its
+        sign-fixed SVD, if already taken."""
+        P, sigma, R = svd if svd is not None else sign_fixed_svd(W.to(torch.promote_types(W.dtype, torch.float32)))
         r = self.rank
         S = torch.diag(sigma[:r])
         if self.base_weight is not None:
@@ -304,10 +305,10 @@ class LowRankLinear(LowRankMatrixModule):
         """Factorize ``layer`` by truncated SVD, at ``rank`` or by tolerance ``tau`` (or both:
         ``rank`` then caps the rank chosen by ``tau``). Same device and dtype."""
         W = layer.weight.detach()
-        r = initial_rank(W, rank, tau)
+        r, svd = initial_svd(W, rank, tau)
         new = skip_init(cls, layer.in_features, layer.out_features, r, bias=layer.bias is not None,
                         adapter=adapter, device=W.device, dtype=W.dtype)
-        new._init_from_matrix(W, None if layer.bias is None else layer.bias.detach())
+        new._init_from_matrix(W, None if layer.bias is None else layer.bias.detach(), svd)
         return new
 
     def to_dense(self) -> nn.Module:
@@ -386,12 +387,12 @@ class LowRankConv2d(LowRankMatrixModule):
                   adapter: bool = False) -> "LowRankConv2d":
         """Factorize ``layer`` by truncated SVD of its ``out × (in·kh·kw)`` kernel matrix."""
         W = layer.weight.detach().reshape(layer.out_channels, -1)
-        r = initial_rank(W, rank, tau)
+        r, svd = initial_svd(W, rank, tau)
         new = skip_init(cls, layer.in_channels, layer.out_channels, layer.kernel_size, r, stride=layer.stride,
                         padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
                         bias=layer.bias is not None, padding_mode=layer.padding_mode, adapter=adapter,
                         device=W.device, dtype=W.dtype)
-        new._init_from_matrix(W, None if layer.bias is None else layer.bias.detach())
+        new._init_from_matrix(W, None if layer.bias is None else layer.bias.detach(), svd)
         return new
 
     def to_dense(self) -> nn.Conv2d:
@@ -533,6 +534,19 @@ def dense_conv(layer, W: Tensor) -> nn.Conv2d:
                     padding=layer.padding, dilation=layer.dilation, bias=layer.bias is not None,
                     device=W.device, dtype=W.dtype)
     return filled(out, W, layer.bias)
+
+
+def initial_svd(W: Tensor, rank: int | None, tau: float | None) -> tuple[int, tuple | None]:
+    """:func:`initial_rank` and, when ``tau`` needed the spectrum, the sign-fixed SVD it came from
+    (``None`` otherwise), so that an initialisation takes one SVD, not a second one for the rank."""
+    if tau is None:
+        return initial_rank(W, rank, None), None
+    if rank is not None:
+        initial_rank(W, rank, None)  # the checks of a given rank
+    if not 0.0 < tau < 1.0:
+        raise ValueError(f"tau must lie in (0, 1), got {tau!r}")
+    svd = sign_fixed_svd(W.to(torch.promote_types(W.dtype, torch.float32)))
+    return truncation_rank(svd[1], tau, 1, rank), svd
 
 
 def initial_rank(W: Tensor, rank: int | None, tau: float | None) -> int:
