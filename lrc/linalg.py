@@ -208,13 +208,14 @@ def padded_svds(mats: Sequence[Tensor], right: Sequence[bool] | None = None) -> 
         for j, i in enumerate(idx):
             k = squares[i].shape[0]
             p = size - k
-            left, rvec = P[j, :k, p:], Rh[j, p:, :k].mT
-            if maps[i][0] is not None:
-                left = maps[i][0] @ left
-            if maps[i][1] is not None:
-                rvec = maps[i][1] @ rvec if right[i] else None
+            (Q_left, Q_right), left = maps[i], P[j, :k, p:]
+            rvec = Rh[j, p:, :k].mT if right[i] else None
+            if Q_left is not None:
+                left = Q_left @ left
+            if Q_right is not None and rvec is not None:
+                rvec = Q_right @ rvec
             left, rvec = _fix_signs(left, rvec)
-            out[i] = (left, sigma[j, p:], rvec if right[i] else None)
+            out[i] = (left, sigma[j, p:], rvec)
     return out
 
 

@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from ..distributed import all_reduce_mean_, broadcast_, broadcast_ints, is_distributed
 from ..layers import LowRankMatrixModule, TuckerConv2d
+from ..layers.tucker import unfold
 from ..linalg import (
     ALLOCATIONS,
     SECOND_MOMENT_RULES,
@@ -501,7 +502,8 @@ class LowRankOptimizer(Optimizer):
             group["truncations"] = count + 1
         # the ranks the layers had before this cycle's augmentation (update_every > 1: they hold it)
         before = [self.state[item[0].S].pop("cycle_ranks", None) or _ranks_of(item[0]) for item in pending]
-        if self.fixed_ranks or count % self.rank_every:  # keep the ranks: the truncation only rotates the bases
+        choose = not (self.fixed_ranks or count % self.rank_every)
+        if not choose:  # keep the ranks: the truncation only rotates the bases
             new_ranks = [before[i][0 if mode is None else mode] for i, mode in order]
         elif self.budget is not None and pending:
             new_ranks = self._allocate(pending, svds, order)
@@ -515,7 +517,7 @@ class LowRankOptimizer(Optimizer):
             new_ranks = untruncated_rank(spectra, taus).tolist()
         else:
             new_ranks = []
-        if self.distributed and pending and not (self.fixed_ranks or count % self.rank_every):
+        if self.distributed and pending and choose:
             new_ranks = broadcast_ints(new_ranks, pending[0][4].device)  # rank 0's decision: shapes agree
         ranks = dict(zip(order, new_ranks))
         for i, (layer, group, Ut, Vt, S_bar, padded, step_norm) in enumerate(pending):
@@ -552,8 +554,7 @@ class LowRankOptimizer(Optimizer):
             order += [(i, 0), (i, 1)] if isinstance(item[0], TuckerConv2d) else [(i, None)]
         svds: list = [None] * len(pending)
         if self._padded(pending[0][4]):
-            mats = [pending[i][4] if mode is None else
-                    pending[i][4].movedim(mode, 0).reshape(pending[i][4].shape[mode], -1) for i, mode in order]
+            mats = [pending[i][4] if mode is None else unfold(pending[i][4], mode) for i, mode in order]
             results = dict(zip(order, padded_svds(mats, [mode is None for _, mode in order])))
             for i, item in enumerate(pending):
                 if isinstance(item[0], TuckerConv2d):
