@@ -8,7 +8,7 @@
 # 2. step time, kernel launches and synchronisations per step: the 2048-MLP at batch 1024 and 4096,
 #    torchvision's vgg16 (Tucker, 95 % c.r.) at batch 128;
 # 3. training throughput (images/s of the second epoch) of `lrc train --preset $PRESET` on random
-#    CIFAR-shaped data (data.name=synthetic), lowrank-adam against --method dense.
+#    CIFAR-shaped data (data.name=synthetic), lowrank-adam (every step, and basis_every=4) against --method dense.
 # Writes $OUT (default gpu-check/) and prints a summary; each part has its own time limit.
 set -uo pipefail
 DEVICE=${DEVICE:-cuda}
@@ -30,11 +30,13 @@ timeout 300 python benchmarks/step_time.py --device "$DEVICE" --batches $batches
 echo "== 3. training throughput, $PRESET on synthetic data"
 size=32; [ "$PRESET" = digits-mlp ] && size=8
 channels=3; [ "$PRESET" = digits-mlp ] && channels=1
-for method in dense lowrank-adam; do
+for run in dense lowrank-adam lowrank-adam:basis4; do
+    method=${run%%:*}; extra=""
+    [ "$run" = lowrank-adam:basis4 ] && extra="--set optimizer.basis_every=4"
     timeout 300 lrc train --preset "$PRESET" --method "$method" --device "$DEVICE" --epochs 2 -q \
         --set data.name=synthetic --set data.image_size=$size --set data.channels=$channels \
-        --set model.checkpoint=null --out "$OUT/train-$method" > "$OUT/train-$method.log" 2>&1
-    python - "$OUT/train-$method/metrics.jsonl" "$method" <<'PY'
+        --set model.checkpoint=null $extra --out "$OUT/train-${run/:/-}" > "$OUT/train-${run/:/-}.log" 2>&1
+    python - "$OUT/train-${run/:/-}/metrics.jsonl" "$run" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 last = rows[-1]

@@ -8,6 +8,9 @@ Methods, all at rank 64 for the three 2048×2048 layers (the 10-way head stays d
                          so every step augments to 128 and truncates back: the full cost)
   lowrank-adam fused every4  the same with update_every=4: one augmentation and one truncation
                          per 4 steps, the 2 steps between at the augmented rank 128 (mean over the cycle)
+  lowrank-adam fused basis4  the same with basis_every=4: the full step once per 4 steps, the 3 between
+                         move S alone in the bases and at the rank 64 the layers hold (GaLore's
+                         amortisation; mean over the cycle)
   lowrank-adam fused padded-r16  the fused step with svd_batching="padded" (every SVD of the step in
                          one call or few) and rank_every=16 (the ranks read and changed once per 16
                          truncations): the steady state of issue 12, the mean over 16 steps
@@ -15,7 +18,8 @@ Methods, all at rank 64 for the three 2048×2048 layers (the 10-way head stays d
   dense adamw            torch.optim.AdamW on the dense model
   lora floor             W = A Bᵀ trained by torch.optim.Adam: the same forward/backward cost,
                          no geometry — the floor a geometric step can approach
-Prints the median time per step over --steps steps after --warmup, the split of the fused
+Prints the median time per step over --steps steps after --warmup (the methods interleaved:
+one step of each in turn, so that a drifting machine slows all alike), the split of the fused
 step into forward / backward / step(), and the ratios.
 
     python benchmarks/step_time.py --model vgg16 --batches 128 --steps 5
@@ -108,6 +112,8 @@ def variant(method: str) -> dict:
     """The options a method's name adds to LowRankAdam."""
     if method.endswith("every4"):
         return {"update_every": 4}
+    if method.endswith("basis4"):
+        return {"basis_every": 4}
     if method.endswith("padded-r16"):
         return {"svd_batching": "padded", "rank_every": 16}
     return {}
@@ -209,68 +215,88 @@ def make_batch(batch: int, device, model_name: str):
     return torch.randn(batch, WIDTH, device=device), torch.randint(0, CLASSES, (batch,), device=device)
 
 
-def time_steps(method: str, batch: int, steps: int, warmup: int, device, model_name: str = "mlp") -> dict[str, float]:
-    model, opt, mode = build(method, device, model_name)
-    x, y = make_batch(batch, device, model_name)
+class Runner:
+    """One method's model, optimizer and batch, stepped one step at a time (timed in parts)."""
 
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
+    def __init__(self, method: str, batch: int, device, model_name: str) -> None:
+        self.method, self.device = method, device
+        self.model, self.opt, self.mode = build(method, device, model_name)
+        self.x, self.y = make_batch(batch, device, model_name)
+        self.parts: dict[str, list[float]] = {"total": [], "forward": [], "backward": [], "step": []}
+
+    def closure(self):
+        self.opt.zero_grad()
+        loss = F.cross_entropy(self.model(self.x), self.y)
         loss.backward()
         return loss
 
-    parts = {"total": [], "forward": [], "backward": [], "step": []}
-    for i in range(warmup + steps):
-        sync(device)
+    def one_step(self) -> None:
+        if self.mode == "two_pass":
+            self.opt.step(self.closure)
+        else:
+            self.closure()
+            self.opt.step()
+
+    def timed_step(self, keep: bool) -> None:
+        sync(self.device)
         t0 = time.perf_counter()
-        if mode == "two_pass":
-            opt.step(closure)
-            sync(device)
+        if self.mode == "two_pass":
+            self.opt.step(self.closure)
+            sync(self.device)
             t3 = time.perf_counter()
             t1 = t2 = t0
         else:
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            sync(device)
+            self.opt.zero_grad()
+            loss = F.cross_entropy(self.model(self.x), self.y)
+            sync(self.device)
             t1 = time.perf_counter()
             loss.backward()
-            sync(device)
+            sync(self.device)
             t2 = time.perf_counter()
-            opt.step()
-            sync(device)
+            self.opt.step()
+            sync(self.device)
             t3 = time.perf_counter()
-        if i >= warmup:
-            parts["total"].append(t3 - t0)
-            parts["forward"].append(t1 - t0)
-            parts["backward"].append(t2 - t1)
-            parts["step"].append(t3 - t2)
-    average = statistics.mean if method.endswith(("every4", "r16")) else statistics.median  # steps of a cycle differ
-    out = {k: average(v) * 1e3 for k, v in parts.items()}
-
-    def one_step():
-        if mode == "two_pass":
-            opt.step(closure)
-        else:
-            closure()
-            opt.step()
-
-    cycle = 4 if method.endswith("every4") else 16 if method.endswith("padded-r16") else 1
-
-    def steps_of_a_cycle():
-        for _ in range(cycle):
-            one_step()
-
-    ops, reads, waits = count_step(model, opt, steps_of_a_cycle)
-    out["ops"], out["reads"] = ops / cycle, reads / cycle
-    out["waits"] = None if waits is None else waits / cycle
-    if hasattr(opt, "finish_cycle"):
-        opt.finish_cycle()  # update_every: the model at its truncated ranks
-    out["params"] = sum(p.numel() for p in model.parameters())
-    return out
+        if keep:
+            for key, value in zip(self.parts, (t3 - t0, t1 - t0, t2 - t1, t3 - t2)):
+                self.parts[key].append(value)
 
 
-METHODS = ["lowrank-adam fused", "lowrank-adam fused every4", "lowrank-adam fused padded-r16", "lowrank-adam two_pass",
-           "dense adamw", "lora floor"]
+def cycle_of(method: str) -> int:
+    """Steps per cycle of a method whose steps differ (their mean is reported), else 1."""
+    return 4 if method.endswith(("every4", "basis4")) else 16 if method.endswith("padded-r16") else 1
+
+
+def time_methods(methods: list[str], batch: int, steps: int, warmup: int, device,
+                 model_name: str = "mlp") -> dict[str, dict]:
+    """Every method's step, timed **interleaved** — one step of each method in turn, ``steps``
+    rounds — so that a machine whose speed drifts (a shared CPU, a GPU's clocks) slows every
+    method alike and the ratios hold; then each method's counts over one cycle."""
+    runners = [Runner(m, batch, device, model_name) for m in methods]
+    for i in range(warmup + steps):
+        for runner in runners:
+            runner.timed_step(keep=i >= warmup)
+    results = {}
+    for runner in runners:
+        cycle = cycle_of(runner.method)
+        average = statistics.mean if cycle > 1 else statistics.median  # the steps of a cycle differ
+        out = {k: average(v) * 1e3 for k, v in runner.parts.items()}
+
+        def steps_of_a_cycle(runner=runner, cycle=cycle):
+            for _ in range(cycle):
+                runner.one_step()
+
+        ops, reads, waits = count_step(runner.model, runner.opt, steps_of_a_cycle)
+        out["ops"], out["reads"] = ops / cycle, reads / cycle
+        out["waits"] = None if waits is None else waits / cycle
+        if hasattr(runner.opt, "finish_cycle"):
+            runner.opt.finish_cycle()  # update_every: the model at its truncated ranks
+        out["params"] = sum(p.numel() for p in runner.model.parameters())
+        results[runner.method] = out
+    return results
+
+
+METHODS = ["dense adamw", "lowrank-adam fused", "lowrank-adam fused every4", "lowrank-adam fused basis4",
+           "lowrank-adam fused padded-r16", "lowrank-adam two_pass", "lora floor"]
 
 
 def main() -> None:
@@ -298,9 +324,9 @@ def main() -> None:
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     ratios, every4 = [], []
     for batch in args.batches:
-        results: dict[str, dict] = {}
-        for m in sorted(METHODS, key=lambda m: m != "dense adamw"):  # dense first: the c.r. is against it
-            r = results[m] = time_steps(m, batch, args.steps, args.warmup, device, args.model)
+        results = time_methods(METHODS, batch, args.steps, args.warmup, device, args.model)
+        for m in METHODS:  # dense first: the c.r. is against it
+            r = results[m]
             r["cr"] = 100.0 * (1.0 - r["params"] / results["dense adamw"]["params"])
             split = ("—", "—", "—") if m.endswith("two_pass") else (f"{r['forward']:.1f}", f"{r['backward']:.1f}",
                                                                    f"{r['step']:.1f}")
@@ -310,8 +336,10 @@ def main() -> None:
         if args.count_only:
             continue
         fused = results["lowrank-adam fused"]["total"]
-        every4.append((batch, results["lowrank-adam fused every4"]["total"] / fused,
-                       results["lowrank-adam fused every4"]["total"] / results["lora floor"]["total"]))
+        for amortised in ("every4", "basis4"):
+            t = results[f"lowrank-adam fused {amortised}"]["total"]
+            every4.append((batch, amortised, t / fused, t / results["lora floor"]["total"],
+                           t / results["dense adamw"]["total"]))
         ratios.append((batch, fused / results["lora floor"]["total"], fused / results["dense adamw"]["total"],
                        results["lowrank-adam two_pass"]["total"] / fused))
     if args.count_only:
@@ -320,10 +348,10 @@ def main() -> None:
     print("| ---: | ---: | ---: | ---: |")
     for batch, lora, dense, two in ratios:
         print(f"| {batch} | {lora:.2f} | {dense:.2f} | {two:.2f} |")
-    print("\n| batch | fused every4 / fused | fused every4 / LoRA floor |")
-    print("| ---: | ---: | ---: |")
-    for batch, to_fused, to_lora in every4:
-        print(f"| {batch} | {to_fused:.2f} | {to_lora:.2f} |")
+    print("\n| batch | amortised | / fused | / LoRA floor | / dense AdamW |")
+    print("| ---: | --- | ---: | ---: | ---: |")
+    for batch, name, to_fused, to_lora, to_dense in every4:
+        print(f"| {batch} | fused {name} | {to_fused:.2f} | {to_lora:.2f} | {to_dense:.2f} |")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                   "momentum": 0.9, "tau": 0.1, "min_rank": 1, "max_rank": None, "mode": "fused",
                   "second_moment": "squared", "lr_scaling": "dense",
                   "new_moments": "zero", "update_every": 1, "max_params": None, "coefficient_metric": "uniform",
-                  "fixed_ranks": False, "rank_every": 1, "svd_batching": "auto"},
+                  "fixed_ranks": False, "rank_every": 1, "svd_batching": "auto",
+                  "basis_every": 1},
     "train": {"epochs": 10, "seed": 0, "device": "auto", "bf16": False, "grad_clip": None,
               "schedule": "cosine", "warmup_epochs": 0.0, "tau_warmup_epochs": 0.0,
               "budget_warmup_epochs": 0.0, "budget_warmup_start_cr": None, "distill": 0.0, "distill_temperature": 2.0},
@@ -330,6 +331,12 @@ def validate(cfg: dict, source: str) -> None:
         raise PresetError(f"{source}: optimizer.momentum = {opt['momentum']} must lie in [0, 1)")
     if opt["update_every"] < 1:
         raise PresetError(f"{source}: optimizer.update_every = {opt['update_every']} must be ≥ 1")
+    if opt["basis_every"] < 1:
+        raise PresetError(f"{source}: optimizer.basis_every = {opt['basis_every']} must be ≥ 1 (1: the bases are "
+                          "updated at every step)")
+    if opt["basis_every"] > 1 and opt["update_every"] > 1:
+        raise PresetError(f"{source}: optimizer.basis_every and optimizer.update_every are both > 1: choose one "
+                          "(each amortises the basis update)")
     if opt["rank_every"] < 1:
         raise PresetError(f"{source}: optimizer.rank_every = {opt['rank_every']} must be ≥ 1 (1: ranks chosen at every "
                           "truncation)")

@@ -615,6 +615,72 @@ def test_finish_cycle_truncates_the_held_bases_exactly_as_a_last_step_would():
     assert opt.param_groups[0]["phase"] == 0
 
 
+# ---- basis_every: the full step once per cycle, S alone between ---------------------------------
+@pytest.mark.parametrize("name, opt_cls, kw, rank", [
+    ("mlp", LowRankAdam, {"lr": 5e-2, "second_moment": "squared", "lr_scaling": "none"}, 8),
+    ("conv", LowRankAdam, {"lr": 2e-2, "lr_scaling": "dense"}, 4),
+    ("mlp", LowRankSGD, {"lr": 0.2}, 20),
+])
+def test_basis_every_fused_equals_two_pass_and_moves_only_s_between_basis_updates(name, opt_cls, kw, rank):
+    def make():
+        return MODELS[name](rank)
+
+    w_two, h_two = run(make, "two_pass", 9, opt_cls, basis_every=3, **kw)
+    w_fused, h_fused = run(make, "fused", 9, opt_cls, basis_every=3, **kw)
+    assert h_fused == h_two and rel(w_fused, w_two) < 1e-8  # Adam's division grows rounding over 9 steps
+    for c in range(3):  # step 3c updates the bases (and may change the ranks); 3c+1, 3c+2 keep them
+        assert h_two[3 * c + 1] == h_two[3 * c] == h_two[3 * c + 2]
+    h = [ranks(make()[0])] + h_two
+    assert any(h[3 * c + 1] != h[3 * c] for c in range(3)), "the basis steps should change a rank"
+    w_one, _ = run(make, "fused", 9, opt_cls, **kw)
+    assert rel(w_one, w_two) > 1e-4  # really another schedule
+
+    model, x, y = make()  # the steps between: the bases bit for bit, no basis gradient formed
+    opt = opt_cls(model, mode="fused", tau=0.1, basis_every=3, **kw)
+    train(model, x, y, opt, 1)
+    layers = opt.layers
+    assert not any(layer.fused or layer.basis_grads for layer in layers)
+    bases = [(layer.U.detach().clone(), layer.V.detach().clone()) for layer in layers]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    assert all(layer.U.grad is None and layer.V.grad is None and layer.S.grad is not None for layer in layers)
+    opt.step()
+    assert all(torch.equal(layer.U, U) and torch.equal(layer.V, V) for layer, (U, V) in zip(layers, bases))
+    train(model, x, y, opt, 1)
+    assert all(layer.fused and layer.basis_grads for layer in layers)  # the next step updates the bases
+
+
+def test_basis_every_step_between_is_adam_on_s_in_fixed_bases():
+    """Inside a cycle the update is exactly AdamW's on ``S`` with the moments it holds."""
+    from lrc.optim.functional import adamw_update_
+
+    model, x, y = mlp(8)
+    opt = LowRankAdam(model, lr=3e-2, tau=0.1, weight_decay=1e-2, lr_scaling="none", basis_every=4)
+    train(model, x, y, opt, 1)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    expected = []
+    for layer in opt.layers:
+        state = opt.state[layer.S]
+        S, m, v = (t.detach().clone() for t in (layer.S, state["exp_avg"], state["exp_avg_sq"]))
+        adamw_update_(S, layer.S.grad, m, v, int(state["step"]) + 1, lr=3e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                      weight_decay=1e-2)
+        expected.append((S, m, v))
+    opt.step()
+    for layer, (S, m, v) in zip(opt.layers, expected):
+        state = opt.state[layer.S]
+        assert rel(layer.S.detach(), S) < 1e-12 and rel(state["exp_avg"], m) < 1e-12
+        assert rel(state["exp_avg_sq"], v) < 1e-12
+
+
+def test_basis_every_is_checked():
+    assert LowRankAdam(mlp()[0]).basis_every == 1
+    with pytest.raises(ValueError, match="basis_every"):
+        LowRankAdam(mlp()[0], basis_every=0)
+    with pytest.raises(ValueError, match="not both"):
+        LowRankSGD(mlp()[0], basis_every=2, update_every=2)
+
+
 # ---- new_moments="project": the cut directions' moments carried to the next augmentation ----------
 def test_project_carries_the_cut_moments_and_recovers_them_on_the_same_directions():
     model, x, y = mlp(8)

@@ -70,6 +70,7 @@ class _FactorizedProduct(LayerFunction):
         if ctx.needs_input_grad[0]:
             grad_x = layer._input_grad(x, layer._project_output_coeff(gu, S), V)
         _, need_U, need_S, need_V, _ = ctx.needs_input_grad
+        need_U, need_V = (need_U and layer.basis_grads, need_V and layer.basis_grads)
         fused = layer.fused and need_U and need_V
         G_K = layer._contract(g, z).to(U.dtype) if need_U else None
         G_L = layer._input_weight_grad(x, gu, U.shape[1]).to(V.dtype) if need_V else None
@@ -131,6 +132,8 @@ class LowRankMatrixModule(nn.Module):
             nn.Parameter(torch.empty(self._dense_shape(), **factory), requires_grad=False) if adapter else None
         )
         self.fused = False
+        # False: the backward skips the basis gradients (set by an optimizer on the steps that move S alone)
+        self.basis_grads = True
         self.distributed = False  # set by a data-parallel optimizer: average inside the fused backward
         self.adapter_dropout = 0.0  # adapter mode: dropout on the input of U S Vᵀ while training (as LoRA's)
         self._fused_grads: tuple[Tensor, Tensor, Tensor] | None = None

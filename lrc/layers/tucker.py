@@ -68,6 +68,7 @@ class _TuckerProduct(LayerFunction):
             gz = conv2d_input(z.shape, core.to(gp.dtype), gp, **conv)
             grad_x = F.conv2d(gz, U_in[:, :, None, None].to(gz.dtype))
         _, need_out, need_core, need_in, _ = ctx.needs_input_grad
+        need_out, need_in = need_out and layer.basis_grads, need_in and layer.basis_grads
         fused = layer.fused and need_out and need_in
         (r_out, r_in), k = core.shape[:2], core.shape[2:]
         G_out = G_in = grad_core = D_out = D_in = None
@@ -116,6 +117,7 @@ class _TuckerDense(LayerFunction):
             return grad_x, None, None, None, None
         dW = conv2d_weight(x, W.shape, g.to(x.dtype), **conv).to(core.dtype)  # ∇W, the dense layer's gradient
         _, need_out, need_core, need_in, _ = ctx.needs_input_grad
+        need_out, need_in = need_out and layer.basis_grads, need_in and layer.basis_grads
         fused = layer.fused and need_out and need_in
         G_out = G_in = None
         with torch.autocast(x.device.type, enabled=False):  # contractions of ∇W in the factors' precision
@@ -177,6 +179,8 @@ class TuckerConv2d(nn.Module):
         self.core = nn.Parameter(torch.empty(r_out, r_in, *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.fused = False
+        # False: the backward skips the basis gradients (set by an optimizer on the steps that move S alone)
+        self.basis_grads = True
         self.distributed = False  # set by a data-parallel optimizer: average inside the fused backward
         self.keep_mode_grads = False  # set by a mode="parallel" optimizer
         self._fused_grads: tuple[Tensor, Tensor, Tensor] | None = None

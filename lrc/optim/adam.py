@@ -86,6 +86,12 @@ class LowRankAdam(LowRankOptimizer):
             last truncates. ``1``: every step, as the paper. Larger values give the new
             directions several steps (and consistent moments) before the truncation decides
             and take one QR/SVD per cycle. Default: ``1``.
+        basis_every (int): the other amortisation (GaLore's): one step in ``basis_every`` is
+            the full step (augment, update, truncate); the steps between move ``S`` alone, in
+            the bases and at the ranks the layers hold — their backward skips the basis
+            gradients (two of a layer's six large products) and their ``step()`` has no QR, no
+            SVD and no host synchronisation, so they cost about what LoRA's step costs.
+            ``1``: every step, the paper. Not with ``update_every > 1``. Default: ``1``.
         coefficient_metric (str): how the step is spread over the entries of ``S̄``.
             ``"uniform"``: as Adam gives it, every entry by about ``lr`` (times ``c``) — the paper.
             ``"balanced"``: entry ``(i, j)`` weighted by ``√s_i + √s_j``, where ``s`` are the norms of
@@ -145,7 +151,8 @@ class LowRankAdam(LowRankOptimizer):
                  new_moments: str = "zero", update_every: int = 1,
                  target_cr: float | None = None, max_params: int | None = None,
                  coefficient_metric: str = "uniform", allocation: str = "relative",
-                 fixed_ranks: bool = False, rank_every: int = 1, svd_batching: str = "auto") -> None:
+                 fixed_ranks: bool = False, rank_every: int = 1, svd_batching: str = "auto",
+                 basis_every: int = 1) -> None:
         if lr_scaling not in LR_SCALINGS:
             raise ValueError(f"Invalid lr_scaling: {lr_scaling!r} (one of {LR_SCALINGS})")
         if new_moments not in NEW_MOMENTS:
@@ -166,7 +173,7 @@ class LowRankAdam(LowRankOptimizer):
                          second_moment=second_moment, project_moments=project_moments, distributed=distributed,
                          update_every=update_every, target_cr=target_cr,
                          max_params=max_params, allocation=allocation, fixed_ranks=fixed_ranks,
-                         rank_every=rank_every, svd_batching=svd_batching)
+                         rank_every=rank_every, svd_batching=svd_batching, basis_every=basis_every)
         self.lr_scaling = lr_scaling
         self.new_moments = new_moments
         self.carry_moments = new_moments == "project"

@@ -52,7 +52,7 @@ class LowRankOptimizer(Optimizer):
                  distributed: bool | None = None, update_every: int = 1,
                  target_cr: float | None = None, max_params: int | None = None,
                  allocation: str = "relative", fixed_ranks: bool = False, rank_every: int = 1,
-                 svd_batching: str = "auto") -> None:
+                 svd_batching: str = "auto", basis_every: int = 1) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
         if mode not in MODES:
@@ -67,6 +67,11 @@ class LowRankOptimizer(Optimizer):
             raise ValueError(f"Invalid second_moment: {second_moment!r} (one of {SECOND_MOMENT_RULES})")
         if not isinstance(update_every, int) or isinstance(update_every, bool) or update_every < 1:
             raise ValueError(f"Invalid update_every: {update_every!r} (must be an integer ≥ 1)")
+        if not isinstance(basis_every, int) or isinstance(basis_every, bool) or basis_every < 1:
+            raise ValueError(f"Invalid basis_every: {basis_every!r} (must be an integer ≥ 1)")
+        if update_every > 1 and basis_every > 1:
+            raise ValueError(f"give update_every or basis_every, not both (got {update_every} and {basis_every}): "
+                             "each amortises the basis update over a cycle of steps")
         if target_cr is not None and (isinstance(target_cr, bool) or not isinstance(target_cr, (int, float))
                                       or not 0.0 < target_cr < 100.0):
             raise ValueError(f"Invalid target_cr: {target_cr!r} (a compression ratio in percent, in (0, 100))")
@@ -89,6 +94,8 @@ class LowRankOptimizer(Optimizer):
         self.fixed_ranks = fixed_ranks
         self.mode = mode
         self.update_every = update_every
+        self.basis_every = basis_every
+        self._cycle = max(update_every, basis_every)  # steps per basis update (one of the two is 1)
         # carry the moments of the directions a truncation cut, to be projected onto the next
         # augmentation (set by a subclass option, e.g. LowRankAdam(new_moments="project"))
         self.carry_moments = False
@@ -209,8 +216,8 @@ class LowRankOptimizer(Optimizer):
         ``mode="two_pass"``, which calls it twice; otherwise it is optional."""
         loss = None
         self.bytes_communicated = 0
-        phase = self.param_groups[0].get("phase", 0) % self.update_every
-        if phase:  # inside a cycle of update_every > 1: a plain step of S in the bases it holds
+        phase = self.param_groups[0].get("phase", 0) % self._cycle
+        if phase:  # inside a cycle (update_every or basis_every > 1): a plain step of S in the bases it holds
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
@@ -244,12 +251,14 @@ class LowRankOptimizer(Optimizer):
                     dense.append((p, group))
         pending = self._update_coefficients(coefficients)
         self._step_dense(dense)
-        if phase == self.update_every - 1:
+        if phase and self.basis_every > 1:  # between basis updates: S moves, bases and ranks stay
+            self._hold(pending)
+        elif phase == self.update_every - 1:
             self._truncate(pending)
         else:  # the first steps of a cycle: the layers keep (take) the augmented bases
             self._keep(pending)
         for group in self.param_groups:
-            group["phase"] = (phase + 1) % self.update_every
+            group["phase"] = (phase + 1) % self._cycle
         self._sync_fused()
         for layer in self._layers.values():
             for p in layer.factor_parameters():
@@ -259,10 +268,13 @@ class LowRankOptimizer(Optimizer):
 
     def _sync_fused(self) -> None:
         """The fused backward forms the augmentation only where the next step uses it: in
-        mode="fused", on the first step of a cycle (every step with ``update_every=1``)."""
-        augment = not self.param_groups[0].get("phase", 0) % self.update_every
+        mode="fused", on the first step of a cycle (every step with ``update_every=1`` and
+        ``basis_every=1``); the basis gradients ``G_K``, ``G_L`` are formed only there too (a
+        step inside a cycle moves ``S`` alone: two of the backward's large products fewer)."""
+        augment = not self.param_groups[0].get("phase", 0) % self._cycle
         for layer in self._layers.values():
             layer.fused = self.mode == "fused" and augment
+            layer.basis_grads = augment
             layer.distributed = self.distributed and layer.fused
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -633,6 +645,21 @@ class LowRankOptimizer(Optimizer):
             self.bytes_communicated += broadcast_(
                 [t.data for item in pending for t in item[0].factor_parameters()]
                 + [t for item in pending for t in self._shared_state(item[0])])
+
+    def _hold(self, pending: list[tuple]) -> None:
+        """``basis_every > 1``, between two basis updates: ``S ← S̄`` and the moments updated, in
+        the bases and at the ranks the layers hold (no augmentation was made: ``S̄`` has the shape
+        of ``S``). Every process computes the same values from the same averaged gradient, so
+        nothing is broadcast."""
+        for layer, _, _, _, S_bar, padded, step_norm in pending:
+            S = layer.S
+            with torch.no_grad():
+                S.copy_(S_bar)
+            state = self.state[S]
+            for key in self._state_keys:  # own storage: the update stacked layers of one shape
+                state[key] = padded[key].clone()
+            none = S_bar.new_zeros(S.shape[0], 0)
+            self._record(layer, S_bar, S_bar, none, none, step_norm)  # no rotation, nothing truncated
 
     def _shared_state(self, layer) -> list[Tensor]:
         """A layer's state tensors that every process must hold bit for bit."""
