@@ -919,3 +919,18 @@ def test_fixed_ranks_with_update_every_keep_the_rank_before_the_cycle():
     model, x, y = mlp(6)
     history = train(model, x, y, LowRankAdam(model, lr=1e-2, fixed_ranks=True, update_every=3), 9)
     assert history[2::3] == [[6, 6]] * 3 and history[0] == [12, 12]
+
+
+@pytest.mark.parametrize("assignments, message", [
+    (["optimizer.basis_every=0"], r"optimizer.basis_every = 0 must be ≥ 1"),
+    (["optimizer.basis_every=2", "optimizer.update_every=3"], "choose one"),
+])
+def test_basis_every_preset_settings_are_checked(assignments, message):
+    from lrc.presets import PresetError, apply_override, load_preset
+
+    cfg = load_preset("digits-mlp")
+    with pytest.raises(PresetError, match=message):
+        for assignment in assignments:
+            cfg = apply_override(cfg, assignment)
+    cfg = apply_override(load_preset("digits-mlp"), "optimizer.basis_every=4")
+    assert cfg["optimizer"]["basis_every"] == 4
