@@ -468,8 +468,12 @@ class LowRankOptimizer(Optimizer):
             for key in self._state_keys:
                 state[key] = torch.zeros_like(S)
         state["step"] += 1
-        S_bar = pad_block(S.detach(), a, b)
-        padded = {"step": state["step"], **{k: pad_block(state[k], a, b) for k in self._state_keys}}
+        if (a, b) == tuple(S.shape[:2]):  # no new directions: nothing to pad (the update stacks copies)
+            S_bar = S.detach()
+            padded = {"step": state["step"], **{k: state[k] for k in self._state_keys}}
+        else:
+            S_bar = pad_block(S.detach(), a, b)
+            padded = {"step": state["step"], **{k: pad_block(state[k], a, b) for k in self._state_keys}}
         G_S = G_S.to(S_bar.dtype)
         if self.carry_moments:
             self._project_carried(layer, Ut, Vt, state, padded)
@@ -650,16 +654,15 @@ class LowRankOptimizer(Optimizer):
         """``basis_every > 1``, between two basis updates: ``S ← S̄`` and the moments updated, in
         the bases and at the ranks the layers hold (no augmentation was made: ``S̄`` has the shape
         of ``S``). Every process computes the same values from the same averaged gradient, so
-        nothing is broadcast."""
-        for layer, _, _, _, S_bar, padded, step_norm in pending:
+        nothing is broadcast. The diagnostics are those of the truncating steps (as with
+        ``update_every``)."""
+        for layer, _, _, _, S_bar, padded, _ in pending:
             S = layer.S
             with torch.no_grad():
                 S.copy_(S_bar)
             state = self.state[S]
             for key in self._state_keys:  # own storage: the update stacked layers of one shape
                 state[key] = padded[key].clone()
-            none = S_bar.new_zeros(S.shape[0], 0)
-            self._record(layer, S_bar, S_bar, none, none, step_norm)  # no rotation, nothing truncated
 
     def _shared_state(self, layer) -> list[Tensor]:
         """A layer's state tensors that every process must hold bit for bit."""
