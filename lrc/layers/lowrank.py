@@ -70,7 +70,7 @@ class _FactorizedProduct(LayerFunction):
         if ctx.needs_input_grad[0]:
             grad_x = layer._input_grad(x, layer._project_output_coeff(gu, S), V)
         _, need_U, need_S, need_V, _ = ctx.needs_input_grad
-        need_U, need_V = (need_U and layer.basis_grads, need_V and layer.basis_grads)
+        need_U, need_V = need_U and layer.basis_grads, need_V and layer.basis_grads
         fused = layer.fused and need_U and need_V
         G_K = layer._contract(g, z).to(U.dtype) if need_U else None
         G_L = layer._input_weight_grad(x, gu, U.shape[1]).to(V.dtype) if need_V else None
