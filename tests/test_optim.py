@@ -673,6 +673,22 @@ def test_basis_every_step_between_is_adam_on_s_in_fixed_bases():
         assert rel(state["exp_avg_sq"], v) < 1e-12
 
 
+def test_basis_every_state_dict_resumes_mid_cycle(tmp_path):
+    model, x, y = mlp(8)
+    opt = LowRankAdam(model, lr=1e-2, basis_every=3)
+    train(model, x, y, opt, 4)  # one step into the second cycle
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    fresh, _, _ = mlp(8)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    fresh.load_state_dict(ckpt["model"])
+    fresh_opt = LowRankAdam(fresh, lr=1e-2, basis_every=3)
+    fresh_opt.load_state_dict(ckpt["opt"])
+    assert fresh_opt.param_groups[0]["phase"] == 1
+    assert not any(layer.fused or layer.basis_grads for layer in fresh_opt.layers)
+    assert train(fresh, x, y, fresh_opt, 5) == train(model, x, y, opt, 5)
+    assert rel(weights(fresh), weights(model)) < 1e-10
+
+
 def test_basis_every_is_checked():
     assert LowRankAdam(mlp()[0]).basis_every == 1
     with pytest.raises(ValueError, match="basis_every"):
