@@ -56,6 +56,26 @@ def test_tau_picks_each_mode_rank_from_its_unfolding():
     assert TuckerConv2d.from_conv(conv, ranks=(2, 9), tau=1e-4).ranks == (2, 4)  # the smaller of both
 
 
+def test_tau_takes_one_svd_per_mode_and_equals_the_hosvd_at_those_ranks(monkeypatch):
+    import lrc.layers.lowrank as lowrank_module
+    import lrc.layers.tucker as tucker_module
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(10, 12, 3, dtype=torch.float64)
+    layer = TuckerConv2d.from_conv(conv, tau=0.3)
+    reference = TuckerConv2d.from_conv(conv, ranks=layer.ranks)  # the rank given: its own SVDs
+    for a, b in zip(layer.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(a, b)
+    calls = []
+    for module in (lowrank_module, tucker_module):
+        original = module.sign_fixed_svd
+        monkeypatch.setattr(module, "sign_fixed_svd",  # (skip_init's meta-device construction computes nothing)
+                            lambda A, original=original: calls.append(A.device.type != "meta") or original(A))
+    monkeypatch.setattr(torch.linalg, "svdvals", lambda *a, **k: pytest.fail("a second SVD for the rank"))
+    TuckerConv2d.from_conv(conv, tau=0.3)
+    assert sum(calls) == 2  # one per channel mode
+
+
 def test_parameter_count_and_gradients_flow():
     layer = TuckerConv2d(32, 64, 3, ranks=(8, 4), padding=1)
     assert sum(p.numel() for p in layer.parameters()) == 64 * 8 + 32 * 4 + 8 * 4 * 9 + 64

@@ -29,7 +29,7 @@ from torch.nn.utils import skip_init  # factors set right after: no SVD of a ran
 
 from ..distributed import all_reduce_mean_
 from ..linalg import augment_basis, sign_fixed_svd
-from .lowrank import (LayerFunction, _conv_padding, _pair, check_conv, dense_conv, first_fused_backward, initial_rank,
+from .lowrank import (LayerFunction, _conv_padding, _pair, check_conv, dense_conv, first_fused_backward, initial_svd,
                       replace_data)
 
 __all__ = ["TuckerConv2d", "unfold", "mode_product", "EXECUTIONS"]
@@ -264,20 +264,26 @@ class TuckerConv2d(nn.Module):
         if ranks is None or isinstance(ranks, int):
             ranks = (ranks, ranks)
         out, inp = W.shape[:2]
-        ranks = tuple(initial_rank(unfold(W, mode), None if r is None else min(r, W.shape[mode]), tau)
-                      for mode, r in enumerate(ranks))
+        # by τ, the SVD that gives a mode's rank also gives its factor: one SVD per mode, not two
+        chosen = [initial_svd(unfold(W, mode), None if r is None else min(r, W.shape[mode]), tau)
+                  for mode, r in enumerate(ranks)]
+        ranks = tuple(r for r, _ in chosen)
         new = skip_init(cls, inp, out, layer.kernel_size, ranks, stride=layer.stride, padding=layer.padding,
                         dilation=layer.dilation, groups=layer.groups, bias=layer.bias is not None,
                         padding_mode=layer.padding_mode, device=W.device, dtype=W.dtype)
-        new._init_from_kernel(W, None if layer.bias is None else layer.bias.detach(), ranks)
+        new._init_from_kernel(W, None if layer.bias is None else layer.bias.detach(), ranks,
+                              [None if svd is None else svd[0] for _, svd in chosen])
         return new
 
     @torch.no_grad()
-    def _init_from_kernel(self, W: Tensor, bias: Tensor | None, ranks: tuple[int, int]) -> None:
+    def _init_from_kernel(self, W: Tensor, bias: Tensor | None, ranks: tuple[int, int],
+                          bases: list[Tensor | None] | None = None) -> None:
+        """Truncated HOSVD of ``W`` at ``ranks``; ``bases``: per channel mode the sign-fixed left
+        singular vectors of its unfolding where the caller has them already."""
         work = W.to(torch.promote_types(W.dtype, torch.float32))
         factors = []
         for mode, r in enumerate(ranks):
-            P, _, _ = sign_fixed_svd(unfold(work, mode))
+            P = bases[mode] if bases and bases[mode] is not None else sign_fixed_svd(unfold(work, mode))[0]
             factors.append(P[:, :r])
         core = mode_product(mode_product(work, factors[0].mT, 0), factors[1].mT, 1)
         self.set_factors(factors[0].to(W.dtype), core.to(W.dtype), factors[1].to(W.dtype))
