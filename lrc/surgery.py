@@ -16,7 +16,8 @@ from .layers.attention import SplitMultiheadAttention, split_attention_supported
 from .layers.lora import LoRAModule
 from .layers.lowrank import LowRankMatrixModule, conv1d_as_linear, is_conv1d
 from .layers.tucker import mode_product, unfold
-from .linalg import ALLOCATIONS, allocate_ranks, factor_parameter_count, input_whitener, product_svd
+from .linalg import (ALLOCATIONS, allocate_ranks, factor_parameter_count, input_whitener, product_svd,
+                     sign_fixed_svd)
 
 __all__ = ["factorize", "densify", "compression_ratio", "count_parameters", "FactorizeReport", "LayerReport"]
 
@@ -65,11 +66,11 @@ KINDS = {"lowrank": (LowRankLinear, LowRankConv2d), "lora": (LoRALinear, LoRACon
 CONV_FORMATS = ("matrix", "tucker")
 
 
-def _linear_candidate(module, rank, tau, adapter, kind, conv_format):
+def _linear_candidate(module, rank, tau, adapter, kind, conv_format, svd=None):
     if type(module) is nn.Linear:
-        return KINDS[kind][0].from_linear(module, rank=rank, tau=tau, adapter=adapter)
+        return KINDS[kind][0].from_linear(module, rank=rank, tau=tau, adapter=adapter, svd=svd)
     if is_conv1d(module):  # Hugging Face's transposed linear map (GPT-2): factorized as the nn.Linear it is
-        new = KINDS[kind][0].from_linear(conv1d_as_linear(module), rank=rank, tau=tau, adapter=adapter)
+        new = KINDS[kind][0].from_linear(conv1d_as_linear(module), rank=rank, tau=tau, adapter=adapter, svd=svd)
         new.conv1d_class = type(module)  # to_dense() gives a Conv1D again
         return new
     return None
@@ -91,14 +92,14 @@ def _check_conv(module: nn.Conv2d) -> None:
                     "convolution, e.g. its own padding")
 
 
-def _conv_candidate(module, rank, tau, adapter, kind, conv_format):
+def _conv_candidate(module, rank, tau, adapter, kind, conv_format, svd=None):
     if isinstance(module, nn.Conv2d):
         _check_conv(module)
         if conv_format == "tucker" and kind == "lowrank":
             if adapter:
                 raise ValueError("adapter mode is for the matrix format; use conv_format='matrix'")
-            return TuckerConv2d.from_conv(module, ranks=rank, tau=tau)
-        return KINDS[kind][1].from_conv(module, rank=rank, tau=tau, adapter=adapter)
+            return TuckerConv2d.from_conv(module, ranks=rank, tau=tau, svds=svd)
+        return KINDS[kind][1].from_conv(module, rank=rank, tau=tau, adapter=adapter, svd=svd)
     return None
 
 
@@ -253,15 +254,17 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
     # the candidates as the truncation sees them: weights times their inputs' whitener
     seen = [(name, _whitened(module, whiteners[name], conv_format, kind) if name in whiteners else module)
             for name, module in targets]
+    svds: dict = {}  # the SVDs the budget took, reused to build the layers (within a memory allowance)
     if target_cr is not None:
-        ranks = _budget_ranks(model, seen, target_cr, rank, kind, conv_format, allocation)
+        ranks = _budget_ranks(model, seen, target_cr, rank, kind, conv_format, allocation, svds)
     for (name, module), (_, source) in zip(targets, seen):
         weight = _dense_weight(module)
         n, m = weight.shape[0], weight.numel() // weight.shape[0]
         wanted = ranks.get(name, rank) if ranks else rank
         layer_rank = wanted if wanted is None or isinstance(wanted, tuple) else min(wanted, n, m)
         try:
-            new = next(x for x in (d(source, layer_rank, tau, adapter, kind, conv_format) for d in _DISPATCH)
+            svd = svds.pop(name, None)
+            new = next(x for x in (d(source, layer_rank, tau, adapter, kind, conv_format, svd) for d in _DISPATCH)
                        if x is not None)
         except _Skip as why:
             report.skipped.append((name, str(why)))
@@ -368,10 +371,15 @@ def _unwhiten(new: nn.Module, L: Tensor) -> None:
 
 
 def _budget_ranks(model: nn.Module, targets: list, target_cr: float, rank: int | None, kind: str,
-                  conv_format: str, allocation: str = "relative") -> dict[str, int | tuple[int, int]]:
+                  conv_format: str, allocation: str = "relative",
+                  keep: dict | None = None) -> dict[str, int | tuple[int, int]]:
     """Ranks of the layers in ``targets`` that make the model's c.r. ``target_cr``: one budget,
     allocated over the spectra of their dense weights (Tucker: of both channel-mode unfoldings).
-    Each layer is capped where its factors would stop saving parameters."""
+    Each layer is capped where its factors would stop saving parameters. ``keep``: filled with
+    each layer's sign-fixed SVD(s) (by name) for the construction to reuse, as long as all of them
+    hold no more numbers than twice the weights (a thin SVD holds at most that) and 2²⁸ (1 GiB in
+    float32); the other layers get singular values only, and their construction its own SVD."""
+    allowance = min(2 * sum(_dense_weight(module).numel() for _, module in targets), 2 ** 28) if keep is not None else 0
     names, shapes, spectra, caps = [], [], [], []
     for name, module in targets:
         if isinstance(module, nn.Conv2d):
@@ -384,13 +392,26 @@ def _budget_ranks(model: nn.Module, targets: list, target_cr: float, rank: int |
         n, m = W.shape[0], W[0].numel()
         if isinstance(module, nn.Conv2d) and conv_format == "tucker" and kind == "lowrank":
             shape = (W.shape[0], W.shape[1], W[0, 0].numel())
-            modes = [torch.linalg.svdvals(unfold(W, mode)) for mode in (0, 1)]
+            size = W.shape[0] ** 2 + W.shape[1] ** 2  # the two left bases
+            if size <= allowance:
+                allowance -= size
+                full = [sign_fixed_svd(unfold(W, mode)) for mode in (0, 1)]
+                keep[name] = [(P, sigma) for P, sigma, _ in full]
+                modes = [sigma for _, sigma, _ in full]
+            else:
+                modes = [torch.linalg.svdvals(unfold(W, mode)) for mode in (0, 1)]
             bounds = [min(shape[0], rank or shape[0]), min(shape[1], rank or shape[1])]
             while bounds[0] > 1 and factor_parameter_count(shape, bounds) >= n * m:  # shrink both alike
                 bounds = [max(1, b - max(1, round(b / max(bounds)))) for b in bounds]
         else:
             shape = (n, m)
-            modes = [torch.linalg.svdvals(W.reshape(n, m))]
+            size = (n + m) * min(n, m)
+            if size <= allowance:
+                allowance -= size
+                keep[name] = sign_fixed_svd(W.reshape(n, m))
+                modes = [keep[name][1]]
+            else:
+                modes = [torch.linalg.svdvals(W.reshape(n, m))]
             bounds = [min(n, m, rank or n)]
             while bounds[0] > 1 and factor_parameter_count(shape, bounds, kind) >= n * m:
                 bounds[0] -= 1

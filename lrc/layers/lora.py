@@ -76,11 +76,11 @@ class LoRALinear(LoRAModule):
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, rank: int | None = None, tau: float | None = None,
-                    adapter: bool = False) -> "LoRALinear":
+                    adapter: bool = False, svd: tuple | None = None) -> "LoRALinear":
         if adapter:
             raise ValueError("LoRA layers of lrc are for factorized training; use adapter mode of LowRankLinear")
         W = layer.weight.detach()
-        r, svd = initial_svd(W, rank, tau)
+        r, svd = initial_svd(W, rank, tau, svd)
         new = skip_init(cls, layer.in_features, layer.out_features, r, bias=layer.bias is not None, device=W.device,
                         dtype=W.dtype)
         new._init_from_matrix(W, None if layer.bias is None else layer.bias.detach(), svd)
@@ -112,11 +112,11 @@ class LoRAConv2d(LoRAModule):
 
     @classmethod
     def from_conv(cls, layer: nn.Conv2d, rank: int | None = None, tau: float | None = None,
-                  adapter: bool = False) -> "LoRAConv2d":
+                  adapter: bool = False, svd: tuple | None = None) -> "LoRAConv2d":
         if adapter or layer.groups != 1 or layer.padding_mode != "zeros":
             raise ValueError("LoRAConv2d supports plain convolutions (groups=1, zero padding, no adapter)")
         W = layer.weight.detach().reshape(layer.out_channels, -1)
-        r, svd = initial_svd(W, rank, tau)
+        r, svd = initial_svd(W, rank, tau, svd)
         new = skip_init(cls, layer.in_channels, layer.out_channels, layer.kernel_size, r, layer.stride, layer.padding,
                         layer.dilation, layer.bias is not None, device=W.device, dtype=W.dtype)
         new._init_from_matrix(W, None if layer.bias is None else layer.bias.detach(), svd)

@@ -304,11 +304,12 @@ class LowRankLinear(LowRankMatrixModule):
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, rank: int | None = None, tau: float | None = None,
-                    adapter: bool = False) -> "LowRankLinear":
+                    adapter: bool = False, svd: tuple | None = None) -> "LowRankLinear":
         """Factorize ``layer`` by truncated SVD, at ``rank`` or by tolerance ``tau`` (or both:
-        ``rank`` then caps the rank chosen by ``tau``). Same device and dtype."""
+        ``rank`` then caps the rank chosen by ``tau``). Same device and dtype. ``svd``: the
+        weight's SVD as :func:`~lrc.linalg.sign_fixed_svd` gives it, if the caller has it."""
         W = layer.weight.detach()
-        r, svd = initial_svd(W, rank, tau)
+        r, svd = initial_svd(W, rank, tau, svd)
         new = skip_init(cls, layer.in_features, layer.out_features, r, bias=layer.bias is not None,
                         adapter=adapter, device=W.device, dtype=W.dtype)
         new._init_from_matrix(W, None if layer.bias is None else layer.bias.detach(), svd)
@@ -387,10 +388,11 @@ class LowRankConv2d(LowRankMatrixModule):
 
     @classmethod
     def from_conv(cls, layer: nn.Conv2d, rank: int | None = None, tau: float | None = None,
-                  adapter: bool = False) -> "LowRankConv2d":
-        """Factorize ``layer`` by truncated SVD of its ``out × (in·kh·kw)`` kernel matrix."""
+                  adapter: bool = False, svd: tuple | None = None) -> "LowRankConv2d":
+        """Factorize ``layer`` by truncated SVD of its ``out × (in·kh·kw)`` kernel matrix
+        (``svd``: that matrix's sign-fixed SVD, if the caller has it)."""
         W = layer.weight.detach().reshape(layer.out_channels, -1)
-        r, svd = initial_svd(W, rank, tau)
+        r, svd = initial_svd(W, rank, tau, svd)
         new = skip_init(cls, layer.in_channels, layer.out_channels, layer.kernel_size, r, stride=layer.stride,
                         padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
                         bias=layer.bias is not None, padding_mode=layer.padding_mode, adapter=adapter,
@@ -539,16 +541,18 @@ def dense_conv(layer, W: Tensor) -> nn.Conv2d:
     return filled(out, W, layer.bias)
 
 
-def initial_svd(W: Tensor, rank: int | None, tau: float | None) -> tuple[int, tuple | None]:
+def initial_svd(W: Tensor, rank: int | None, tau: float | None, svd: tuple | None = None) -> tuple[int, tuple | None]:
     """:func:`initial_rank` and, when ``tau`` needed the spectrum, the sign-fixed SVD it came from
-    (``None`` otherwise), so that an initialisation takes one SVD, not a second one for the rank."""
+    (``None`` otherwise), so that an initialisation takes one SVD, not a second one for the rank.
+    ``svd``: that SVD of ``W``, if the caller has it (returned as is)."""
     if tau is None:
-        return initial_rank(W, rank, None), None
+        return initial_rank(W, rank, None), svd
     if rank is not None:
         initial_rank(W, rank, None)  # the checks of a given rank
     if not 0.0 < tau < 1.0:
         raise ValueError(f"tau must lie in (0, 1), got {tau!r}")
-    svd = sign_fixed_svd(W.to(torch.promote_types(W.dtype, torch.float32)))
+    if svd is None:
+        svd = sign_fixed_svd(W.to(torch.promote_types(W.dtype, torch.float32)))
     return truncation_rank(svd[1], tau, 1, rank), svd
 
 

@@ -256,16 +256,18 @@ class TuckerConv2d(nn.Module):
 
     @classmethod
     def from_conv(cls, layer: nn.Conv2d, ranks: int | tuple[int, int] | None = None,
-                  tau: float | None = None) -> "TuckerConv2d":
+                  tau: float | None = None, svds: list[tuple] | None = None) -> "TuckerConv2d":
         """Factorize ``layer`` by truncated HOSVD of its kernel: per channel mode, the leading
         left singular vectors of the unfolding, as many as ``ranks`` gives and/or the τ-rule
-        (``‖σ_{r+1:}‖ ≤ τ‖W‖_F``, as for matrices) keeps."""
+        (``‖σ_{r+1:}‖ ≤ τ‖W‖_F``, as for matrices) keeps. ``svds``: the two unfoldings' sign-fixed
+        SVDs (``(P, σ)`` suffice), if the caller has them."""
         W = layer.weight.detach()
         if ranks is None or isinstance(ranks, int):
             ranks = (ranks, ranks)
         out, inp = W.shape[:2]
         # by τ, the SVD that gives a mode's rank also gives its factor: one SVD per mode, not two
-        chosen = [initial_svd(unfold(W, mode), None if r is None else min(r, W.shape[mode]), tau)
+        chosen = [initial_svd(unfold(W, mode), None if r is None else min(r, W.shape[mode]), tau,
+                              None if svds is None else svds[mode])
                   for mode, r in enumerate(ranks)]
         ranks = tuple(r for r, _ in chosen)
         new = skip_init(cls, inp, out, layer.kernel_size, ranks, stride=layer.stride, padding=layer.padding,
