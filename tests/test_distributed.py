@@ -79,3 +79,37 @@ def test_two_processes_equal_one_process_with_the_global_batch(case, mode, tmp_p
     assert got["ranks"] == train(model, x, y, opt, STEPS)
     assert rel(got["weights"], weights(model)) < 1e-5
     assert got["bytes"] > 0
+
+
+def worker_differing_tau(rank, world, port, out):
+    """Rank 1 asks for another τ than rank 0: the ranks it would choose differ from rank 0's."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model, x, y = mlp(8)
+    b = len(x) // world
+    opt = LowRankAdam(model, lr=5e-2, tau=0.1 if rank == 0 else 0.5, second_moment="squared")
+    history = []
+    for _ in range(STEPS):
+        history += train(model, x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b], opt, 1)
+        w = weights(model)
+        gathered = [torch.empty_like(w) for _ in range(world)]
+        dist.all_gather(gathered, w)
+        assert all(torch.equal(g, w) for g in gathered), "factors differ between processes"
+    if rank == 0:
+        torch.save({"weights": weights(model), "ranks": history}, out)
+    dist.barrier()
+    os._exit(0)
+
+
+def test_processes_that_would_choose_other_ranks_take_rank_0s(tmp_path):
+    """The truncation's ranks are rank 0's on every process (a broadcast), so shapes and factors
+    agree even where another process's arithmetic (here: its τ) would have chosen otherwise."""
+    out = tmp_path / "rank0.pt"
+    os.environ["OMP_NUM_THREADS"] = "1"
+    mp.spawn(worker_differing_tau, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    model, x, y = mlp(8)
+    assert got["ranks"] == train(model, x, y, LowRankAdam(model, lr=5e-2, tau=0.1, second_moment="squared"), STEPS)
+    assert rel(got["weights"], weights(model)) < 1e-5
+    other, _, _ = mlp(8)  # τ = 0.5 alone would have chosen other ranks
+    assert train(other, x, y, LowRankAdam(other, lr=5e-2, tau=0.5, second_moment="squared"), STEPS) != got["ranks"]
