@@ -16,7 +16,7 @@ from .layers.attention import SplitMultiheadAttention, split_attention_supported
 from .layers.lora import LoRAModule
 from .layers.lowrank import LowRankMatrixModule, conv1d_as_linear, is_conv1d
 from .layers.tucker import mode_product, unfold
-from .linalg import (ALLOCATIONS, allocate_ranks, factor_parameter_count, input_whitener, product_svd,
+from .linalg import (ALLOCATIONS, allocate_ranks, factor_parameter_count, input_whitener, left_svd, product_svd,
                      sign_fixed_svd)
 
 __all__ = ["factorize", "densify", "compression_ratio", "count_parameters", "FactorizeReport", "LayerReport"]
@@ -395,9 +395,8 @@ def _budget_ranks(model: nn.Module, targets: list, target_cr: float, rank: int |
             size = W.shape[0] ** 2 + W.shape[1] ** 2  # the two left bases
             if size <= allowance:
                 allowance -= size
-                full = [sign_fixed_svd(unfold(W, mode)) for mode in (0, 1)]
-                keep[name] = [(P, sigma) for P, sigma, _ in full]
-                modes = [sigma for _, sigma, _ in full]
+                keep[name] = [left_svd(unfold(W, mode)) for mode in (0, 1)]
+                modes = [sigma for _, sigma in keep[name]]
             else:
                 modes = [torch.linalg.svdvals(unfold(W, mode)) for mode in (0, 1)]
             bounds = [min(shape[0], rank or shape[0]), min(shape[1], rank or shape[1])]

@@ -7,6 +7,7 @@ from torch import nn
 
 from lrc.layers import TuckerConv2d
 from lrc.layers.tucker import mode_product, unfold
+from lrc.linalg import sign_fixed_svd
 
 from .conftest import rel
 from .test_optim import train, weights
@@ -57,20 +58,20 @@ def test_tau_picks_each_mode_rank_from_its_unfolding():
 
 
 def test_tau_takes_one_svd_per_mode_and_equals_the_hosvd_at_those_ranks(monkeypatch):
-    import lrc.layers.lowrank as lowrank_module
-    import lrc.layers.tucker as tucker_module
-
     torch.manual_seed(0)
     conv = nn.Conv2d(10, 12, 3, dtype=torch.float64)
     layer = TuckerConv2d.from_conv(conv, tau=0.3)
     reference = TuckerConv2d.from_conv(conv, ranks=layer.ranks)  # the rank given: its own SVDs
     for a, b in zip(layer.state_dict().values(), reference.state_dict().values()):
         assert torch.equal(a, b)
+    W = conv.weight.detach()
+    for mode, P in ((0, layer.U_out), (1, layer.U_in)):  # the leading left singular vectors, signs fixed
+        P_ref = sign_fixed_svd(unfold(W, mode))[0][:, :P.shape[1]]
+        assert (P - P_ref).abs().max() < 1e-12
     calls = []
-    for module in (lowrank_module, tucker_module):
-        original = module.sign_fixed_svd
-        monkeypatch.setattr(module, "sign_fixed_svd",  # (skip_init's meta-device construction computes nothing)
-                            lambda A, original=original: calls.append(A.device.type != "meta") or original(A))
+    svd = torch.linalg.svd
+    # (skip_init's meta-device construction computes nothing)
+    monkeypatch.setattr(torch.linalg, "svd", lambda A, *a, **k: calls.append(A.device.type != "meta") or svd(A, *a, **k))
     monkeypatch.setattr(torch.linalg, "svdvals", lambda *a, **k: pytest.fail("a second SVD for the rank"))
     TuckerConv2d.from_conv(conv, tau=0.3)
     assert sum(calls) == 2  # one per channel mode

@@ -28,7 +28,7 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 from torch.nn.utils import skip_init  # factors set right after: no SVD of a random initialisation
 
 from ..distributed import all_reduce_mean_
-from ..linalg import augment_basis, sign_fixed_svd
+from ..linalg import augment_basis, left_svd
 from .lowrank import (LayerFunction, _conv_padding, _pair, check_conv, dense_conv, first_fused_backward, initial_svd,
                       replace_data)
 
@@ -265,7 +265,9 @@ class TuckerConv2d(nn.Module):
         if ranks is None or isinstance(ranks, int):
             ranks = (ranks, ranks)
         out, inp = W.shape[:2]
-        # by τ, the SVD that gives a mode's rank also gives its factor: one SVD per mode, not two
+        if svds is None and tau is not None:  # by τ, the SVD that gives a mode's rank also gives its factor
+            work = W.to(torch.promote_types(W.dtype, torch.float32))
+            svds = [left_svd(unfold(work, mode)) for mode in (0, 1)]
         chosen = [initial_svd(unfold(W, mode), None if r is None else min(r, W.shape[mode]), tau,
                               None if svds is None else svds[mode])
                   for mode, r in enumerate(ranks)]
@@ -285,7 +287,7 @@ class TuckerConv2d(nn.Module):
         work = W.to(torch.promote_types(W.dtype, torch.float32))
         factors = []
         for mode, r in enumerate(ranks):
-            P = bases[mode] if bases and bases[mode] is not None else sign_fixed_svd(unfold(work, mode))[0]
+            P = bases[mode] if bases and bases[mode] is not None else left_svd(unfold(work, mode))[0]
             factors.append(P[:, :r])
         core = mode_product(mode_product(work, factors[0].mT, 0), factors[1].mT, 1)
         self.set_factors(factors[0].to(W.dtype), core.to(W.dtype), factors[1].to(W.dtype))
