@@ -322,7 +322,7 @@ def main() -> None:
     print("| batch | method | c.r. | step (ms) | forward | backward | opt.step() | ops or launches | reads or syncs "
           "| GPU waits |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    ratios, every4 = [], []
+    ratios, amortised_ratios = [], []
     for batch in args.batches:
         results = time_methods(METHODS, batch, args.steps, args.warmup, device, args.model)
         for m in METHODS:  # dense first: the c.r. is against it
@@ -338,7 +338,7 @@ def main() -> None:
         fused = results["lowrank-adam fused"]["total"]
         for amortised in ("every4", "basis4"):
             t = results[f"lowrank-adam fused {amortised}"]["total"]
-            every4.append((batch, amortised, t / fused, t / results["lora floor"]["total"],
+            amortised_ratios.append((batch, amortised, t / fused, t / results["lora floor"]["total"],
                            t / results["dense adamw"]["total"]))
         ratios.append((batch, fused / results["lora floor"]["total"], fused / results["dense adamw"]["total"],
                        results["lowrank-adam two_pass"]["total"] / fused))
@@ -350,7 +350,7 @@ def main() -> None:
         print(f"| {batch} | {lora:.2f} | {dense:.2f} | {two:.2f} |")
     print("\n| batch | amortised | / fused | / LoRA floor | / dense AdamW |")
     print("| ---: | --- | ---: | ---: | ---: |")
-    for batch, name, to_fused, to_lora, to_dense in every4:
+    for batch, name, to_fused, to_lora, to_dense in amortised_ratios:
         print(f"| {batch} | fused {name} | {to_fused:.2f} | {to_lora:.2f} | {to_dense:.2f} |")
 
 

@@ -38,6 +38,19 @@ def make_opt(kind, model, mode, kw):
     return (LowRankAdam if kind == "adam" else LowRankSGD)(model, tau=0.1, mode=mode, **kw)
 
 
+def train_in_step(model, x, y, opt, world):
+    """``STEPS`` steps on this process's share of the batch; after each, the factors must be the
+    same bits on every process. Returns the ranks after each step."""
+    history = []
+    for _ in range(STEPS):
+        history += train(model, x, y, opt, 1)
+        w = weights(model)
+        gathered = [torch.empty_like(w) for _ in range(world)]
+        dist.all_gather(gathered, w)
+        assert all(torch.equal(g, w) for g in gathered), "factors differ between processes"
+    return history
+
+
 def worker(rank, world, port, case, mode, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -46,13 +59,7 @@ def worker(rank, world, port, case, mode, out):
     b = len(x) // world
     opt = make_opt(kind, model, mode, kw)
     assert opt.distributed
-    history = []
-    for _ in range(STEPS):
-        history += train(model, x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b], opt, 1)
-        w = weights(model)
-        gathered = [torch.empty_like(w) for _ in range(world)]
-        dist.all_gather(gathered, w)
-        assert all(torch.equal(g, w) for g in gathered), "factors differ between processes"
+    history = train_in_step(model, x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b], opt, world)
     if rank == 0:
         torch.save({"weights": weights(model), "ranks": history, "bytes": opt.bytes_communicated}, out)
     dist.barrier()  # Gloo aborts a process whose peer has already torn its connection down
@@ -88,13 +95,7 @@ def worker_differing_tau(rank, world, port, out):
     model, x, y = mlp(8)
     b = len(x) // world
     opt = LowRankAdam(model, lr=5e-2, tau=0.1 if rank == 0 else 0.5, second_moment="squared")
-    history = []
-    for _ in range(STEPS):
-        history += train(model, x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b], opt, 1)
-        w = weights(model)
-        gathered = [torch.empty_like(w) for _ in range(world)]
-        dist.all_gather(gathered, w)
-        assert all(torch.equal(g, w) for g in gathered), "factors differ between processes"
+    history = train_in_step(model, x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b], opt, world)
     if rank == 0:
         torch.save({"weights": weights(model), "ranks": history}, out)
     dist.barrier()
