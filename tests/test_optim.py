@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrc import LowRankAdam, LowRankConv2d, LowRankLinear, LowRankSGD
+from lrc import LowRankAdam, LowRankConv2d, LowRankLinear, LowRankSGD, factorize
 from lrc.layers import TuckerConv2d
 
 from .conftest import rel
@@ -537,6 +537,25 @@ def test_balanced_coefficient_metric_weights_each_entry_of_the_step_by_root_sing
     assert abs(nb.item() - torch.linalg.matrix_norm(w * (Sa - before)).item()) < 1e-12
     with pytest.raises(ValueError, match="coefficient_metric"):
         LowRankAdam(a, coefficient_metric="lora")
+
+
+def test_balanced_coefficient_metric_moves_a_fresh_adapter_as_the_uniform_step():
+    # S = 0 gives every entry the weight 0: the metric is degenerate there, and the step is uniform
+    # (it was no step at all: an adapter under "balanced" never left zero)
+    torch.manual_seed(0)
+    models = []
+    for metric in ("uniform", "balanced"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 12)).double()
+        factorize(model, rank=3, adapter=True)
+        opt = LowRankAdam(model, lr=1e-2, max_rank=3, coefficient_metric=metric)
+        x = torch.randn(32, 16, dtype=f64)
+        opt.zero_grad()
+        (model(x) - 1).square().mean().backward()
+        opt.step()
+        models.append(model)
+    assert models[1][0].S.abs().max() > 0
+    assert rel(models[0][0].dense_weight(), models[1][0].dense_weight()) < 1e-12
 
 
 @pytest.mark.parametrize("make", [mlp, convnet])

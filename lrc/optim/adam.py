@@ -189,7 +189,9 @@ class LowRankAdam(LowRankOptimizer):
         rows[: S.shape[0]] = torch.linalg.vector_norm(S, dim=dims).sqrt()
         cols[: S.shape[1]] = torch.linalg.vector_norm(S.transpose(0, 1), dim=dims).sqrt()
         weight = rows[:, None] + cols[None, :]
-        weight = weight / weight.square().mean().sqrt().clamp_min(torch.finfo(weight.dtype).tiny)
+        rms = weight.square().mean().sqrt()
+        # S = 0 (a fresh adapter): the metric gives no direction a weight; step every entry alike
+        weight = torch.where(rms > 0, weight / rms.clamp_min(torch.finfo(weight.dtype).tiny), 1.0)
         return weight.reshape(*weight.shape, *([1] * (S_bar.dim() - 2)))
 
     def _fill_new_moments(self, padded: dict, G_S: Tensor, r_out: int, r_in: int, group: dict) -> None:
