@@ -188,12 +188,17 @@ def build_run(cfg: dict, device: torch.device, total_steps: int = 0, calibration
             ranks = matched_lora_ranks(fac["match_cr"], model)
             include = list(ranks)
         budgeted = fac.get("target_cr") is not None  # the budget chooses the ranks; no preset cap
+        capped = cfg["optimizer"].get("max_params") is not None  # a budget in parameters, ranks from the preset
         # a budget warm-up starts at the preset's ranks and shrinks to the target in training (lora has no
         # training of ranks: it starts at the target)
         warmup_epochs = cfg["train"].get("budget_warmup_epochs", 0.0)
         start_cr = cfg["train"].get("budget_warmup_start_cr")
-        if warmup_epochs > 0 and not budgeted:
-            raise ValueError("train.budget_warmup_epochs shrinks a budget to a target c.r.: set --target-cr")
+        if warmup_epochs > 0 and not (budgeted or capped):
+            raise ValueError("train.budget_warmup_epochs shrinks a budget to a target c.r. or to "
+                             "optimizer.max_params: set --target-cr or optimizer.max_params")
+        if start_cr is not None and not budgeted:
+            raise ValueError("train.budget_warmup_start_cr is where a budget warm-up to a target c.r. starts: "
+                             "set --target-cr")
         if start_cr is not None and not warmup_epochs > 0:
             raise ValueError("train.budget_warmup_start_cr is where a budget warm-up starts: set "
                              "train.budget_warmup_epochs too")

@@ -389,7 +389,24 @@ def test_budget_warmup_starts_at_the_presets_ranks_reaches_the_target_and_resume
     a, b = load_file(full.model_path), load_file(resumed.model_path)
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
-    with pytest.raises(ValueError, match="set --target-cr"):
+def test_budget_warmup_shrinks_to_max_params_from_the_presets_ranks(tmp_path):
+    """AdaLoRA's schedule for a parameter cap (adapters: 12 → 8): the run starts at
+    factorize.rank, is still above the cap after the first epoch and within it at the end."""
+    from lrc.presets import apply_override, load_preset
+    from lrc.train import train
+
+    cfg = apply_override(load_preset("digits-mlp"), "train.epochs=2")
+    start = 30 * (64 + 1024) + 30 * (1024 + 1024) + 2 * 30 * 30  # U, S, V at the preset's rank 30
+    cap = start // 2
+    for override in (f"optimizer.max_params={cap}", "train.budget_warmup_epochs=1.5", "optimizer.tau=0.01"):
+        cfg = apply_override(cfg, override)
+    result = train(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    sizes = [sum(r * (a + b) + r * r for r, (a, b) in zip(row["ranks"].values(), ((1024, 64), (1024, 1024))))
+             for row in rows]
+    assert cap < sizes[0] < start and sizes[1] <= cap, sizes
+    assert result.metrics["ranks"] == rows[1]["ranks"]
+    with pytest.raises(ValueError, match="set --target-cr or optimizer.max_params"):
         train(apply_override(load_preset("digits-mlp"), "train.budget_warmup_epochs=1"), tmp_path / "x",
               progress=False)
 
