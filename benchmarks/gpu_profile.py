@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).parent))
 from step_time import build  # noqa: E402
 
-from lrc.linalg import _cholesky_qr2_against  # noqa: E402
+from lrc.linalg import _cholesky_qr2_against, _cholesky_qr2_repaired  # noqa: E402
 
 
 def t(f, n=20):
@@ -39,6 +39,7 @@ print(f"svd 128 via cpu {t(lambda: [x.to(dev) for x in torch.linalg.svd(S.cpu(),
 print(f"qr 2048x128 {t(lambda: torch.linalg.qr(torch.cat([U, P], 1))):.3f} ms")
 print(f"qr 2048x128 via cpu {t(lambda: [x.to(dev) for x in torch.linalg.qr(torch.cat([U, P], 1).cpu())]):.3f} ms")
 print(f"cholqr2 (2 syncs) {t(lambda: _cholesky_qr2_against(U, P)):.3f} ms")
+print(f"cholqr2 sync-free (augmentation='sync_free') {t(lambda: _cholesky_qr2_repaired(U, P)):.3f} ms")
 print(f"item sync {t(lambda: (S.sum() > 0).item()):.3f} ms")
 
 model, opt, _ = build("lowrank-adam fused", dev)

@@ -11,6 +11,8 @@ Methods, all at rank 64 for the three 2048×2048 layers (the 10-way head stays d
   lowrank-adam fused basis4  the same with basis_every=4: the full step once per 4 steps, the 3 between
                          move S alone in the bases and at the rank 64 the layers hold (GaLore's
                          amortisation; mean over the cycle)
+  lowrank-adam fused sync-free  the fused step with augmentation="sync_free" (the new directions by
+                         CholeskyQR2 without a host read or a QR: on a GPU in place of Householder)
   lowrank-adam fused padded-r16  the fused step with svd_batching="padded" (every SVD of the step in
                          one call or few) and rank_every=16 (the ranks read and changed once per 16
                          truncations): the steady state of issue 12, the mean over 16 steps
@@ -116,6 +118,8 @@ def variant(method: str) -> dict:
         return {"basis_every": 4}
     if method.endswith("padded-r16"):
         return {"svd_batching": "padded", "rank_every": 16}
+    if method.endswith("sync-free"):
+        return {"augmentation": "sync_free"}
     return {}
 
 
@@ -295,8 +299,8 @@ def time_methods(methods: list[str], batch: int, steps: int, warmup: int, device
     return results
 
 
-METHODS = ["dense adamw", "lowrank-adam fused", "lowrank-adam fused every4", "lowrank-adam fused basis4",
-           "lowrank-adam fused padded-r16", "lowrank-adam two_pass", "lora floor"]
+METHODS = ["dense adamw", "lowrank-adam fused", "lowrank-adam fused sync-free", "lowrank-adam fused every4",
+           "lowrank-adam fused basis4", "lowrank-adam fused padded-r16", "lowrank-adam two_pass", "lora floor"]
 
 
 def main() -> None:

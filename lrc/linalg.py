@@ -39,7 +39,7 @@ __all__ = [
 SECOND_MOMENT_RULES = ("paper", "squared")
 
 
-def augment_basis(U: Tensor, G: Tensor, UtG: Tensor | None = None) -> Tensor:
+def augment_basis(U: Tensor, G: Tensor, UtG: Tensor | None = None, sync_free: bool | None = None) -> Tensor:
     """New orthonormal directions ``Ũ`` that extend ``U`` towards ``G``.
 
     Returns ``Ũ`` (n×k) with orthonormal columns, orthogonal to ``U``, such that
@@ -59,14 +59,27 @@ def augment_basis(U: Tensor, G: Tensor, UtG: Tensor | None = None) -> Tensor:
     * a Householder QR of ``[U | P]``, whose Q is orthogonal whatever the rank of its
       input, so that a zero or rank-deficient gradient still gives orthonormal
       directions orthogonal to ``U`` (they carry no gradient; the truncation drops
-      them) and never a NaN. Used on accelerators always (no host synchronisation).
+      them) and never a NaN.
+
+    On accelerators (``sync_free=None``) or with ``sync_free=True``: CholeskyQR2 that
+    reads nothing on the host and needs no fallback (:func:`_cholesky_qr2_repaired`):
+    matrix products and two ``k×k`` Cholesky factorizations, where a Householder QR is a
+    sequential panel factorization with no batched kernel. It equals the other two up to
+    rounding wherever ``P``'s singular values exceed ~``√(10·√n·ε)`` times their root mean
+    square (``ε`` the dtype's; 7e-3 in float32 at ``n = 2048``); directions below are filled
+    as a rank-deficient gradient's are. A layer near full rank (``k`` below ``G``'s width)
+    takes the Householder QR.
     """
     n, r = U.shape
     k = min(G.shape[1], n - r)
     if k <= 0:
         return U.new_zeros(n, 0)
     P = G - U @ (U.mT @ G if UtG is None else UtG)
-    if U.device.type == "cpu" and k == G.shape[1]:
+    if sync_free is None:
+        sync_free = U.device.type != "cpu"
+    if k == G.shape[1]:
+        if sync_free:
+            return _cholesky_qr2_repaired(U, P)
         Q = _cholesky_qr2_against(U, P)
         if Q is not None:
             return Q
@@ -96,6 +109,65 @@ def _cholesky_qr2_against(U: Tensor, P: Tensor) -> Tensor | None:
     if not (info.item() == 0 and (R2 - eye).abs().max().item() <= 0.25):  # NaN compares False
         return None
     return Q @ torch.linalg.solve_triangular(R2, eye, upper=True)
+
+
+def _cholesky_qr2_repaired(U: Tensor, P: Tensor) -> Tensor:
+    """CholeskyQR2 of ``P`` (n×k, orthogonal to ``U``) against ``U``, with no host read and
+    no fallback: a Q with orthonormal columns, orthogonal to ``U``, for any ``P`` — zero,
+    rank-deficient or ill-conditioned.
+
+    ``P`` is scaled to a mean squared singular value of 1 (``‖P‖_F² = k``) and its Gram
+    shifted by ``μ = 10·√n·ε`` (more than the Gram's rounding, so the first Cholesky
+    factorization always succeeds; the shift does not change the span). Where ``P`` has
+    directions with ``σ² ≲ μ`` the first pass's Q would be rank-deficient; those directions
+    get a fixed random direction instead, through ``X = P + √μ · Ω · F²`` with
+    ``F = μ(PᵀP + μI)⁻¹`` (``Ω`` orthonormal, seeded: the same on every process): ``F`` is
+    ≈ I on such directions and ≈ ``μ/σ²`` on the others, so ``X R₁⁻¹`` has singular values
+    in about [0.45, 1] and a direction with ``σ² ≫ μ`` keeps its span to rounding (moved by
+    ``√μ·(μ/σ²)²·σ⁻¹`` relative). Then the re-projection against ``U`` and the second pass,
+    as :func:`_cholesky_qr2_against`."""
+    n, k = P.shape
+    mu = 10.0 * math.sqrt(n) * torch.finfo(P.dtype).eps
+    eye = torch.eye(k, dtype=P.dtype, device=P.device)
+    tiny = torch.finfo(P.dtype).tiny
+    P = P / P.abs().amax().clamp_min(tiny)  # first to entries ≤ 1: the norm of huge ones would overflow
+    P = P / (torch.linalg.vector_norm(P) / math.sqrt(k)).clamp_min(tiny)
+    A = P.mT @ P
+    R1, info = torch.linalg.cholesky_ex(A + mu * eye, upper=True)
+    # the Gram's rounding grows with its largest eigenvalue (≤ k here): where μ was not enough
+    # (a nearly rank-one P), the shift μ·k, which always is — chosen on the device
+    R1_safe, _ = torch.linalg.cholesky_ex(A + (mu * k) * eye, upper=True)
+    ok = info == 0
+    R1 = torch.where(ok, R1, R1_safe)
+    mu = torch.where(ok, mu, mu * k)
+    R1_inv = torch.linalg.solve_triangular(R1, eye, upper=True)
+    F = mu * (R1_inv @ R1_inv.mT)  # μ(PᵀP + μI)⁻¹
+    X = P + _filler(n, k, P.dtype, P.device) @ (mu.sqrt() * (F @ F))
+    Q = X @ R1_inv
+    Q = Q - U @ (U.mT @ Q)
+    R2, _ = torch.linalg.cholesky_ex(Q.mT @ Q, upper=True)
+    return Q @ torch.linalg.solve_triangular(R2, eye, upper=True)
+
+
+_FILLER_WIDTH = 256
+_fillers: dict = {}  # (n, dtype, device) -> the filler of _cholesky_qr2_repaired
+
+
+def _filler(n: int, k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The first ``k`` columns of a fixed matrix with orthonormal columns (``n`` rows), made on
+    the device from a seeded generator (no copy from the host; the same on every process) and
+    kept per ``(n, dtype, device)``. Its columns do not depend on how wide it was made (the
+    Gaussian's columns come first in the generator's stream, and a QR's first columns depend
+    on the first columns only), so a run and its resumption fill alike."""
+    key = (n, dtype, torch.device(device))
+    cached = _fillers.get(key)
+    if cached is None or cached.shape[1] < k:
+        width = min(n, max(_FILLER_WIDTH, 2 * k))
+        generator = torch.Generator(device=device).manual_seed(20_250_101 + n)
+        A = torch.randn(width, n, generator=generator, device=device,
+                        dtype=torch.float64 if torch.device(device).type == "cpu" else torch.float32).mT
+        cached = _fillers[key] = torch.linalg.qr(A).Q.to(dtype)
+    return cached[:, :k]
 
 
 def pad_block(A: Tensor, rows: int, cols: int) -> Tensor:

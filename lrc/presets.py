@@ -18,7 +18,7 @@ from .evaluate import METRICS
 from .layers.tucker import EXECUTIONS
 from .linalg import ALLOCATIONS, SECOND_MOMENT_RULES
 from .optim.adam import COEFFICIENT_METRICS, LR_SCALINGS, NEW_MOMENTS
-from .optim.base import MODES, SVD_BATCHINGS
+from .optim.base import AUGMENTATIONS, MODES, SVD_BATCHINGS
 
 __all__ = ["DEFAULTS", "PresetError", "PRESET_DIR", "list_presets", "load_preset", "resolve_config",
            "apply_override"]
@@ -47,7 +47,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                   "momentum": 0.9, "tau": 0.1, "min_rank": 1, "max_rank": None, "mode": "fused",
                   "second_moment": "squared", "lr_scaling": "dense",
                   "new_moments": "zero", "update_every": 1, "max_params": None, "coefficient_metric": "uniform",
-                  "fixed_ranks": False, "rank_every": 1, "svd_batching": "auto",
+                  "fixed_ranks": False, "rank_every": 1, "svd_batching": "auto", "augmentation": "auto",
                   "basis_every": 1},
     "train": {"epochs": 10, "seed": 0, "device": "auto", "bf16": False, "grad_clip": None,
               "schedule": "cosine", "warmup_epochs": 0.0, "tau_warmup_epochs": 0.0,
@@ -343,6 +343,9 @@ def validate(cfg: dict, source: str) -> None:
     if opt["svd_batching"] not in SVD_BATCHINGS:
         raise PresetError(f"{source}: optimizer.svd_batching {opt['svd_batching']!r}: choose one of "
                           f"{', '.join(SVD_BATCHINGS)}")
+    if opt["augmentation"] not in AUGMENTATIONS:
+        raise PresetError(f"{source}: optimizer.augmentation {opt['augmentation']!r}: choose one of "
+                          f"{', '.join(AUGMENTATIONS)}")
     if opt["min_rank"] < 1:
         raise PresetError(f"{source}: optimizer.min_rank = {opt['min_rank']} must be ≥ 1")
     if opt["max_rank"] is not None and opt["max_rank"] < opt["min_rank"]:

@@ -191,3 +191,79 @@ def test_batched_svd_and_ranks_match_the_single_ones():
     sigma = torch.tensor([[4.0, 2.0, 1.0, 0.5], [4.0, 2.0, 1.0, 0.5]], dtype=f64)
     assert untruncated_rank(sigma, torch.tensor([0.25, 0.5])).tolist() == [2, 1]
     assert clip_rank(1, 4, min_rank=2) == 2 and clip_rank(4, 4, max_rank=3) == 3 and clip_rank(2, 1) == 1
+
+
+# ---- the sync-free augmentation (augmentation="sync_free"; no host read, no QR) ------------------
+def _checked(U, G):
+    return augment_basis(U, G, sync_free=False)
+
+
+@pytest.mark.parametrize("n, r", [(50, 6), (300, 10), (20, 5)])
+@pytest.mark.parametrize("cond", [1.0, 1e3, 1e6])
+def test_sync_free_augmentation_equals_the_checked_one_in_float64(n, r, cond):
+    """Where the gradient's singular values lie within ~√(10·√n·ε) of their root mean square,
+    the sync-free CholeskyQR2 is the checked one (and Householder's) to rounding."""
+    torch.manual_seed(0)
+    U = orthonormal(n, r)
+    sigma = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), r, dtype=f64)
+    G = orthonormal(n, r) @ torch.diag(sigma) @ orthonormal(r, r).T
+    assert (augment_basis(U, G, sync_free=True) - _checked(U, G)).abs().max() < 1e-10 * cond
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 5e-6)])
+@pytest.mark.parametrize("G_kind", ["zero", "rank1", "in_span", "scaled_copies", "huge", "tiny"])
+def test_sync_free_augmentation_is_orthonormal_for_degenerate_gradients(dtype, tol, G_kind):
+    """No check, no fallback: a zero, rank-one, in-span or badly scaled gradient still gives
+    orthonormal directions orthogonal to U, never a NaN, and its span stays inside."""
+    torch.manual_seed(0)
+    n, r = 200, 8
+    U = orthonormal(n, r).to(dtype)
+    g = torch.randn(n, 1, dtype=f64)
+    G = {"zero": torch.zeros(n, r, dtype=f64),
+         "rank1": g @ torch.randn(1, r, dtype=f64),
+         "in_span": U.double() @ torch.randn(r, r, dtype=f64),
+         "scaled_copies": g @ torch.logspace(-3, 3, r, dtype=f64)[None],  # a column 1e6× the first
+         "huge": 1e30 * torch.randn(n, r, dtype=f64),
+         "tiny": 1e-30 * torch.randn(n, r, dtype=f64)}[G_kind].to(dtype)
+    Ut = augment_basis(U, G, sync_free=True)
+    assert Ut.shape == (n, r) and torch.isfinite(Ut).all()
+    Uh = torch.cat([U, Ut], 1).double()
+    assert (Uh.T @ Uh - torch.eye(2 * r, dtype=f64)).abs().max() < tol
+    Gd = G.double()
+    assert (Gd - Uh @ (Uh.T @ Gd)).norm() <= 10 * tol * Gd.norm()
+
+
+def test_sync_free_augmentation_reads_nothing_on_the_host_and_passes_nan_on():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                Reads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    U = orthonormal(100, 6).float()
+    for G in (torch.randn(100, 6), torch.zeros(100, 6), torch.ones(100, 6)):
+        augment_basis(U, G, sync_free=True)  # the filler is made once per shape
+        with Reads():
+            augment_basis(U, G, sync_free=True)
+        assert Reads.count == 0
+        with Reads():
+            augment_basis(U, G, sync_free=False)  # the checked path reads (its checks)
+        assert Reads.count > 0
+        Reads.count = 0
+    G = torch.randn(100, 6)
+    G[3, 2] = float("nan")
+    assert torch.isnan(augment_basis(U, G, sync_free=True)).any()  # not hidden, not an exception
+
+
+def test_sync_free_filler_is_fixed_whatever_width_it_was_made_at():
+    from lrc import linalg
+
+    linalg._fillers.clear()
+    narrow = linalg._filler(40, 5, torch.float64, torch.device("cpu")).clone()
+    linalg._fillers.clear()
+    linalg._filler(40, 30, torch.float64, torch.device("cpu"))
+    assert torch.allclose(linalg._filler(40, 5, torch.float64, torch.device("cpu")), narrow, atol=1e-12)

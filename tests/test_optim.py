@@ -955,3 +955,37 @@ def test_basis_every_preset_settings_are_checked(assignments, message):
             cfg = apply_override(cfg, assignment)
     cfg = apply_override(load_preset("digits-mlp"), "optimizer.basis_every=4")
     assert cfg["optimizer"]["basis_every"] == 4
+
+
+# ---- augmentation="sync_free": CholeskyQR2 without host reads ---------------------------------------
+@pytest.mark.parametrize("name, opt_cls, kw, rank", EXACT_CASES + [("tucker", LowRankAdam, {"lr": 1e-2}, None)])
+def test_sync_free_augmentation_trains_as_the_checked_one(name, opt_cls, kw, rank):
+    """On these gradients (well-conditioned) the sync-free orthonormalization is the checked one
+    to rounding: over the exactness cases' 20 steps (ranks moving; the tolerance of
+    test_fused_equals_two_pass_after_20_steps_with_the_same_rank_history, above their rounding
+    floor) the same ranks and weights, fused and two_pass alike; parallel mode too."""
+    def make():
+        return _tucker_net() if name == "tucker" else MODELS[name](rank)
+
+    w_auto, h_auto = run(make, "fused", 20, opt_cls, **kw)
+    w_free, h_free = run(make, "fused", 20, opt_cls, augmentation="sync_free", **kw)
+    w_two, h_two = run(make, "two_pass", 20, opt_cls, augmentation="sync_free", **kw)
+    assert h_free == h_auto == h_two
+    assert rel(w_free, w_auto) < 1e-6 and rel(w_free, w_two) < 1e-6
+    w_par, _ = run(make, "parallel", 20, opt_cls, **kw)
+    w_par_free, _ = run(make, "parallel", 20, opt_cls, augmentation="sync_free", **kw)
+    assert rel(w_par_free, w_par) < 1e-6
+    model, _, _ = make()
+    assert all(layer.sync_free_augmentation for layer in opt_cls(model, augmentation="sync_free").layers)
+
+
+def test_augmentation_is_checked():
+    from lrc.presets import PresetError, apply_override, load_preset
+
+    model, _, _ = mlp()
+    with pytest.raises(ValueError, match="augmentation"):
+        LowRankAdam(model, augmentation="qr")
+    with pytest.raises(PresetError, match="optimizer.augmentation 'qr'"):
+        apply_override(load_preset("digits-mlp"), "optimizer.augmentation=qr")
+    assert apply_override(load_preset("digits-mlp"), "optimizer.augmentation=sync_free")["optimizer"][
+        "augmentation"] == "sync_free"

@@ -99,8 +99,8 @@ class _WeightProduct(LayerFunction):
         grad_S = U.mT @ G_K
         if layer.fused and first_fused_backward(layer, G_K, G_L):
             with torch.autocast(D.device.type, enabled=False):
-                Ut = augment_basis(U, G_K, grad_S)
-                Vt = augment_basis(V, G_L, grad_S.mT)
+                Ut = augment_basis(U, G_K, grad_S, layer.sync_free_augmentation)
+                Vt = augment_basis(V, G_L, grad_S.mT, layer.sync_free_augmentation)
             G_S = torch.cat([U, Ut], 1).mT @ D @ torch.cat([V, Vt], 1)
             if layer.distributed:
                 all_reduce_mean_([G_S])
@@ -132,6 +132,7 @@ class LowRankMatrixModule(nn.Module):
             nn.Parameter(torch.empty(self._dense_shape(), **factory), requires_grad=False) if adapter else None
         )
         self.fused = False
+        self.sync_free_augmentation = None  # set by the optimizer: augment_basis(sync_free=…)
         # False: the backward skips the basis gradients (set by an optimizer on the steps that move S alone)
         self.basis_grads = True
         self.distributed = False  # set by a data-parallel optimizer: average inside the fused backward
@@ -232,8 +233,8 @@ class LowRankMatrixModule(nn.Module):
         if not first_fused_backward(self, G_K, G_L):
             return grad_S
         with torch.autocast(x.device.type, enabled=False):  # orthogonality needs full precision
-            Ut = augment_basis(U, G_K, grad_S)  # Uᵀ G_K = Uᵀ ∇W V = grad_S
-            Vt = augment_basis(V, G_L, grad_S.mT)
+            Ut = augment_basis(U, G_K, grad_S, self.sync_free_augmentation)  # Uᵀ G_K = Uᵀ ∇W V = grad_S
+            Vt = augment_basis(V, G_L, grad_S.mT, self.sync_free_augmentation)
         r, a, b = grad_S.shape[0], Ut.shape[1], Vt.shape[1]
         G_S = grad_S.new_zeros(r + a, r + b)
         G_S[:r, :r] = grad_S

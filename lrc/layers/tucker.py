@@ -179,6 +179,7 @@ class TuckerConv2d(nn.Module):
         self.core = nn.Parameter(torch.empty(r_out, r_in, *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.fused = False
+        self.sync_free_augmentation = None  # set by the optimizer: augment_basis(sync_free=…)
         # False: the backward skips the basis gradients (set by an optimizer on the steps that move S alone)
         self.basis_grads = True
         self.distributed = False  # set by a data-parallel optimizer: average inside the fused backward
@@ -246,7 +247,8 @@ class TuckerConv2d(nn.Module):
         if not first_fused_backward(self, G_out, G_in):
             return grad_core
         with torch.autocast(U_out.device.type, enabled=False):  # orthogonality needs full precision
-            Ut, Vt = augment_basis(U_out, G_out), augment_basis(U_in, G_in)
+            Ut = augment_basis(U_out, G_out, sync_free=self.sync_free_augmentation)
+            Vt = augment_basis(U_in, G_in, sync_free=self.sync_free_augmentation)
         G_hat = coefficient_grad(torch.cat([U_out, Ut], 1), torch.cat([U_in, Vt], 1)).to(grad_core.dtype)
         if self.distributed:
             all_reduce_mean_([G_hat])

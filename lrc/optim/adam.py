@@ -132,6 +132,15 @@ class LowRankAdam(LowRankOptimizer):
             ``torch.linalg.svd`` call waits for the device once, so this is one synchronisation
             instead of one per shape; ``"auto"``: ``"padded"`` on accelerators, ``"shape"`` on the
             CPU. Default: ``"auto"``.
+        augmentation (str): how the new directions ``Ũ``, ``Ṽ`` are orthonormalized
+            (:func:`~lrc.linalg.augment_basis`). ``"auto"``: on the CPU CholeskyQR2, checked on the
+            host, with a Householder QR where the check fails; on accelerators a Householder QR.
+            ``"sync_free"``: CholeskyQR2 made safe without a check (a shifted first pass, and fixed
+            random directions where the gradient has none) — matrix products and two small
+            Cholesky factorizations, no host read and no QR on any device; the same directions to
+            rounding wherever the gradient's singular values exceed ~``√(10·√n·ε)`` times their
+            root mean square (float32, ``n = 2048``: 7e-3), beyond which the checked path still
+            resolves them. Default: ``"auto"``.
         distributed (bool | None): average gradients over the processes of ``torch.distributed``
             (one flat all-reduce per phase; the fused backward averages ``G_K``, ``G_L`` and
             ``G_S`` itself) and take rank 0's new ranks. ``None``: when a process group of
@@ -152,7 +161,7 @@ class LowRankAdam(LowRankOptimizer):
                  target_cr: float | None = None, max_params: int | None = None,
                  coefficient_metric: str = "uniform", allocation: str = "relative",
                  fixed_ranks: bool = False, rank_every: int = 1, svd_batching: str = "auto",
-                 basis_every: int = 1) -> None:
+                 basis_every: int = 1, augmentation: str = "auto") -> None:
         if lr_scaling not in LR_SCALINGS:
             raise ValueError(f"Invalid lr_scaling: {lr_scaling!r} (one of {LR_SCALINGS})")
         if new_moments not in NEW_MOMENTS:
@@ -173,7 +182,8 @@ class LowRankAdam(LowRankOptimizer):
                          second_moment=second_moment, project_moments=project_moments, distributed=distributed,
                          update_every=update_every, target_cr=target_cr,
                          max_params=max_params, allocation=allocation, fixed_ranks=fixed_ranks,
-                         rank_every=rank_every, svd_batching=svd_batching, basis_every=basis_every)
+                         rank_every=rank_every, svd_batching=svd_batching, basis_every=basis_every,
+                         augmentation=augmentation)
         self.lr_scaling = lr_scaling
         self.new_moments = new_moments
         self.carry_moments = new_moments == "project"

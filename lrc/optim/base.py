@@ -34,10 +34,11 @@ from ..linalg import (
     untruncated_rank,
 )
 
-__all__ = ["LowRankOptimizer", "MODES", "SVD_BATCHINGS"]
+__all__ = ["LowRankOptimizer", "MODES", "SVD_BATCHINGS", "AUGMENTATIONS"]
 
 MODES = ("fused", "two_pass", "parallel")
 SVD_BATCHINGS = ("auto", "shape", "padded")
+AUGMENTATIONS = ("auto", "sync_free")
 TRAINED = (LowRankMatrixModule, TuckerConv2d)  # layer kinds these optimizers train
 
 
@@ -52,7 +53,7 @@ class LowRankOptimizer(Optimizer):
                  distributed: bool | None = None, update_every: int = 1,
                  target_cr: float | None = None, max_params: int | None = None,
                  allocation: str = "relative", fixed_ranks: bool = False, rank_every: int = 1,
-                 svd_batching: str = "auto", basis_every: int = 1) -> None:
+                 svd_batching: str = "auto", basis_every: int = 1, augmentation: str = "auto") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
         if mode not in MODES:
@@ -88,6 +89,11 @@ class LowRankOptimizer(Optimizer):
             raise ValueError(f"Invalid rank_every: {rank_every!r} (must be an integer ≥ 1)")
         if svd_batching not in SVD_BATCHINGS:
             raise ValueError(f"Invalid svd_batching: {svd_batching!r} (one of {SVD_BATCHINGS})")
+        if augmentation not in AUGMENTATIONS:
+            raise ValueError(f"Invalid augmentation: {augmentation!r} (one of {AUGMENTATIONS})")
+        self.augmentation = augmentation
+        # augment_basis(sync_free=…): None lets it choose by device (the layers read the same)
+        self._sync_free = True if augmentation == "sync_free" else None
         self.rank_every = rank_every
         self.svd_batching = svd_batching
         self.allocation = allocation
@@ -116,6 +122,7 @@ class LowRankOptimizer(Optimizer):
                 self._layers[module.S] = module
                 factor_ids.update(id(p) for p in module.factor_parameters())
                 module.fused = mode == "fused"
+                module.sync_free_augmentation = self._sync_free
                 module.distributed = self.distributed and mode == "fused"
                 module.clear_fused_grads()
         self._bases = {p for layer in self._layers.values() for p in (layer.U, layer.V)}
@@ -357,7 +364,8 @@ class LowRankOptimizer(Optimizer):
             if U.grad is None or V.grad is None:
                 continue
             G_K, G_L = U.grad, V.grad
-            Ut, Vt = augment_basis(U, G_K), augment_basis(V, G_L)
+            Ut = augment_basis(U, G_K, sync_free=self._sync_free)
+            Vt = augment_basis(V, G_L, sync_free=self._sync_free)
             if isinstance(layer, TuckerConv2d):
                 G = layer.parallel_coefficient_grad(Ut, Vt)
                 if G is not None:
@@ -376,7 +384,8 @@ class LowRankOptimizer(Optimizer):
             U, S, V = layer.factor_parameters()
             if U.grad is None or V.grad is None:
                 continue
-            Ut, Vt = augment_basis(U, U.grad), augment_basis(V, V.grad)
+            Ut = augment_basis(U, U.grad, sync_free=self._sync_free)
+            Vt = augment_basis(V, V.grad, sync_free=self._sync_free)
             bases[layer] = (Ut, Vt)
             saved[layer] = (U.detach().clone(), S.detach().clone(), V.detach().clone())
             a, b = S.shape[0] + Ut.shape[1], S.shape[1] + Vt.shape[1]
