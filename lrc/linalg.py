@@ -39,7 +39,7 @@ __all__ = [
 SECOND_MOMENT_RULES = ("paper", "squared")
 
 
-def augment_basis(U: Tensor, G: Tensor, UtG: Tensor | None = None, sync_free: bool | None = None) -> Tensor:
+def augment_basis(U: Tensor, G: Tensor, UtG: Tensor | None = None, sync_free: bool = False) -> Tensor:
     """New orthonormal directions ``Ũ`` that extend ``U`` towards ``G``.
 
     Returns ``Ũ`` (n×k) with orthonormal columns, orthogonal to ``U``, such that
@@ -59,9 +59,9 @@ def augment_basis(U: Tensor, G: Tensor, UtG: Tensor | None = None, sync_free: bo
     * a Householder QR of ``[U | P]``, whose Q is orthogonal whatever the rank of its
       input, so that a zero or rank-deficient gradient still gives orthonormal
       directions orthogonal to ``U`` (they carry no gradient; the truncation drops
-      them) and never a NaN.
+      them) and never a NaN. Used on accelerators (no host synchronisation).
 
-    On accelerators (``sync_free=None``) or with ``sync_free=True``: CholeskyQR2 that
+    With ``sync_free=True``, on any device: CholeskyQR2 that
     reads nothing on the host and needs no fallback (:func:`_cholesky_qr2_repaired`):
     matrix products and two ``k×k`` Cholesky factorizations, where a Householder QR is a
     sequential panel factorization with no batched kernel. It equals the other two up to
@@ -75,11 +75,9 @@ def augment_basis(U: Tensor, G: Tensor, UtG: Tensor | None = None, sync_free: bo
     if k <= 0:
         return U.new_zeros(n, 0)
     P = G - U @ (U.mT @ G if UtG is None else UtG)
-    if sync_free is None:
-        sync_free = U.device.type != "cpu"
-    if k == G.shape[1]:
-        if sync_free:
-            return _cholesky_qr2_repaired(U, P)
+    if k == G.shape[1] and sync_free:
+        return _cholesky_qr2_repaired(U, P)
+    if k == G.shape[1] and U.device.type == "cpu":
         Q = _cholesky_qr2_against(U, P)
         if Q is not None:
             return Q

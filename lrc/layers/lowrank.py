@@ -132,7 +132,7 @@ class LowRankMatrixModule(nn.Module):
             nn.Parameter(torch.empty(self._dense_shape(), **factory), requires_grad=False) if adapter else None
         )
         self.fused = False
-        self.sync_free_augmentation = None  # set by the optimizer: augment_basis(sync_free=…)
+        self.sync_free_augmentation = False  # set by the optimizer: augment_basis(sync_free=…)
         # False: the backward skips the basis gradients (set by an optimizer on the steps that move S alone)
         self.basis_grads = True
         self.distributed = False  # set by a data-parallel optimizer: average inside the fused backward

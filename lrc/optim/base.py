@@ -92,8 +92,7 @@ class LowRankOptimizer(Optimizer):
         if augmentation not in AUGMENTATIONS:
             raise ValueError(f"Invalid augmentation: {augmentation!r} (one of {AUGMENTATIONS})")
         self.augmentation = augmentation
-        # augment_basis(sync_free=…): None lets it choose by device (the layers read the same)
-        self._sync_free = True if augmentation == "sync_free" else None
+        self._sync_free = augmentation == "sync_free"  # augment_basis(sync_free=…); the layers read the same
         self.rank_every = rank_every
         self.svd_batching = svd_batching
         self.allocation = allocation
