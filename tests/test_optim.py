@@ -373,12 +373,13 @@ def test_float32_and_conv_layers_train():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("augmentation", ["auto", "sync_free"])
 @pytest.mark.parametrize("mode", ["fused", "two_pass"])
-def test_cuda_matches_cpu(mode):
+def test_cuda_matches_cpu(mode, augmentation):
     w_cpu, h_cpu = run(convnet, mode, 5)
     model, x, y = convnet()
     model, x, y = model.cuda(), x.cuda(), y.cuda()
-    opt = LowRankAdam(model, lr=1e-2, tau=0.1, mode=mode)
+    opt = LowRankAdam(model, lr=1e-2, tau=0.1, mode=mode, augmentation=augmentation)
     h = train(model, x, y, opt, 5)
     assert model[0].U.is_cuda and h == h_cpu
     assert rel(weights(model).cpu(), w_cpu) < 1e-8
