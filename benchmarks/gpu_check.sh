@@ -8,7 +8,9 @@
 # 2. step time, kernel launches and synchronisations per step: the 2048-MLP at batch 1024 and 4096,
 #    torchvision's vgg16 (Tucker, 95 % c.r.) at batch 128;
 # 3. training throughput (images/s of the second epoch) of `lrc train --preset $PRESET` on random
-#    CIFAR-shaped data (data.name=synthetic), lowrank-adam (every step, and basis_every=4) against --method dense.
+#    CIFAR-shaped data (data.name=synthetic), lowrank-adam (every step, basis_every=4 and
+#    augmentation=sync_free) against --method dense;
+# 4. the augmentation's and the truncation's kernels alone (benchmarks/gpu_profile.py's first lines).
 # Writes $OUT (default gpu-check/) and prints a summary; each part has its own time limit.
 set -uo pipefail
 DEVICE=${DEVICE:-cuda}
@@ -30,9 +32,10 @@ timeout 300 python benchmarks/step_time.py --device "$DEVICE" --batches $batches
 echo "== 3. training throughput, $PRESET on synthetic data"
 size=32; [ "$PRESET" = digits-mlp ] && size=8
 channels=3; [ "$PRESET" = digits-mlp ] && channels=1
-for run in dense lowrank-adam lowrank-adam:basis4; do
+for run in dense lowrank-adam lowrank-adam:basis4 lowrank-adam:syncfree; do
     method=${run%%:*}; extra=""
     [ "$run" = lowrank-adam:basis4 ] && extra="--set optimizer.basis_every=4"
+    [ "$run" = lowrank-adam:syncfree ] && extra="--set optimizer.augmentation=sync_free"
     timeout 300 lrc train --preset "$PRESET" --method "$method" --device "$DEVICE" --epochs 2 -q \
         --set data.name=synthetic --set data.image_size=$size --set data.channels=$channels \
         --set model.checkpoint=null $extra --out "$OUT/train-${run/:/-}" > "$OUT/train-${run/:/-}.log" 2>&1
@@ -44,3 +47,6 @@ print(f"{sys.argv[2]}: {5000 / last['time_s']:.0f} images/s (epoch {last['epoch'
       f"c.r. {last['compression_ratio']:.1f} %")
 PY
 done 2>&1 | tee "$OUT/throughput.txt"
+
+echo "== 4. the augmentation and SVD kernels alone (Householder QR, CholeskyQR2 checked and sync-free)"
+[ "$DEVICE" = cuda ] && timeout 120 python benchmarks/gpu_profile.py 2>&1 | head -12 | tee "$OUT/kernels.txt"
