@@ -75,12 +75,13 @@ def augment_basis(U: Tensor, G: Tensor, UtG: Tensor | None = None, sync_free: bo
     if k <= 0:
         return U.new_zeros(n, 0)
     P = G - U @ (U.mT @ G if UtG is None else UtG)
-    if k == G.shape[1] and sync_free:
-        return _cholesky_qr2_repaired(U, P)
-    if k == G.shape[1] and U.device.type == "cpu":
-        Q = _cholesky_qr2_against(U, P)
-        if Q is not None:
-            return Q
+    if k == G.shape[1]:
+        if sync_free:
+            return _cholesky_qr2_repaired(U, P)
+        if U.device.type == "cpu":
+            Q = _cholesky_qr2_against(U, P)
+            if Q is not None:
+                return Q
     P = P - U @ (U.mT @ P)
     Q, R = torch.linalg.qr(torch.cat([U, P], dim=1))
     d = torch.diagonal(R[r:, r:])[:k]

@@ -92,7 +92,6 @@ class LowRankOptimizer(Optimizer):
         if augmentation not in AUGMENTATIONS:
             raise ValueError(f"Invalid augmentation: {augmentation!r} (one of {AUGMENTATIONS})")
         self.augmentation = augmentation
-        self._sync_free = augmentation == "sync_free"  # augment_basis(sync_free=…); the layers read the same
         self.rank_every = rank_every
         self.svd_batching = svd_batching
         self.allocation = allocation
@@ -121,7 +120,7 @@ class LowRankOptimizer(Optimizer):
                 self._layers[module.S] = module
                 factor_ids.update(id(p) for p in module.factor_parameters())
                 module.fused = mode == "fused"
-                module.sync_free_augmentation = self._sync_free
+                module.sync_free_augmentation = augmentation == "sync_free"  # augment_basis(sync_free=…)
                 module.distributed = self.distributed and mode == "fused"
                 module.clear_fused_grads()
         self._bases = {p for layer in self._layers.values() for p in (layer.U, layer.V)}
@@ -363,8 +362,8 @@ class LowRankOptimizer(Optimizer):
             if U.grad is None or V.grad is None:
                 continue
             G_K, G_L = U.grad, V.grad
-            Ut = augment_basis(U, G_K, sync_free=self._sync_free)
-            Vt = augment_basis(V, G_L, sync_free=self._sync_free)
+            Ut = augment_basis(U, G_K, sync_free=layer.sync_free_augmentation)
+            Vt = augment_basis(V, G_L, sync_free=layer.sync_free_augmentation)
             if isinstance(layer, TuckerConv2d):
                 G = layer.parallel_coefficient_grad(Ut, Vt)
                 if G is not None:
@@ -383,8 +382,8 @@ class LowRankOptimizer(Optimizer):
             U, S, V = layer.factor_parameters()
             if U.grad is None or V.grad is None:
                 continue
-            Ut = augment_basis(U, U.grad, sync_free=self._sync_free)
-            Vt = augment_basis(V, V.grad, sync_free=self._sync_free)
+            Ut = augment_basis(U, U.grad, sync_free=layer.sync_free_augmentation)
+            Vt = augment_basis(V, V.grad, sync_free=layer.sync_free_augmentation)
             bases[layer] = (Ut, Vt)
             saved[layer] = (U.detach().clone(), S.detach().clone(), V.detach().clone())
             a, b = S.shape[0] + Ut.shape[1], S.shape[1] + Vt.shape[1]
