@@ -3,6 +3,7 @@ command's modules are still being imported ends it with one line, not a tracebac
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 
@@ -14,6 +15,24 @@ class Terminated(BaseException):
 
 def _on_sigterm(signum, frame) -> None:
     raise Terminated()
+
+
+@contextlib.contextmanager
+def signals_noted():
+    """Inside, SIGINT and SIGTERM are only noted; on leaving, the first one is raised
+    (``KeyboardInterrupt``, :class:`Terminated`). For imports of C++ extensions (torch): raised
+    inside one of their calls back into Python, the exception cannot be caught and aborts the
+    process ("terminate called after throwing an instance of 'pybind11::error_already_set'")."""
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        raise KeyboardInterrupt if received[0] == signal.SIGINT else Terminated()
 
 
 def main() -> None:

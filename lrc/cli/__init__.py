@@ -16,7 +16,7 @@ from typing import List, Optional
 import typer
 
 from .. import __version__
-from .._entry import Terminated
+from .._entry import Terminated, signals_noted
 
 app = typer.Typer(help="Compress neural networks by dynamical low-rank training.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -39,10 +39,17 @@ def friendly_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from ..data import DataError
-        from ..io import CheckpointError, WriteError
-        from ..train import TrainingStopped
-
+        try:
+            with signals_noted():  # these import torch
+                from ..data import DataError
+                from ..io import CheckpointError, WriteError
+                from ..train import TrainingStopped
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+        except Terminated:
+            typer.echo("terminated", err=True)
+            raise typer.Exit(143) from None
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
