@@ -17,6 +17,9 @@ Methods, all at rank 64 for the three 2048×2048 layers (the 10-way head stays d
                          one call or few) and rank_every=16 (the ranks read and changed once per 16
                          truncations): the steady state of issue 12, the mean over 16 steps
   lowrank-adam two_pass  LowRankAdam, mode="two_pass" (a second forward/backward per step)
+  lowrank-adam parallel  LowRankAdam, mode="parallel" (one pass; the new-new block of the
+                         coefficient gradient dropped, so its backward has LoRA's four large
+                         products and no more: every other block comes from G_K, G_L)
   dense adamw            torch.optim.AdamW on the dense model
   lora floor             W = A Bᵀ trained by torch.optim.Adam: the same forward/backward cost,
                          no geometry — the floor a geometric step can approach
@@ -300,7 +303,7 @@ def time_methods(methods: list[str], batch: int, steps: int, warmup: int, device
 
 
 METHODS = ["dense adamw", "lowrank-adam fused", "lowrank-adam fused sync-free", "lowrank-adam fused every4",
-           "lowrank-adam fused basis4", "lowrank-adam fused padded-r16", "lowrank-adam two_pass", "lora floor"]
+           "lowrank-adam fused basis4", "lowrank-adam fused padded-r16", "lowrank-adam two_pass", "lowrank-adam parallel", "lora floor"]
 
 
 def main() -> None:
