@@ -281,6 +281,42 @@ def test_two_pass_needs_a_closure():
         LowRankAdam(model, mode="two_pass").step()
 
 
+@pytest.mark.parametrize("make", [mlp, convnet])
+def test_parallel_coefficient_gradient_is_the_augmented_one_without_its_new_new_block(make):
+    """mode="parallel" (float64): ``Ũ``, ``Ṽ`` extend the bases towards ``G_K``, ``G_L`` and
+    ``G_S = [U | Ũ]ᵀ ∇W [V | Ṽ]`` with the new-new block ``Ũᵀ∇W Ṽ`` zero, ``∇W`` from the dense weight."""
+    model, x, y = make()
+    dense = copy.deepcopy(model)
+    opt = LowRankAdam(model, lr=1e-2, mode="parallel")
+    F.cross_entropy(model(x), y).backward()
+    grads = opt._parallel_grads()
+    for layer, twin in zip(model, dense):
+        if not isinstance(layer, (LowRankLinear, LowRankConv2d)):
+            continue
+        W = twin.weight.detach().clone().requires_grad_(True)  # the dense weight, its own gradient
+        out = x
+        for m in dense:
+            if m is twin:
+                out = (F.linear(out, W.reshape(W.shape[0], -1), twin.bias) if isinstance(m, LowRankLinear) else
+                       F.conv2d(out, W, twin.bias, m.stride, m.padding, m.dilation))
+            else:
+                out = m(out)
+        (dW,) = torch.autograd.grad(F.cross_entropy(out, y), W)
+        dW = dW.reshape(dW.shape[0], -1)
+        U, _, V = layer.factor_parameters()
+        Ut, Vt, G_S = grads[layer]
+        r, a, b = U.shape[1], Ut.shape[1], Vt.shape[1]
+        Uh, Vh = torch.cat([U, Ut], 1), torch.cat([V, Vt], 1)
+        assert rel(Uh.mT @ Uh, torch.eye(r + a, dtype=f64)) < 1e-12
+        assert rel(Vh.mT @ Vh, torch.eye(r + b, dtype=f64)) < 1e-12
+        G_K, G_L = dW @ V, dW.mT @ U  # their spans are in the augmented bases
+        assert rel(Uh @ (Uh.mT @ G_K), G_K) < 1e-10 and rel(Vh @ (Vh.mT @ G_L), G_L) < 1e-10
+        expected = Uh.mT @ dW @ Vh
+        expected[r:, r:] = 0
+        assert G_S.shape == (r + a, r + b)
+        assert rel(G_S, expected) < 1e-10
+
+
 def test_accumulation_in_two_pass_and_parallel_modes():
     """Two half-batches accumulated give the step of the whole batch."""
     for mode in ("two_pass", "parallel"):
