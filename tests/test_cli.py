@@ -180,7 +180,9 @@ def test_metrics_carry_per_layer_diagnostics_and_the_tau_warmup_only_shrinks_ran
     train(cfg, tmp_path / "run", progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first = rows[0]["layers"]["1"]
-    assert set(first) == {"step_norm", "rotation", "truncated_energy", "truncated_energy_max", "steps"}
+    assert set(first) == {"step_norm", "rotation", "truncated_energy", "truncated_energy_max", "spectrum_ratio",
+                          "steps"}
+    assert 0 < first["spectrum_ratio"] <= 1
     assert first["steps"] == 23 and first["step_norm"] > 0 and 0 <= first["truncated_energy"] <= first["truncated_energy_max"]
     assert all(r <= 12 for row in rows[:1] for r in row["ranks"].values())  # warm-up: never above the start
     assert "layers" not in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]

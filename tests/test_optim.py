@@ -515,6 +515,20 @@ def test_diagnostics_equal_the_rotation_and_the_truncated_energy():
     assert abs(diag["truncated_energy"] - energy.item()) < 1e-10 and diag["steps"] == 1
 
 
+@pytest.mark.parametrize("make", [mlp, convnet])
+def test_spectrum_ratio_is_the_last_truncations_smallest_kept_singular_value_over_its_largest(make):
+    model, x, y = make()
+    opt = LowRankAdam(model, lr=1e-2, tau=0.1, mode="fused")
+    train(model, x, y, opt, 3)
+    diags = opt.pop_diagnostics()
+    for layer in (model[0], model[2]):
+        if isinstance(layer, TuckerConv2d):
+            continue
+        sigma = torch.linalg.svdvals(layer.S.detach())  # S = diag(σ kept) after the last truncation
+        assert abs(diags[layer]["spectrum_ratio"] - (sigma.min() / sigma.max()).item()) < 1e-12
+        assert diags[layer]["steps"] == 3
+
+
 def test_lr_scaling_is_checked():
     model, _, _ = one_layer()
     with pytest.raises(ValueError, match="lr_scaling"):

@@ -202,17 +202,20 @@ class LowRankOptimizer(Optimizer):
         (‖ΔW‖_F of the coefficient step, before truncation; exact, since the augmented bases are
         orthonormal), ``rotation`` (RMS sine of the principal angles between the old and the new
         bases, ``U`` and ``V`` averaged), ``truncated_energy`` (``1 − ‖S_new‖²/‖Ŝ‖²``) and its
-        maximum ``truncated_energy_max``. Reads the device once; resets the sums."""
+        maximum ``truncated_energy_max``; and, from the last truncation, ``spectrum_ratio``: the
+        smallest singular value it kept over the largest (a Tucker core: of the output-channel
+        unfolding of ``Ĉ``) — near 1 a flat spectrum, every kept direction of about the same
+        weight; near 0 a decaying one. Reads the device once; resets the sums."""
         layers = list(self._diagnostics)
         if not layers:
             return {}
         values = torch.stack([self._diagnostics[layer] for layer in layers]).double().cpu().tolist()
         self._diagnostics.clear()
         out = {}
-        for layer, (dw, rot, energy, energy_max, n) in zip(layers, values):
+        for layer, (dw, rot, energy, energy_max, n, spread) in zip(layers, values):
             n = max(n, 1.0)
             out[layer] = {"step_norm": dw / n, "rotation": rot / n, "truncated_energy": energy / n,
-                          "truncated_energy_max": energy_max, "steps": int(n)}
+                          "truncated_energy_max": energy_max, "spectrum_ratio": spread, "steps": int(n)}
         return out
 
     @torch.no_grad()
@@ -564,7 +567,8 @@ class LowRankOptimizer(Optimizer):
                 P1, S_new, R1 = P[:, :r1], torch.diag(sigma[:r1]), R[:, :r1]
                 if self.carry_moments and self.project_moments:
                     self._store_carried(layer, Ut, Vt, P, R, r1, padded)
-            self._record(layer, S_bar, S_new, P1, R1, step_norm)
+            kept = s_out[:r_out] if isinstance(layer, TuckerConv2d) else sigma[:r1]
+            self._record(layer, S_bar, S_new, P1, R1, step_norm, kept)
             self._apply_truncation(layer, Ut, Vt, P1, S_new, R1, padded)
         if self.distributed and pending:  # bit-identical factors and moments on every process
             self.bytes_communicated += broadcast_(
@@ -686,8 +690,10 @@ class LowRankOptimizer(Optimizer):
             + ["carry_" + k for k in self._state_keys if "carry_" + k in state]
         return [state[k] for k in keys]
 
-    def _record(self, layer, S_hat: Tensor, S_new: Tensor, P1: Tensor, R1: Tensor, step_norm: Tensor) -> None:
-        """Add one step's diagnostics of ``layer`` to its sums, on the device (no read)."""
+    def _record(self, layer, S_hat: Tensor, S_new: Tensor, P1: Tensor, R1: Tensor, step_norm: Tensor,
+                kept: Tensor) -> None:
+        """Add one step's diagnostics of ``layer`` to its sums, on the device (no read); ``kept``:
+        the singular values the truncation kept (a Tucker core: of its output-channel unfolding)."""
         r_out, r_in = layer.S.shape[0], layer.S.shape[1]
         total = S_hat.square().sum()
         energy = torch.where(total > 0, 1.0 - S_new.square().sum() / total.clamp_min(torch.finfo(total.dtype).tiny),
@@ -695,8 +701,10 @@ class LowRankOptimizer(Optimizer):
         # the new basis Û P₁ has the component Ũ P₁[r:] outside the old span: its norm is ‖sin Θ‖_F
         rotation = 0.5 * (P1[r_out:].square().sum() / max(P1.shape[1], 1)).sqrt() \
             + 0.5 * (R1[r_in:].square().sum() / max(R1.shape[1], 1)).sqrt()
+        top = kept.max().to(total.dtype)  # the kept spectrum's smallest over its largest value
+        spread = torch.where(top > 0, kept.min().to(total.dtype) / top.clamp_min(torch.finfo(total.dtype).tiny), 1.0)
         row = torch.stack([step_norm.to(total.dtype), rotation.to(total.dtype), energy, energy,
-                           torch.ones((), dtype=total.dtype, device=total.device)])
+                           torch.ones((), dtype=total.dtype, device=total.device), spread])
         acc = self._diagnostics.get(layer)
         if acc is None:
             self._diagnostics[layer] = row
@@ -704,6 +712,7 @@ class LowRankOptimizer(Optimizer):
             acc[:3] += row[:3]
             acc[3] = torch.maximum(acc[3], row[3])
             acc[4] += 1
+            acc[5] = row[5]  # a state, not a rate: the last truncation's
 
     def _apply_truncation(self, layer, Ut: Tensor, Vt: Tensor, P1: Tensor, S_new: Tensor, R1: Tensor,
                           padded: dict) -> None:
