@@ -34,6 +34,13 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Compress neural networks by dynamical low-rank training."""
 
 
+def _signal_exit(e: BaseException) -> typer.Exit:
+    """Ctrl-C (``KeyboardInterrupt``) or SIGTERM (:class:`Terminated`): one line, the shell's status."""
+    interrupted = isinstance(e, KeyboardInterrupt)
+    typer.echo("interrupted" if interrupted else "terminated", err=True)
+    return typer.Exit(130 if interrupted else 143)
+
+
 def friendly_errors(fn):
     """Turn the library's errors into one line and an exit status."""
 
@@ -44,12 +51,8 @@ def friendly_errors(fn):
                 from ..data import DataError
                 from ..io import CheckpointError, WriteError
                 from ..train import TrainingStopped
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
-        except Terminated:
-            typer.echo("terminated", err=True)
-            raise typer.Exit(143) from None
+        except (KeyboardInterrupt, Terminated) as e:
+            raise _signal_exit(e) from None
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
@@ -70,12 +73,8 @@ def friendly_errors(fn):
         except BrokenPipeError:  # `lrc info … | head`: stop quietly
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
-        except Terminated:
-            typer.echo("terminated", err=True)
-            raise typer.Exit(143) from None
+        except (KeyboardInterrupt, Terminated) as e:
+            raise _signal_exit(e) from None
         except Exception as e:  # a bug or an environment failure: still one line
             if os.environ.get("LRC_DEBUG"):
                 raise
