@@ -131,7 +131,9 @@ def calibration_batches(dataset, samples: int, batch_size: int = 64) -> list:
     if not samples:
         return []
     keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(4242))[:samples].tolist()
-    return list(DataLoader(Subset(dataset, keep), batch_size=batch_size))
+    # a generator of its own: iterating a DataLoader draws its base seed from the global one, which
+    # would shift the run's random stream (head initialisation, dropout) against the same seed without
+    return list(DataLoader(Subset(dataset, keep), batch_size=batch_size, generator=torch.Generator()))
 
 
 class Run(NamedTuple):

@@ -231,6 +231,26 @@ def test_calibration_is_refused_for_adapters_and_needs_inputs():
         factorize(nn.Sequential(nn.Linear(4, 4)), rank=2, calibration=[])
 
 
+def test_calibration_samples_are_fixed_and_leave_the_random_stream_alone():
+    """The same subset for every seed, and drawing it moves no global random state: a run with
+    factorize.calibration starts from the head initialisation and dropout masks the same seed
+    gives without it (a DataLoader draws its base seed from the global generator unless given one)."""
+    from torch.utils.data import TensorDataset
+
+    from lrc.train import calibration_batches
+
+    data = TensorDataset(torch.randn(50, 3), torch.arange(50))
+    torch.manual_seed(0)
+    batches = calibration_batches(data, 20, batch_size=8)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))
+    assert [len(b[1]) for b in batches] == [8, 8, 4]
+    torch.manual_seed(1)
+    again = calibration_batches(data, 20, batch_size=8)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again))
+
+
 def test_calibration_leaves_convolutions_that_are_kept_dense_alone():
     """Self-padding and grouped convolutions are not factorized; their inputs are not gathered
     either (an unfold with the module's own padding attribute would not fit them)."""
