@@ -365,20 +365,21 @@ class LowRankOptimizer(Optimizer):
             if U.grad is None or V.grad is None:
                 continue
             G_K, G_L = U.grad, V.grad
-            if isinstance(layer, TuckerConv2d):
-                Ut = augment_basis(U, G_K, sync_free=layer.sync_free_augmentation)
-                Vt = augment_basis(V, G_L, sync_free=layer.sync_free_augmentation)
+            tucker = isinstance(layer, TuckerConv2d)
+            # a matrix layer: Uᵀ G_K = Uᵀ ∇W V is the coefficient's own gradient (accumulated as G_K, G_L
+            # are; not averaged over processes, which G_K is): the old block of G_S and the first
+            # projection of both augmentations, as in the fused backward
+            UtG = None
+            if not tucker:
+                S_grad = None if self.distributed else layer.S.grad
+                UtG = U.mT @ G_K if S_grad is None else S_grad.to(G_K.dtype)
+            Ut = augment_basis(U, G_K, UtG, sync_free=layer.sync_free_augmentation)
+            Vt = augment_basis(V, G_L, None if tucker else UtG.mT, sync_free=layer.sync_free_augmentation)
+            if tucker:
                 G = layer.parallel_coefficient_grad(Ut, Vt)
                 if G is not None:
                     out[layer] = (Ut, Vt, G)
                 continue
-            # Uᵀ G_K = Uᵀ ∇W V is the coefficient's own gradient (accumulated as G_K, G_L are; not averaged
-            # over processes, which G_K is): the old block of G_S and the first projection of both
-            # augmentations, as in the fused backward
-            S_grad = None if self.distributed else layer.S.grad
-            UtG = U.mT @ G_K if S_grad is None else S_grad.to(G_K.dtype)
-            Ut = augment_basis(U, G_K, UtG, sync_free=layer.sync_free_augmentation)
-            Vt = augment_basis(V, G_L, UtG.mT, sync_free=layer.sync_free_augmentation)
             r = layer.rank
             G_S = pad_block(UtG, r + Ut.shape[1], r + Vt.shape[1])
             G_S[r:, :r] = Ut.mT @ G_K
