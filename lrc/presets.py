@@ -48,7 +48,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                   "second_moment": "squared", "lr_scaling": "dense",
                   "new_moments": "zero", "update_every": 1, "max_params": None, "coefficient_metric": "uniform",
                   "fixed_ranks": False, "rank_every": 1, "svd_batching": "auto", "augmentation": "auto",
-                  "basis_every": 1},
+                  "basis_every": 1, "capacity": None},
     "train": {"epochs": 10, "seed": 0, "device": "auto", "bf16": False, "grad_clip": None,
               "schedule": "cosine", "warmup_epochs": 0.0, "tau_warmup_epochs": 0.0,
               "budget_warmup_epochs": 0.0, "budget_warmup_start_cr": None, "distill": 0.0, "distill_temperature": 2.0},
@@ -96,6 +96,7 @@ _TYPED: dict[tuple[str, str], tuple[str, Any]] = {
     ("data", "test_file"): ("a file name in data_dir, or null", _optional(lambda v: isinstance(v, str))),
     ("optimizer", "max_params"): ("an integer or null", _optional(_is_int)),
     ("optimizer", "max_rank"): ("an integer or null", _optional(_is_int)),
+    ("optimizer", "capacity"): ("an integer or null", _optional(_is_int)),
     ("optimizer", "betas"): ("two numbers, e.g. [0.9, 0.999]",
                              lambda v: isinstance(v, list) and len(v) == 2
                              and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in v)),
@@ -348,6 +349,18 @@ def validate(cfg: dict, source: str) -> None:
                           f"{', '.join(AUGMENTATIONS)}")
     if opt["min_rank"] < 1:
         raise PresetError(f"{source}: optimizer.min_rank = {opt['min_rank']} must be ≥ 1")
+    if opt["capacity"] is not None:
+        if opt["capacity"] < opt["min_rank"]:
+            raise PresetError(f"{source}: optimizer.capacity = {opt['capacity']} must be ≥ optimizer.min_rank "
+                              f"({opt['min_rank']})")
+        clash = [name for name, on in (("optimizer.update_every > 1", opt["update_every"] > 1),
+                                       ("optimizer.max_params", opt["max_params"] is not None),
+                                       ("factorize.target_cr", fac["target_cr"] is not None),
+                                       ("optimizer.new_moments: project", opt["new_moments"] == "project"),
+                                       ("method dlrt-naive", opt["method"] == "dlrt-naive")) if on]
+        if clash:
+            raise PresetError(f"{source}: optimizer.capacity holds every layer's shapes fixed and chooses ranks on the "
+                              f"device; it does not go with {clash[0]} — leave one of them out")
     if opt["max_rank"] is not None and opt["max_rank"] < opt["min_rank"]:
         raise PresetError(f"{source}: optimizer.max_rank = {opt['max_rank']} must be ≥ optimizer.min_rank "
                           f"({opt['min_rank']})")

@@ -240,7 +240,7 @@ def build_run(cfg: dict, device: torch.device, total_steps: int = 0, calibration
                        allocation=fac.get("allocation", "relative"), fixed_ranks=opt_cfg.get("fixed_ranks", False),
                        rank_every=opt_cfg.get("rank_every", 1), svd_batching=opt_cfg.get("svd_batching", "auto"),
                        augmentation=opt_cfg.get("augmentation", "auto"),
-                       basis_every=opt_cfg.get("basis_every", 1))
+                       basis_every=opt_cfg.get("basis_every", 1), capacity=opt_cfg.get("capacity"))
         if method in ("lowrank-adam", "dlrt-naive"):
             opt = LowRankAdam(model, betas=tuple(opt_cfg["betas"]), second_moment=opt_cfg["second_moment"],
                               project_moments=method == "lowrank-adam", lr_scaling=opt_cfg.get("lr_scaling", "none"),
@@ -625,6 +625,7 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
             bar.close()
             if isinstance(opt, LowRankOptimizer):
                 opt.finish_cycle()  # update_every > 1: the epoch's model at its truncated ranks
+                opt.compact()  # capacity: the layers at their active ranks (their real size) to evaluate and save
             ev = evaluate(model, test_loader, device, bf16=use_bf16)
             last = {"epoch": epoch + 1, "train_loss": epoch_sums[0] / max(epoch_sums[2], 1),
                     "train_accuracy": epoch_sums[1] / max(epoch_sums[2], 1), "test_loss": ev["loss"],
@@ -731,9 +732,15 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 def _mean_rank(model: nn.Module) -> float:
-    ranks = [r for m in model.modules() if isinstance(m, FACTORIZED)
-             for r in (m.rank if isinstance(m.rank, list) else [m.rank])]  # a Tucker layer: both modes
+    ranks = [r for m in model.modules() if isinstance(m, FACTORIZED)  # a Tucker layer: both modes
+             for r in (m.rank if isinstance(m.rank, list) else [_active(m)])]
     return sum(ranks) / len(ranks) if ranks else 0.0
+
+
+def _active(layer) -> int:
+    """A matrix layer's rank; while an optimizer's ``capacity`` holds it, its active rank (a read)."""
+    mask = getattr(layer, "rank_mask", None)
+    return layer.rank if mask is None else int(mask.sum())
 
 
 def _append_metrics(run_dir: Path, row: dict) -> None:

@@ -108,6 +108,10 @@ def test_version_and_help():
     (["factorize", "--tau", "0", "--out", "{tmp}/x.safetensors"], "must lie in (0, 1)"),
     (["factorize", "--calibration", "-1", "--out", "{tmp}/x.safetensors"], "--calibration -1: a number of"),
     (["train", "--set", "factorize.calibration=-5", "--out", "{tmp}/k"], "factorize.calibration = -5"),
+    (["train", "--set", "optimizer.capacity=0", "--out", "{tmp}/cap"], "optimizer.capacity = 0 must be ≥"),
+    (["train", "--set", "optimizer.capacity=32", "--set", "optimizer.update_every=2", "--out", "{tmp}/cap"],
+     "does not go with optimizer.update_every > 1"),
+    (["train", "--set", "optimizer.capacity=16", "--out", "{tmp}/cap"], "capacity=16 is below the rank 30 of layer 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
@@ -168,6 +172,25 @@ def test_python_api_resume_mid_epoch_matches_an_uninterrupted_run(tmp_path, tau_
     assert resumed.metrics["ranks"] == full.metrics["ranks"]
     with pytest.raises(ValueError, match="already holds a run"):
         train(cfg, tmp_path / "full", progress=False)
+
+
+def test_a_run_held_at_a_capacity_resumes_mid_epoch_and_writes_the_real_sizes(tmp_path):
+    from lrc.presets import apply_override, load_preset
+    from lrc.train import TrainingStopped, train
+
+    cfg = apply_override(apply_override(load_preset("digits-mlp"), "train.epochs=2"), "optimizer.capacity=32")
+    full = train(cfg, tmp_path / "full", progress=False)
+    with pytest.raises(TrainingStopped):  # mid-epoch 2: the layers held at 32 columns, their masks in the state
+        train(cfg, tmp_path / "cut", progress=False, max_steps=30)
+    resumed = train({}, tmp_path / "cut", resume=True, progress=False)
+    a, b = load_file(full.model_path), load_file(resumed.model_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+    ranks = full.metrics["ranks"]
+    assert resumed.metrics["ranks"] == ranks and max(ranks.values()) <= 32
+    for name, r in ranks.items():  # compacted at the epoch's end: the file holds the active ranks only
+        assert a[f"{name}.S"].shape == (r, r) and a[f"{name}.U"].shape[1] == r
 
 
 def test_metrics_carry_per_layer_diagnostics_and_the_tau_warmup_only_shrinks_ranks(tmp_path):

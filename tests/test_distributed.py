@@ -25,6 +25,7 @@ CASES = [  # name, rank, optimizer, kwargs (configurations whose rounding floor 
     ("tucker", 3, "adam", {"lr": 5e-2, "second_moment": "squared", "svd_batching": "padded", "rank_every": 2}),
     ("tucker", 3, "adam", {"lr": 5e-2, "second_moment": "squared", "basis_every": 3}),
     ("tucker", 3, "adam", {"lr": 5e-2, "second_moment": "squared", "augmentation": "sync_free"}),
+    ("mlp", 8, "adam", {"lr": 5e-2, "second_moment": "squared", "capacity": 10}),
 ]
 STEPS = 10
 
@@ -71,12 +72,13 @@ def worker(rank, world, port, case, mode, out):
 
 COMBOS = [(CASES[0], "fused"), (CASES[0], "parallel"), (CASES[0], "two_pass"), (CASES[1], "fused"),
           (CASES[2], "fused"), (CASES[3], "parallel"), (CASES[5], "fused"), (CASES[5], "parallel"), (CASES[6], "fused"), (CASES[7], "fused"),
-          (CASES[8], "fused")]
+          (CASES[8], "fused"), (CASES[9], "fused"), (CASES[9], "parallel")]
 
 
 @pytest.mark.parametrize("case, mode", COMBOS, ids=[f"{c[0]}-{c[2]}-r{c[1]}-{m}{'-every3' if 'update_every' in c[3] else ''}"
                                               f"{'-padded' if 'svd_batching' in c[3] else ''}{'-basis3' if 'basis_every' in c[3] else ''}"
                                               f"{'-syncfree' if 'augmentation' in c[3] else ''}"
+                                              f"{'-capacity' if 'capacity' in c[3] else ''}"
                                               for c, m in COMBOS])
 def test_two_processes_equal_one_process_with_the_global_batch(case, mode, tmp_path):
     out = tmp_path / "rank0.pt"

@@ -99,8 +99,8 @@ class _WeightProduct(LayerFunction):
         grad_S = U.mT @ G_K
         if layer.fused and first_fused_backward(layer, G_K, G_L):
             with torch.autocast(D.device.type, enabled=False):
-                Ut = augment_basis(U, G_K, grad_S, layer.sync_free_augmentation)
-                Vt = augment_basis(V, G_L, grad_S.mT, layer.sync_free_augmentation)
+                Ut = augment_basis(U, G_K, grad_S, layer.sync_free_augmentation, layer.rank_mask)
+                Vt = augment_basis(V, G_L, grad_S.mT, layer.sync_free_augmentation, layer.rank_mask)
             G_S = torch.cat([U, Ut], 1).mT @ D @ torch.cat([V, Vt], 1)
             if layer.distributed:
                 all_reduce_mean_([G_S])
@@ -133,6 +133,9 @@ class LowRankMatrixModule(nn.Module):
         )
         self.fused = False
         self.sync_free_augmentation = False  # set by the optimizer: augment_basis(sync_free=…)
+        # held at a capacity by an optimizer (its ``capacity``): 1 for the active columns of U, S, V, 0 for
+        # the zero ones; None: every column is active
+        self.rank_mask: Tensor | None = None
         # False: the backward skips the basis gradients (set by an optimizer on the steps that move S alone)
         self.basis_grads = True
         self.distributed = False  # set by a data-parallel optimizer: average inside the fused backward
@@ -233,8 +236,9 @@ class LowRankMatrixModule(nn.Module):
         if not first_fused_backward(self, G_K, G_L):
             return grad_S
         with torch.autocast(x.device.type, enabled=False):  # orthogonality needs full precision
-            Ut = augment_basis(U, G_K, grad_S, self.sync_free_augmentation)  # Uᵀ G_K = Uᵀ ∇W V = grad_S
-            Vt = augment_basis(V, G_L, grad_S.mT, self.sync_free_augmentation)
+            # Uᵀ G_K = Uᵀ ∇W V = grad_S
+            Ut = augment_basis(U, G_K, grad_S, self.sync_free_augmentation, self.rank_mask)
+            Vt = augment_basis(V, G_L, grad_S.mT, self.sync_free_augmentation, self.rank_mask)
         r, a, b = grad_S.shape[0], Ut.shape[1], Vt.shape[1]
         G_S = grad_S.new_zeros(r + a, r + b)
         G_S[:r, :r] = grad_S

@@ -180,6 +180,7 @@ class TuckerConv2d(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.fused = False
         self.sync_free_augmentation = False  # set by the optimizer: augment_basis(sync_free=…)
+        self.rank_mask = None  # never held at a capacity (the optimizers' capacity holds matrix layers)
         # False: the backward skips the basis gradients (set by an optimizer on the steps that move S alone)
         self.basis_grads = True
         self.distributed = False  # set by a data-parallel optimizer: average inside the fused backward

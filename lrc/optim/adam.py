@@ -137,10 +137,23 @@ class LowRankAdam(LowRankOptimizer):
             host, with a Householder QR where the check fails; on accelerators a Householder QR.
             ``"sync_free"``: CholeskyQR2 made safe without a check (a shifted first pass, and fixed
             random directions where the gradient has none) — matrix products and two small
-            Cholesky factorizations, no host read and no QR on any device; the same directions to
-            rounding wherever the gradient's singular values exceed ~``√(10·√n·ε)`` times their
-            root mean square (float32, ``n = 2048``: 7e-3), beyond which the checked path still
-            resolves them. Default: ``"auto"``.
+            Cholesky factorizations, no host read and no QR on any device (its first pass in float64:
+            the weak directions of a float32 gradient as accurate as a Householder QR gives them);
+            the same directions to rounding wherever the gradient's singular values exceed
+            ~``√(10·√n·ε₆₄)`` times their root mean square (3e-7 at ``n = 2048``). Default: ``"auto"``.
+        capacity (int | None): hold every matrix layer with ``2·capacity ≤ min(n, m)`` at ``capacity``
+            columns from its first truncation on: ``U``, ``S``, ``V`` and the moments keep their shapes
+            and storage, the columns from the active rank on are zero, and the active rank is chosen on
+            the device (a mask, no read) — so that ``step()`` reads nothing on the host (its SVDs
+            aside, which on a GPU wait once per call: ``svd_batching="padded"`` makes that one call)
+            and its shapes never change, as a CUDA graph, a compiled step or DDP's buckets need. The
+            same training as without it with ``max_rank=capacity`` (float64 tests, every mode, to
+            1e-10); the new directions by the sync-free CholeskyQR2. It costs the products at
+            ``capacity`` instead of the active rank. :meth:`compact` slices the layers to their active
+            ranks (their real size, to count, evaluate or save; ``lrc train`` does it after every
+            epoch). Other layers (Tucker cores, narrower matrices) step as without it. Not with
+            ``update_every > 1``, a budget (``target_cr``, ``max_params``), ``project_moments=False``
+            or ``new_moments="project"``. ``None``: shapes follow the ranks. Default: ``None``.
         distributed (bool | None): average gradients over the processes of ``torch.distributed``
             (one flat all-reduce per phase; the fused backward averages ``G_K``, ``G_L`` and
             ``G_S`` itself) and take rank 0's new ranks. ``None``: when a process group of
@@ -161,7 +174,10 @@ class LowRankAdam(LowRankOptimizer):
                  target_cr: float | None = None, max_params: int | None = None,
                  coefficient_metric: str = "uniform", allocation: str = "relative",
                  fixed_ranks: bool = False, rank_every: int = 1, svd_batching: str = "auto",
-                 basis_every: int = 1, augmentation: str = "auto") -> None:
+                 basis_every: int = 1, augmentation: str = "auto", capacity: int | None = None) -> None:
+        if capacity is not None and new_moments == "project":
+            raise ValueError("capacity does not go with new_moments='project': the cut directions it carries "
+                             "change shape; leave one of them out")
         if lr_scaling not in LR_SCALINGS:
             raise ValueError(f"Invalid lr_scaling: {lr_scaling!r} (one of {LR_SCALINGS})")
         if new_moments not in NEW_MOMENTS:
@@ -183,7 +199,7 @@ class LowRankAdam(LowRankOptimizer):
                          update_every=update_every, target_cr=target_cr,
                          max_params=max_params, allocation=allocation, fixed_ranks=fixed_ranks,
                          rank_every=rank_every, svd_batching=svd_batching, basis_every=basis_every,
-                         augmentation=augmentation)
+                         augmentation=augmentation, capacity=capacity)
         self.lr_scaling = lr_scaling
         self.new_moments = new_moments
         self.carry_moments = new_moments == "project"
@@ -226,11 +242,15 @@ class LowRankAdam(LowRankOptimizer):
         if self.lr_scaling == "none":
             return 1.0
         n, m, a, b = layer.U.shape[0], layer.V.shape[0], S_bar.shape[0], S_bar.shape[1]
+        k, r = S_bar[0, 0].numel(), layer.S.shape[0]  # k: a Tucker core's spatial entries
+        sqrt = math.sqrt
+        if layer.rank_mask is not None:  # held at a capacity: its active rank r, augmented to 2r, on the device
+            r, sqrt = layer.rank_mask.sum(), torch.sqrt
+            a = b = r * (S_bar.shape[0] // layer.S.shape[0])  # 2r augmented, r inside a cycle (basis_every)
         if self.lr_scaling == "lora":  # √(entries of LoRA's A, B at this rank / entries of Ŝ)
-            k, r = S_bar[0, 0].numel(), layer.S.shape[0]  # k: a Tucker core's spatial entries
-            return math.sqrt((n + m * k) * r / (a * b * k))
+            return sqrt((n + m * k) * r / (a * b * k))
         # √(entries of W / entries of Ŝ): n·m / (a·b), the spatial modes of a Tucker core cancel
-        return math.sqrt(n * m / (a * b))
+        return sqrt(n * m / (a * b))
 
     def _update_(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
         beta1, beta2 = group["betas"]

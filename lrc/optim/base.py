@@ -53,7 +53,8 @@ class LowRankOptimizer(Optimizer):
                  distributed: bool | None = None, update_every: int = 1,
                  target_cr: float | None = None, max_params: int | None = None,
                  allocation: str = "relative", fixed_ranks: bool = False, rank_every: int = 1,
-                 svd_batching: str = "auto", basis_every: int = 1, augmentation: str = "auto") -> None:
+                 svd_batching: str = "auto", basis_every: int = 1, augmentation: str = "auto",
+                 capacity: int | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
         if mode not in MODES:
@@ -91,6 +92,18 @@ class LowRankOptimizer(Optimizer):
             raise ValueError(f"Invalid svd_batching: {svd_batching!r} (one of {SVD_BATCHINGS})")
         if augmentation not in AUGMENTATIONS:
             raise ValueError(f"Invalid augmentation: {augmentation!r} (one of {AUGMENTATIONS})")
+        if capacity is not None:
+            if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < min_rank:
+                raise ValueError(f"Invalid capacity: {capacity!r} (an integer ≥ min_rank={min_rank})")
+            for name, value, why in (("update_every", update_every > 1, "its cycles hold the augmented bases"),
+                                     ("target_cr/max_params", target_cr is not None or max_params is not None,
+                                      "a budget is shared out on the host"),
+                                     ("project_moments=False", not project_moments,
+                                      "the naive baseline cuts moments by position")):
+                if value:
+                    raise ValueError(f"capacity does not go with {name}: {why}; leave one of them out")
+            max_rank = capacity if max_rank is None else min(max_rank, capacity)
+        self.capacity = capacity
         self.augmentation = augmentation
         self.rank_every = rank_every
         self.svd_batching = svd_batching
@@ -124,6 +137,18 @@ class LowRankOptimizer(Optimizer):
                 module.distributed = self.distributed and mode == "fused"
                 module.clear_fused_grads()
         self._bases = {p for layer in self._layers.values() for p in (layer.U, layer.V)}
+        # the layers held at ``capacity`` columns from their first truncation on: matrix layers with room for
+        # the augmentation of a full capacity (2·capacity ≤ min(n, m)); the others change shape as without it
+        self._held = set() if capacity is None else {
+            layer for layer in self._layers.values()
+            if not isinstance(layer, TuckerConv2d) and 2 * capacity <= min(layer.out_dim, layer.in_dim)}
+        if capacity is not None:
+            names = {module: name for name, module in model.named_modules()}
+            for layer in self._layers.values():
+                if max(_ranks_of(layer)) > capacity:
+                    raise ValueError(f"capacity={capacity} is below the rank {max(_ranks_of(layer))} of layer "
+                                     f"{names.get(layer, '?')}: give a capacity ≥ the largest rank, or factorize at "
+                                     "lower ranks")
         lowrank = [p for layer in self._layers.values() for p in layer.factor_parameters()]
         dense = [p for p in model.parameters() if p.requires_grad and id(p) not in factor_ids]
         groups = [g for g in ({"params": lowrank}, {"params": dense}) if g["params"]]
@@ -288,6 +313,9 @@ class LowRankOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self._sync_fused()  # a state saved inside a cycle resumes there
+        for layer in self._layers.values():  # capacity: the masks of the layers saved held
+            mask = self.state[layer.S].get("rank_mask")
+            layer.rank_mask = mask if mask is not None and mask.shape[0] == layer.S.shape[0] else None
 
     @torch.no_grad()
     def finish_cycle(self) -> None:
@@ -305,7 +333,7 @@ class LowRankOptimizer(Optimizer):
                     continue
                 U, S, V = layer.factor_parameters()
                 state = self.state[S]
-                if not state:  # never stepped: nothing augmented
+                if "step" not in state:  # never stepped: nothing augmented
                     continue
                 padded = {"step": state["step"], **{k: state[k] for k in self._state_keys}}
                 pending.append((layer, group, U.new_zeros(U.shape[0], 0), V.new_zeros(V.shape[0], 0),
@@ -373,8 +401,8 @@ class LowRankOptimizer(Optimizer):
             if not tucker:
                 S_grad = None if self.distributed else layer.S.grad
                 UtG = U.mT @ G_K if S_grad is None else S_grad.to(G_K.dtype)
-            Ut = augment_basis(U, G_K, UtG, sync_free=layer.sync_free_augmentation)
-            Vt = augment_basis(V, G_L, None if tucker else UtG.mT, sync_free=layer.sync_free_augmentation)
+            Ut = augment_basis(U, G_K, UtG, layer.sync_free_augmentation, layer.rank_mask)
+            Vt = augment_basis(V, G_L, None if tucker else UtG.mT, layer.sync_free_augmentation, layer.rank_mask)
             if tucker:
                 G = layer.parallel_coefficient_grad(Ut, Vt)
                 if G is not None:
@@ -394,8 +422,8 @@ class LowRankOptimizer(Optimizer):
             U, S, V = layer.factor_parameters()
             if U.grad is None or V.grad is None:
                 continue
-            Ut = augment_basis(U, U.grad, sync_free=layer.sync_free_augmentation)
-            Vt = augment_basis(V, V.grad, sync_free=layer.sync_free_augmentation)
+            Ut = augment_basis(U, U.grad, sync_free=layer.sync_free_augmentation, mask=layer.rank_mask)
+            Vt = augment_basis(V, V.grad, sync_free=layer.sync_free_augmentation, mask=layer.rank_mask)
             bases[layer] = (Ut, Vt)
             saved[layer] = (U.detach().clone(), S.detach().clone(), V.detach().clone())
             a, b = S.shape[0] + Ut.shape[1], S.shape[1] + Vt.shape[1]
@@ -453,9 +481,9 @@ class LowRankOptimizer(Optimizer):
         set per layer; each entry takes exactly the value a layer-by-layer update gives it."""
         prepared = [self._prepare_coefficient(*item) for item in items]
         batches: dict[tuple, list[int]] = {}
-        for i, (_, sub, _, _, S_bar, padded, _, _) in enumerate(prepared):
+        for i, (_, sub, _, _, S_bar, padded, _, _, rescale) in enumerate(prepared):
             key = (id(sub["params"]), tuple(S_bar.shape), S_bar.dtype, S_bar.device, float(padded["step"]),
-                   sub["lr"], sub["weight_decay"])
+                   sub["lr"], sub["weight_decay"], rescale is None)
             batches.setdefault(key, []).append(i)
         pending: list = [None] * len(prepared)
         for idx in batches.values():
@@ -466,6 +494,10 @@ class LowRankOptimizer(Optimizer):
             before = S_bars.clone()
             self._update_(S_bars, torch.stack([part[6] for part in parts]), {"step": parts[0][5]["step"], **moments},
                           sub)
+            if parts[0][8] is not None:  # held at a capacity: the step scaled on the device, then the decay
+                scales = torch.stack([torch.as_tensor(part[8][0], dtype=S_bars.dtype) for part in parts])
+                S_bars.copy_(before + (scales.reshape(-1, *[1] * (S_bars.dim() - 1)) * (S_bars - before)
+                                       - parts[0][8][1] * before))
             if parts[0][7] is not None:  # entrywise weights on the step (the decay included)
                 weights = torch.stack([part[7] for part in parts])
                 S_bars.copy_(before + weights * (S_bars - before))
@@ -482,7 +514,7 @@ class LowRankOptimizer(Optimizer):
         S = layer.S
         a, b = S.shape[0] + Ut.shape[1], S.shape[1] + Vt.shape[1]
         state = self.state[S]
-        if not state:
+        if "step" not in state:
             state["step"] = torch.tensor(0.0)
             for key in self._state_keys:
                 state[key] = torch.zeros_like(S)
@@ -498,9 +530,14 @@ class LowRankOptimizer(Optimizer):
             self._project_carried(layer, Ut, Vt, state, padded)
         self._fill_new_moments(padded, G_S, S.shape[0], S.shape[1], group)
         scale = self.coefficient_lr_scale(layer, S_bar)
-        if scale != 1.0:  # a larger step on S̄, the same decay per step (lr·wd) as without it
+        rescale = None
+        if isinstance(scale, Tensor):  # of a layer held at a capacity (its active rank, on the device): the
+            # update runs undecayed at lr, then its step is scaled and the decay lr·wd taken (no read)
+            rescale = (scale, group["lr"] * group["weight_decay"])
+            group = dict(group, weight_decay=0.0)
+        elif scale != 1.0:  # a larger step on S̄, the same decay per step (lr·wd) as without it
             group = dict(group, lr=group["lr"] * scale, weight_decay=group["weight_decay"] / scale)
-        return layer, group, Ut, Vt, S_bar, padded, G_S, self.coefficient_step_weight(layer, S_bar)
+        return layer, group, Ut, Vt, S_bar, padded, G_S, self.coefficient_step_weight(layer, S_bar), rescale
 
     def _project_carried(self, layer, Ut: Tensor, Vt: Tensor, state: dict, padded: dict) -> None:
         """Moments of the new directions from those the last truncation cut: with ``C_U``, ``C_V``
@@ -535,11 +572,14 @@ class LowRankOptimizer(Optimizer):
         count = self.param_groups[0].get("truncations", 0)
         for group in self.param_groups:
             group["truncations"] = count + 1
-        # the ranks the layers had before this cycle's augmentation (update_every > 1: they hold it)
+        # the ranks the layers had before this cycle's augmentation (update_every > 1: they hold it); a layer
+        # held at a capacity: its active rank, on the device
         before = [self.state[item[0].S].pop("cycle_ranks", None) or _ranks_of(item[0]) for item in pending]
+        held = [item[0] in self._held for item in pending]
         choose = not (self.fixed_ranks or count % self.rank_every)
         if not choose:  # keep the ranks: the truncation only rotates the bases
-            new_ranks = [before[i][0 if mode is None else mode] for i, mode in order]
+            new_ranks = [_active_rank(pending[i][0]) if held[i] else before[i][0 if mode is None else mode]
+                         for i, mode in order]
         elif self.budget is not None and pending:
             new_ranks = self._allocate(pending, svds, order)
         elif sigmas:
@@ -549,10 +589,12 @@ class LowRankOptimizer(Optimizer):
                 taus = taus[0]
             else:
                 taus = torch.tensor(taus, dtype=torch.float64).to(spectra.device, non_blocking=True)
-            new_ranks = untruncated_rank(spectra, taus).tolist()
+            found = untruncated_rank(spectra, taus)
+            # layers held at a capacity take their ranks on the device: no read unless another layer needs one
+            new_ranks = list(found.unbind()) if all(held) else found.tolist()
         else:
             new_ranks = []
-        if self.distributed and pending and choose:
+        if self.distributed and pending and choose and not all(held):
             new_ranks = broadcast_ints(new_ranks, pending[0][4].device)  # rank 0's decision: shapes agree
         ranks = dict(zip(order, new_ranks))
         for i, (layer, group, Ut, Vt, S_bar, padded, step_norm) in enumerate(pending):
@@ -562,6 +604,10 @@ class LowRankOptimizer(Optimizer):
                 r_in = clip_rank(ranks[(i, 1)], s_in.shape[0], group["min_rank"], _cap(group, layer.S.shape[1]))
                 P1, R1 = P_out[:, :r_out], P_in[:, :r_in]
                 S_new = in_channel_modes(rotate_first_moment, S_bar, P1, R1)
+            elif held[i]:
+                P, sigma, R = svds[i]
+                self._apply_held(layer, group, Ut, Vt, P, sigma, R, ranks[(i, None)], S_bar, padded, step_norm)
+                continue
             else:
                 P, sigma, R = svds[i]
                 r1 = clip_rank(ranks[(i, None)], sigma.shape[0], group["min_rank"], _cap(group, layer.S.shape[0]))
@@ -575,6 +621,60 @@ class LowRankOptimizer(Optimizer):
             self.bytes_communicated += broadcast_(
                 [t.data for item in pending for t in item[0].factor_parameters()]
                 + [t for item in pending for t in self._shared_state(item[0])])
+
+    def _apply_held(self, layer, group: dict, Ut: Tensor, Vt: Tensor, P: Tensor, sigma: Tensor, R: Tensor, rank,
+                    S_bar: Tensor, padded: dict, step_norm: Tensor) -> None:
+        """The truncation of a layer held at ``capacity`` columns: the same new weight and moments as
+        :meth:`_apply_truncation` at rank ``r₁`` (``rank`` clipped as there, on the device), written into
+        factors of ``capacity`` columns whose columns from ``r₁`` on are zero — in place once the layer is
+        held, so that its shapes and storage never change — and the mask of its active columns."""
+        C, U, S, V = self.capacity, *layer.factor_parameters()
+        upper = min(sigma.shape[0], C)  # the most columns this Ŝ and the capacity give (max_rank ≤ capacity)
+        if group["max_rank"] is not None:
+            upper = min(upper, group["max_rank"])
+        r1 = torch.as_tensor(rank, device=P.device).clamp(max=upper)
+        if not group.get("grow", True):  # a truncation warm-up: ranks only shrink
+            r1 = r1.clamp(max=_active_rank(layer)) if layer.rank_mask is None else torch.minimum(r1, _active_rank(layer))
+        r1 = r1.clamp(min=min(group["min_rank"], upper))
+        keep = (torch.arange(C, device=P.device) < r1).to(P.dtype)
+        P1, R1 = pad_block(P[:, :C], P.shape[0], C) * keep, pad_block(R[:, :C], R.shape[0], C) * keep
+        S_new = torch.diag(pad_block(sigma[:C, None], C, 1)[:, 0].to(P.dtype) * keep)
+        self._record(layer, S_bar, S_new, P1, R1, step_norm, sigma[:C], keep[: min(C, sigma.shape[0])])
+        state = self.state[S]
+        for key in self._state_keys:
+            if key in self._second_moment_keys:
+                state[key] = rotate_second_moment(padded[key], P1, R1, self.second_moment)
+            else:
+                state[key] = rotate_first_moment(padded[key], P1, R1)
+        r = U.shape[1]
+        factors = (U @ P1[:r] + Ut @ P1[r:], S_new, V @ R1[:r] + Vt @ R1[r:])
+        if U.shape[1] == C:  # held already: the same storage (what a captured or compiled step needs)
+            for p, value in zip((U, S, V), factors):
+                p.copy_(value)
+            state["rank_mask"].copy_(keep)
+        else:
+            layer.set_factors(*factors)
+            state["rank_mask"] = keep
+        layer.rank_mask = state["rank_mask"]
+
+    @torch.no_grad()
+    def compact(self) -> None:
+        """With ``capacity``: every layer held at the capacity sliced, with its moments, to its active rank
+        (one read from the device), so that the model has its real size — to count, evaluate or save it.
+        Its next step holds it at the capacity again (a change of shapes). ``lrc train`` calls it at the
+        end of every epoch. Nothing to do without ``capacity``."""
+        held = [layer for layer in self._layers.values() if layer.rank_mask is not None]
+        if not held:
+            return
+        ranks = torch.stack([_active_rank(layer) for layer in held]).tolist()
+        for layer, r in zip(held, ranks):
+            U, S, V = layer.factor_parameters()
+            state = self.state[S]
+            for key in self._state_keys:
+                state[key] = state[key][:r, :r].clone()
+            state.pop("rank_mask", None)
+            layer.rank_mask = None
+            layer.set_factors(U[:, :r].clone(), S[:r, :r].clone(), V[:, :r].clone())
 
     def _svds(self, pending: list[tuple]) -> tuple[list, list, list[Tensor]]:
         """The sign-fixed SVDs of every layer's ``Ŝ``: per matrix layer ``(P, σ, R)``, per Tucker
@@ -687,23 +787,26 @@ class LowRankOptimizer(Optimizer):
     def _shared_state(self, layer) -> list[Tensor]:
         """A layer's state tensors that every process must hold bit for bit."""
         state = self.state[layer.S]
-        keys = list(self._state_keys) + [k for k in ("carry_U", "carry_V") if k in state] \
+        keys = list(self._state_keys) + [k for k in ("carry_U", "carry_V", "rank_mask") if k in state] \
             + ["carry_" + k for k in self._state_keys if "carry_" + k in state]
         return [state[k] for k in keys]
 
     def _record(self, layer, S_hat: Tensor, S_new: Tensor, P1: Tensor, R1: Tensor, step_norm: Tensor,
-                kept: Tensor) -> None:
+                kept: Tensor, keep: Tensor | None = None) -> None:
         """Add one step's diagnostics of ``layer`` to its sums, on the device (no read); ``kept``:
-        the singular values the truncation kept (a Tucker core: of its output-channel unfolding)."""
+        the singular values the truncation kept (a Tucker core: of its output-channel unfolding); a
+        layer held at a capacity: those of its columns and ``keep``, 1 where a column is active."""
         r_out, r_in = layer.S.shape[0], layer.S.shape[1]
         total = S_hat.square().sum()
         energy = torch.where(total > 0, 1.0 - S_new.square().sum() / total.clamp_min(torch.finfo(total.dtype).tiny),
                              0.0).clamp_min(0.0)
         # the new basis Û P₁ has the component Ũ P₁[r:] outside the old span: its norm is ‖sin Θ‖_F
-        rotation = 0.5 * (P1[r_out:].square().sum() / max(P1.shape[1], 1)).sqrt() \
-            + 0.5 * (R1[r_in:].square().sum() / max(R1.shape[1], 1)).sqrt()
+        columns = (max(P1.shape[1], 1), max(R1.shape[1], 1)) if keep is None else (keep.sum().clamp_min(1),) * 2
+        rotation = 0.5 * (P1[r_out:].square().sum() / columns[0]).sqrt() \
+            + 0.5 * (R1[r_in:].square().sum() / columns[1]).sqrt()
         top = kept.max().to(total.dtype)  # the kept spectrum's smallest over its largest value
-        spread = torch.where(top > 0, kept.min().to(total.dtype) / top.clamp_min(torch.finfo(total.dtype).tiny), 1.0)
+        least = kept.min() if keep is None else torch.where(keep > 0, kept[: keep.shape[0]], kept.max()).min()
+        spread = torch.where(top > 0, least.to(total.dtype) / top.clamp_min(torch.finfo(total.dtype).tiny), 1.0)
         row = torch.stack([step_norm.to(total.dtype), rotation.to(total.dtype), energy, energy,
                            torch.ones((), dtype=total.dtype, device=total.device), spread])
         acc = self._diagnostics.get(layer)
@@ -762,6 +865,11 @@ def _rank_bounds(layer) -> tuple[int, ...]:
     if isinstance(layer, TuckerConv2d):
         return (layer.out_channels, layer.in_channels)
     return (min(layer.out_dim, layer.in_dim),)
+
+
+def _active_rank(layer) -> Tensor | int:
+    """A matrix layer's rank: on the device (its mask's sum) while it is held at a capacity."""
+    return layer.rank if layer.rank_mask is None else layer.rank_mask.sum().long()
 
 
 def _ranks_of(layer) -> tuple[int, ...]:

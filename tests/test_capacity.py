@@ -1,0 +1,195 @@
+"""Layers held at a fixed capacity (``capacity=`` of the low-rank optimizers): the active rank masked
+on the device, shapes and storage fixed, no host read in ``step()`` — and the same training as the
+present step (ranks bounded by the capacity), to 1e-10 in float64."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrc import LowRankAdam, LowRankSGD, factorize
+
+CAP = 12
+X = torch.randn(256, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+Y = torch.randint(0, 5, (256,), generator=torch.Generator().manual_seed(2))
+
+
+def _model(dtype=torch.float64, last: int = 24) -> nn.Module:
+    torch.manual_seed(0)
+    # every factorized layer can be held at capacity 10 (2·10 ≤ min(n, m)) unless last < 20: then the third
+    # cannot and changes shape as before
+    model = nn.Sequential(nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 30), nn.ReLU(), nn.Linear(30, last),
+                          nn.ReLU(), nn.Linear(last, 5)).to(dtype)
+    factorize(model, rank=4, exclude=["6"])
+    return model
+
+
+def _ranks(opt) -> list[int]:
+    return [int(layer.rank_mask.sum()) if layer.rank_mask is not None else layer.rank for layer in opt.layers]
+
+
+def _train(opt, model, steps: int, start: int = 0, dtype=torch.float64) -> list[list[int]]:
+    ranks = []
+    for t in range(start, start + steps):
+        rows = torch.arange(t * 20 % 200, t * 20 % 200 + 56)
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(X[rows].to(dtype)), Y[rows])
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        ranks.append(_ranks(opt))
+    return ranks
+
+
+def _pair(cls=LowRankAdam, last: int = 24, **kw):
+    """The present step (ranks bounded by max_rank=10) and the held one (capacity=10), on the same model;
+    both with the sync-free augmentation the held layers use (a layer not held then steps alike)."""
+    a, b = _model(last=last), _model(last=last)
+    present = cls(a, max_rank=CAP, augmentation="sync_free", **kw)
+    held = cls(b, capacity=CAP, augmentation="sync_free", **kw)
+    return (a, present), (b, held)
+
+
+def _assert_same(opt_a, opt_b, tol=1e-10):
+    for la, lb in zip(opt_a.layers, opt_b.layers):
+        assert (la.matrix_weight() - lb.matrix_weight()).abs().max() < tol
+        r = la.rank
+        for key in opt_a._state_keys:
+            assert (opt_a.state[la.S][key] - opt_b.state[lb.S][key][:r, :r]).abs().max() < tol
+
+
+# rates and tolerances at which the ranks move and stay below the capacity: where a rank is forced down to
+# a cap inside a flat spectrum the cut is ill-posed, and any two ways to the same step part by more than rounding
+SETTINGS = {"fused": dict(lr=1e-2, tau=0.05), "two_pass": dict(lr=1e-2, tau=0.05), "parallel": dict(lr=3e-2, tau=0.02)}
+ADAM = {"dense": {}, "none": dict(lr_scaling="none"), "lora-wd": dict(lr_scaling="lora", weight_decay=0.1)}
+
+
+@pytest.mark.parametrize("mode", ["fused", "two_pass", "parallel"])
+@pytest.mark.parametrize("scaling", list(ADAM))
+def test_held_layers_train_as_the_present_step_in_float64(mode, scaling):
+    (a, present), (b, held) = _pair(mode=mode, **SETTINGS[mode], **ADAM[scaling])
+    ranks_a, ranks_b = _train(present, a, 12), _train(held, b, 12)
+    assert ranks_a == ranks_b
+    if scaling == "dense":  # the ranks moved (grew and shrank) without a change of shape
+        assert len({tuple(r) for r in ranks_a}) > 1 and max(map(max, ranks_a)) < CAP
+    assert [layer.S.shape[0] for layer in held.layers] == [CAP] * 3
+    held.compact()
+    assert [layer.rank for layer in held.layers] == ranks_a[-1]
+    _assert_same(present, held)
+
+
+def test_a_layer_too_small_to_hold_changes_shape_as_before():
+    (a, present), (b, held) = _pair(last=12, lr=1e-2, tau=0.05)  # 30→12: 2·10 > 12
+    ranks = _train(held, b, 10)
+    assert _train(present, a, 10) == ranks and len({tuple(r) for r in ranks}) > 1
+    assert held.layers[2].rank_mask is None and held.layers[2].rank == ranks[-1][2]
+    held.compact()
+    _assert_same(present, held)
+
+
+def test_heavy_ball_and_the_checked_augmentation_too():
+    a, b = _model(), _model()
+    present = LowRankSGD(a, lr=5e-2, tau=0.05, max_rank=10)  # CholeskyQR2 checked on the host
+    held = LowRankSGD(b, lr=5e-2, tau=0.05, capacity=10)
+    assert _train(present, a, 10) == _train(held, b, 10)
+    held.compact()
+    _assert_same(present, held)
+
+
+@pytest.mark.parametrize("kw", [dict(fixed_ranks=True), dict(rank_every=3), dict(basis_every=3),
+                                dict(min_rank=3, tau=0.5)], ids=["fixed", "rank_every", "basis_every", "min_rank"])
+def test_rank_rules_hold_with_a_capacity(kw):
+    kw = dict(dict(lr=1e-2, tau=0.05), **kw)
+    (a, present), (b, held) = _pair(**kw)
+    assert _train(present, a, 9) == _train(held, b, 9)
+    held.compact()
+    _assert_same(present, held)
+
+
+def test_a_warm_up_that_lets_ranks_only_shrink():
+    (a, present), (b, held) = _pair(lr=1e-2, tau=0.05)
+    for opt in (present, held):
+        for group in opt.param_groups:
+            group["grow"] = False
+    ranks = _train(held, b, 6)
+    assert _train(present, a, 6) == ranks and all(r <= 4 for row in ranks for r in row)
+    held.compact()
+    _assert_same(present, held)
+
+
+def test_held_step_keeps_shapes_and_storage_and_reads_nothing(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = _model(torch.float32)
+    opt = LowRankAdam(model, lr=1e-2, tau=0.05, capacity=10, svd_batching="padded")
+    held = opt.layers
+    _train(opt, model, 1, dtype=torch.float32)  # the first truncation holds the layers at the capacity
+    pointers = [(p.data_ptr(), tuple(p.shape)) for layer in held for p in layer.factor_parameters()]
+    skip = {id(s["step"]) for s in opt.state.values() if "step" in s}
+    reads = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default and id(args[0]) not in skip:
+                reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append("tolist") or original(t))
+    for t in range(1, 6):
+        rows = torch.arange(t * 20, t * 20 + 56)
+        opt.zero_grad()
+        F.cross_entropy(model(X[rows].float()), Y[rows]).backward()
+        with Reads():
+            opt.step()
+        assert reads == []
+        assert [(p.data_ptr(), tuple(p.shape)) for layer in held for p in layer.factor_parameters()] == pointers
+    assert {int(layer.rank_mask.sum()) for layer in held} != {10}  # below the capacity: masked columns
+
+
+def test_compact_then_go_on_equals_going_on():
+    (a, present), (b, held) = _pair(lr=1e-2, tau=0.05)
+    _train(present, a, 5)
+    _train(held, b, 5)
+    before = [layer.matrix_weight() for layer in held.layers]
+    held.compact()  # an epoch's end: the real sizes, then held again from the next truncation
+    assert all(layer.rank_mask is None and layer.S.shape[0] == layer.rank for layer in held.layers)
+    assert all((w - layer.matrix_weight()).abs().max() < 1e-14 for w, layer in zip(before, held.layers))
+    assert _train(present, a, 5, start=5) == _train(held, b, 5, start=5)
+    held.compact()
+    _assert_same(present, held)
+
+
+def test_a_held_run_resumes_from_its_state_dicts():
+    model = _model()
+    opt = LowRankAdam(model, lr=1e-2, tau=0.05, capacity=10)
+    _train(opt, model, 4)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    going_on = _train(opt, model, 4, start=4)
+    again = _model()
+    again.load_state_dict(saved_model)
+    resumed = LowRankAdam(again, lr=1e-2, tau=0.05, capacity=10)
+    resumed.load_state_dict(saved_opt)
+    assert all(layer.rank_mask is not None for layer in resumed.layers)
+    assert _train(resumed, again, 4, start=4) == going_on
+    for la, lb in zip(opt.layers, resumed.layers):
+        assert (la.matrix_weight() - lb.matrix_weight()).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(capacity=0), "Invalid capacity"),
+    (dict(capacity=2.5), "Invalid capacity"),
+    (dict(capacity=3), "below the rank 4 of layer 0"),
+    (dict(capacity=10, update_every=2), "update_every"),
+    (dict(capacity=10, project_moments=False), "project_moments"),
+    (dict(capacity=10, new_moments="project"), "new_moments"),
+    (dict(capacity=10, max_params=5000), "max_params"),
+])
+def test_capacity_rejects_what_it_cannot_hold(kw, message):
+    with pytest.raises(ValueError, match=message):
+        LowRankAdam(_model(), **kw)
