@@ -16,13 +16,13 @@ X = torch.randn(256, 40, generator=torch.Generator().manual_seed(1), dtype=torch
 Y = torch.randint(0, 5, (256,), generator=torch.Generator().manual_seed(2))
 
 
-def _model(dtype=torch.float64, last: int = 24) -> nn.Module:
+def _model(dtype=torch.float64, last: int = 24, rank: int = 4) -> nn.Module:
     torch.manual_seed(0)
     # every factorized layer can be held at capacity 10 (2·10 ≤ min(n, m)) unless last < 20: then the third
     # cannot and changes shape as before
     model = nn.Sequential(nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 30), nn.ReLU(), nn.Linear(30, last),
                           nn.ReLU(), nn.Linear(last, 5)).to(dtype)
-    factorize(model, rank=4, exclude=["6"])
+    factorize(model, rank=rank, exclude=["6"])
     return model
 
 
@@ -88,6 +88,16 @@ def test_a_layer_too_small_to_hold_changes_shape_as_before():
     ranks = _train(held, b, 10)
     assert _train(present, a, 10) == ranks and len({tuple(r) for r in ranks}) > 1
     assert held.layers[2].rank_mask is None and held.layers[2].rank == ranks[-1][2]
+    held.compact()
+    _assert_same(present, held)
+
+
+def test_layers_that_start_at_the_capacity():
+    a, b = _model(rank=CAP), _model(rank=CAP)  # at the capacity from the start: held without padding
+    present = LowRankAdam(a, lr=1e-2, tau=0.05, max_rank=CAP, augmentation="sync_free")
+    held = LowRankAdam(b, lr=1e-2, tau=0.05, capacity=CAP)
+    assert _train(present, a, 6) == _train(held, b, 6)
+    assert all(layer.rank_mask is not None for layer in held.layers)
     held.compact()
     _assert_same(present, held)
 

@@ -648,12 +648,14 @@ class LowRankOptimizer(Optimizer):
                 state[key] = rotate_first_moment(padded[key], P1, R1)
         r = U.shape[1]
         factors = (U @ P1[:r] + Ut @ P1[r:], S_new, V @ R1[:r] + Vt @ R1[r:])
-        if U.shape[1] == C:  # held already: the same storage (what a captured or compiled step needs)
+        if U.shape[1] == C:  # at the capacity already: the same storage (what a captured or compiled step needs)
             for p, value in zip((U, S, V), factors):
                 p.copy_(value)
-            state["rank_mask"].copy_(keep)
         else:
             layer.set_factors(*factors)
+        if "rank_mask" in state:
+            state["rank_mask"].copy_(keep)
+        else:
             state["rank_mask"] = keep
         layer.rank_mask = state["rank_mask"]
 
