@@ -65,11 +65,12 @@ def augment_basis(U: Tensor, G: Tensor, UtG: Tensor | None = None, sync_free: bo
     With ``sync_free=True``, on any device: CholeskyQR2 that
     reads nothing on the host and needs no fallback (:func:`_cholesky_qr2_repaired`):
     matrix products and two ``k×k`` Cholesky factorizations, where a Householder QR is a
-    sequential panel factorization with no batched kernel. Its first pass runs in float64
-    whatever the dtype, so it equals the other two up to the input's own rounding wherever
-    ``P``'s singular values exceed ~``√(10·√n·ε₆₄)`` times their root mean square (3e-7 at
-    ``n = 2048``); directions below are filled as a rank-deficient gradient's are. A layer near
-    full rank (``k`` below ``G``'s width) takes the Householder QR.
+    sequential panel factorization with no batched kernel. Its first Gram and Cholesky
+    factorization run in float64, so it equals the other two to rounding wherever ``P``'s
+    singular values exceed ~``10·√n·ε`` times their root mean square (``ε`` the dtype's; 5e-5 in
+    float32 at ``n = 2048``; in float64 ``√(10·√n·ε)``); directions below are filled as a
+    rank-deficient gradient's are. A layer near full rank (``k`` below ``G``'s width) takes the
+    Householder QR.
 
     ``mask`` (``r`` values, 1 then 0): a layer held at a fixed capacity (see ``capacity`` of
     :class:`~lrc.LowRankAdam`) whose columns of ``U`` — and so of ``G = ∇W V``, ``V``'s masked
@@ -127,8 +128,9 @@ def _cholesky_qr2_repaired(U: Tensor, P: Tensor, mask: Tensor | None = None) -> 
     no fallback: a Q with orthonormal columns, orthogonal to ``U``, for any ``P`` — zero,
     rank-deficient or ill-conditioned.
 
-    ``P`` is scaled to a mean squared singular value of 1 (``‖P‖_F² = k``) and, in float64, its Gram
-    shifted by ``μ = 10·√n·ε₆₄`` (more than the Gram's rounding, so the first Cholesky
+    ``P`` is scaled to a mean squared singular value of 1 (``‖P‖_F² = k``) and its Gram, formed in
+    float64, shifted by ``μ = 10·√n·ε`` (float64 ``P``) or ``(10·√n·ε)²`` (lower precision; ``ε``
+    the dtype's) (more than the Gram's rounding, so the first Cholesky
     factorization always succeeds; the shift does not change the span). Where ``P`` has
     directions with ``σ² ≲ μ`` the first pass's Q would be rank-deficient; those directions
     get a fixed random direction instead, through ``X = P + √μ · Ω · F²`` with
@@ -142,22 +144,24 @@ def _cholesky_qr2_repaired(U: Tensor, P: Tensor, mask: Tensor | None = None) -> 
     both passes, which keeps both factorizations block diagonal — the active columns come out as
     without them, the empty ones zero (see :func:`augment_basis`)."""
     n, k = P.shape
-    # The first pass runs in float64 whatever P's dtype: its Q = X R₁⁻¹ carries the error ε·κ(P) into the
-    # spans of the weak directions, which float32 (or a float32 pass after a float64 Gram) leaves far above
-    # the input's own rounding; filled from √(10·√n·ε) (6e-3 in float32) on, the new directions lost 1.2
-    # points on digits-mlp (5 seeds) against the checked path. The second pass, on a Q orthonormal to
-    # ~1e-7, is as good in P's dtype.
-    work = torch.float64
-    mu = 10.0 * math.sqrt(n) * torch.finfo(work).eps
-    eye = torch.eye(k, dtype=work, device=P.device)
+    eps = 10.0 * math.sqrt(n) * torch.finfo(P.dtype).eps  # the relative rounding of products in P's dtype
+    # The first Gram and its Cholesky factorization are taken in float64 whatever P's dtype, so that below
+    # float64 the shift only has to cover the rounding of the products in P's dtype (ε'²): directions down to
+    # ~ε' of the RMS (5e-5 in float32 at n = 2048) are resolved instead of filled. Filled from √ε' (6e-3) on,
+    # as a float32 Gram needs, the new directions lost 1.2 points on digits-mlp (5 seeds) against the checked
+    # path. (A first pass wholly in float64 resolves them further still, but costs 1.2× the fused step on
+    # 2 CPU cores; this one 1.05×.)
+    gram = torch.float64
+    mu = eps if P.dtype == gram else eps * eps
+    eye = torch.eye(k, dtype=gram, device=P.device)
     tiny = torch.finfo(P.dtype).tiny
-    width = k if mask is None else mask.sum().to(work)  # the active columns
-    shift = eye if mask is None else torch.diag(mask.to(work))  # where μ goes
-    hole = None if mask is None else torch.diag(1.0 - mask.to(work))  # the empty columns' unit Gram
+    width = k if mask is None else mask.sum().to(gram)  # the active columns
+    shift = eye if mask is None else torch.diag(mask.to(gram))  # where μ goes
+    hole = None if mask is None else torch.diag(1.0 - mask.to(gram))  # the empty columns' unit Gram
     P = P / P.abs().amax().clamp_min(tiny)  # first to entries ≤ 1: the norm of huge ones would overflow
     P = P / (torch.linalg.vector_norm(P) / width**0.5).clamp_min(tiny)
-    X = P.to(work)
-    A = X.mT @ X
+    P_gram = P.to(gram)
+    A = P_gram.mT @ P_gram
     if hole is not None:
         A = A + hole
     R1, info = torch.linalg.cholesky_ex(A + mu * shift, upper=True)
@@ -169,10 +173,10 @@ def _cholesky_qr2_repaired(U: Tensor, P: Tensor, mask: Tensor | None = None) -> 
     mu = torch.where(ok, mu, mu * width)
     R1_inv = torch.linalg.solve_triangular(R1, eye, upper=True)
     F = mu * (R1_inv @ R1_inv.mT)  # μ(PᵀP + μI)⁻¹
-    X = X + _filler(n, k, work, P.device) @ (mu.sqrt() * (F @ F))
+    X = P + _filler(n, k, P.dtype, P.device) @ (mu.sqrt() * (F @ F)).to(P.dtype)
     if mask is not None:
-        X = X * mask.to(work)
-    Q = (X @ R1_inv).to(P.dtype)
+        X = X * mask
+    Q = X @ R1_inv.to(P.dtype)
     Q = Q - U @ (U.mT @ Q)
     B = Q.mT @ Q
     if hole is not None:

@@ -137,10 +137,10 @@ class LowRankAdam(LowRankOptimizer):
             host, with a Householder QR where the check fails; on accelerators a Householder QR.
             ``"sync_free"``: CholeskyQR2 made safe without a check (a shifted first pass, and fixed
             random directions where the gradient has none) — matrix products and two small
-            Cholesky factorizations, no host read and no QR on any device (its first pass in float64:
-            the weak directions of a float32 gradient as accurate as a Householder QR gives them);
+            Cholesky factorizations, no host read and no QR on any device (its first Gram in float64);
             the same directions to rounding wherever the gradient's singular values exceed
-            ~``√(10·√n·ε₆₄)`` times their root mean square (3e-7 at ``n = 2048``). Default: ``"auto"``.
+            ~``10·√n·ε`` times their root mean square (float32, ``n = 2048``: 5e-5), beyond which the
+            checked path still resolves them. Default: ``"auto"``.
         capacity (int | None): hold every matrix layer with ``2·capacity ≤ min(n, m)`` at ``capacity``
             columns from its first truncation on: ``U``, ``S``, ``V`` and the moments keep their shapes
             and storage, the columns from the active rank on are zero, and the active rank is chosen on
