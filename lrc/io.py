@@ -210,7 +210,7 @@ def _save_safetensors(tensors: dict, tmp: Path, metadata: dict | None = None) ->
 
 
 def _layer_table(model: nn.Module) -> dict[str, dict]:
-    return {name: {"kind": type(m).__name__, "rank": m.rank, "adapter": m.adapter}
+    return {name: {"kind": type(m).__name__, "rank": getattr(m, "active_rank", m.rank), "adapter": m.adapter}
             for name, m in model.named_modules() if isinstance(m, FACTORIZED)}
 
 
@@ -225,9 +225,15 @@ def save_model(path: str | Path, model: nn.Module, architecture: dict, summary: 
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: the compressed format is safetensors: use --out NAME.safetensors, "
                          "or --dense for a .pt state dict")
+    # a layer an optimizer's capacity holds at more columns than its rank: its active columns only
+    held = {f"{name}.{key}": (slice(None), slice(0, m.active_rank)) if key != "S" else
+            (slice(0, m.active_rank), slice(0, m.active_rank))
+            for name, m in model.named_modules() if getattr(m, "rank_mask", None) is not None for key in "USV"}
     tensors = {}
     for k, v in model.state_dict().items():
         v = v.detach()
+        if k in held:
+            v = v[held[k]]
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
         tensors[k] = v.to("cpu").contiguous().clone()

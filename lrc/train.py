@@ -733,14 +733,8 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
 
 def _mean_rank(model: nn.Module) -> float:
     ranks = [r for m in model.modules() if isinstance(m, FACTORIZED)  # a Tucker layer: both modes
-             for r in (m.rank if isinstance(m.rank, list) else [_active(m)])]
+             for r in (m.rank if isinstance(m.rank, list) else [m.active_rank])]
     return sum(ranks) / len(ranks) if ranks else 0.0
-
-
-def _active(layer) -> int:
-    """A matrix layer's rank; while an optimizer's ``capacity`` holds it, its active rank (a read)."""
-    mask = getattr(layer, "rank_mask", None)
-    return layer.rank if mask is None else int(mask.sum())
 
 
 def _append_metrics(run_dir: Path, row: dict) -> None:

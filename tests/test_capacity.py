@@ -203,3 +203,24 @@ def test_a_held_run_resumes_from_its_state_dicts():
 def test_capacity_rejects_what_it_cannot_hold(kw, message):
     with pytest.raises(ValueError, match=message):
         LowRankAdam(_model(), **kw)
+
+
+def test_saving_a_held_model_writes_its_active_columns_only(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from lrc.io import save_model
+
+    model = _model()
+    opt = LowRankAdam(model, lr=1e-2, tau=0.05, capacity=CAP)
+    ranks = _train(opt, model, 4)[-1]
+    assert all(layer.S.shape[0] == CAP for layer in opt.layers) and max(ranks) < CAP
+    save_model(tmp_path / "m.safetensors", model, {"name": "test"})  # mid-training, without compact()
+    with safe_open(tmp_path / "m.safetensors", "pt") as f:
+        table = json.loads(f.metadata()["layers"])
+        for (name, module), r in zip([(n, m) for n, m in model.named_modules() if m in opt.layers], ranks):
+            U, S, V = (f.get_tensor(f"{name}.{k}") for k in "USV")
+            assert S.shape == (r, r) and U.shape[1] == V.shape[1] == r and table[name]["rank"] == r
+            assert (U @ S @ V.T - module.matrix_weight()).abs().max() < 1e-12
+    assert all(layer.S.shape[0] == CAP for layer in opt.layers)  # the live model stays held

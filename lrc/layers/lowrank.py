@@ -149,6 +149,12 @@ class LowRankMatrixModule(nn.Module):
         return self.S.shape[0]
 
     @property
+    def active_rank(self) -> int:
+        """The rank the layer computes with: :attr:`rank`, or while an optimizer's ``capacity`` holds it at
+        more columns than that, its active ones (a read from the device)."""
+        return self.rank if self.rank_mask is None else int(self.rank_mask.sum())
+
+    @property
     def adapter(self) -> bool:
         return self.base_weight is not None
 
