@@ -224,3 +224,34 @@ def test_saving_a_held_model_writes_its_active_columns_only(tmp_path):
             assert S.shape == (r, r) and U.shape[1] == V.shape[1] == r and table[name]["rank"] == r
             assert (U @ S @ V.T - module.matrix_weight()).abs().max() < 1e-12
     assert all(layer.S.shape[0] == CAP for layer in opt.layers)  # the live model stays held
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_held_step_matches_the_cpu_and_waits_once():
+    import warnings
+
+    model = _model()
+    cpu = LowRankAdam(model, lr=1e-2, tau=0.05, capacity=CAP)
+    ranks = _train(cpu, model, 5)
+    gpu_model = _model().cuda()
+    gpu = LowRankAdam(gpu_model, lr=1e-2, tau=0.05, capacity=CAP, svd_batching="padded")
+    global X, Y
+    X, Y = X.cuda(), Y.cuda()
+    try:
+        assert _train(gpu, gpu_model, 5) == ranks
+        for a, b in zip(cpu.layers, gpu.layers):
+            assert (a.matrix_weight() - b.matrix_weight().cpu()).abs().max() < 1e-8
+        rows = torch.arange(100, 156, device="cuda")
+        gpu.zero_grad()
+        F.cross_entropy(gpu_model(X[rows]), Y[rows]).backward()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                gpu.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert sum("synchroniz" in str(w.message) for w in caught) <= 1  # the one SVD call
+    finally:
+        X, Y = X.cpu(), Y.cpu()
