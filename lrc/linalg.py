@@ -21,6 +21,7 @@ __all__ = [
     "in_channel_modes",
     "sign_fixed_svd",
     "padded_svds",
+    "subspace_truncation",
     "truncation_rank",
     "untruncated_rank",
     "clip_rank",
@@ -143,7 +144,7 @@ def _cholesky_qr2_repaired(U: Tensor, P: Tensor, mask: Tensor | None = None) -> 
     ``mask`` (k values, 1 then 0; ``P`` zero where it is 0): the empty columns get a unit Gram in
     both passes, which keeps both factorizations block diagonal — the active columns come out as
     without them, the empty ones zero (see :func:`augment_basis`)."""
-    n, k = P.shape
+    n, k = P.shape[-2:]
     eps = 10.0 * math.sqrt(n) * torch.finfo(P.dtype).eps  # the relative rounding of products in P's dtype
     # The first Gram and its Cholesky factorization are taken in float64 whatever P's dtype, so that below
     # float64 the shift only has to cover the rounding of the products in P's dtype (ε'²): directions down to
@@ -155,11 +156,14 @@ def _cholesky_qr2_repaired(U: Tensor, P: Tensor, mask: Tensor | None = None) -> 
     mu = eps if P.dtype == gram else eps * eps
     eye = torch.eye(k, dtype=gram, device=P.device)
     tiny = torch.finfo(P.dtype).tiny
-    width = k if mask is None else mask.sum().to(gram)  # the active columns
-    shift = eye if mask is None else torch.diag(mask.to(gram))  # where μ goes
-    hole = None if mask is None else torch.diag(1.0 - mask.to(gram))  # the empty columns' unit Gram
-    P = P / P.abs().amax().clamp_min(tiny)  # first to entries ≤ 1: the norm of huge ones would overflow
-    P = P / (torch.linalg.vector_norm(P) / width**0.5).clamp_min(tiny)
+    # the active columns (per matrix of a batch), where μ goes, and the empty columns' unit Gram
+    width = k if mask is None else mask.sum(-1, keepdim=True)[..., None].to(gram)
+    shift = eye if mask is None else torch.diag_embed(mask.to(gram))
+    hole = None if mask is None else torch.diag_embed(1.0 - mask.to(gram))
+    # first to entries ≤ 1 (the norm of huge ones would overflow), then to a mean squared singular value of 1
+    P = P / P.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(tiny)
+    root = width**0.5 if mask is None else (width**0.5).to(P.dtype)
+    P = P / (torch.linalg.vector_norm(P, dim=(-2, -1), keepdim=True) / root).clamp_min(tiny)
     P_gram = P.to(gram)
     A = P_gram.mT @ P_gram
     if hole is not None:
@@ -168,14 +172,14 @@ def _cholesky_qr2_repaired(U: Tensor, P: Tensor, mask: Tensor | None = None) -> 
     # the Gram's rounding grows with its largest eigenvalue (≤ k here): where μ was not enough
     # (a nearly rank-one P), the shift μ·k, which always is — chosen on the device
     R1_safe, _ = torch.linalg.cholesky_ex(A + (mu * width) * shift, upper=True)
-    ok = info == 0
+    ok = (info == 0)[..., None, None]
     R1 = torch.where(ok, R1, R1_safe)
     mu = torch.where(ok, mu, mu * width)
     R1_inv = torch.linalg.solve_triangular(R1, eye, upper=True)
     F = mu * (R1_inv @ R1_inv.mT)  # μ(PᵀP + μI)⁻¹
     X = P + _filler(n, k, P.dtype, P.device) @ (mu.sqrt() * (F @ F)).to(P.dtype)
     if mask is not None:
-        X = X * mask
+        X = X * mask[..., None, :].to(X.dtype)
     Q = X @ R1_inv.to(P.dtype)
     Q = Q - U @ (U.mT @ Q)
     B = Q.mT @ Q
@@ -204,6 +208,29 @@ def _filler(n: int, k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
                         dtype=torch.float64 if torch.device(device).type == "cpu" else torch.float32).mT
         cached = _fillers[key] = torch.linalg.qr(A).Q.to(dtype)
     return cached[:, :k]
+
+
+def subspace_truncation(S_hat: Tensor, keep: Tensor, iterations: int = 2) -> tuple[Tensor, Tensor, Tensor]:
+    """A truncation of ``Ŝ`` (a batch ``(…, a, b)``) at a rank it keeps, by matrix products and small
+    Cholesky factorizations only (no SVD, no host read): ``(P₁, S₁, R₁)`` with ``P₁``, ``R₁`` orthonormal
+    bases of (approximately) ``Ŝ``'s top left and right singular subspaces and ``S₁ = P₁ᵀ Ŝ R₁`` (square,
+    not diagonal), so that ``Ŝ ≈ P₁ S₁ R₁ᵀ``.
+
+    ``P₁`` comes from ``iterations`` block power iterations ``P ← orth(Ŝ Ŝᵀ P)`` started at the first
+    coordinates ``P₀ = [I; 0]`` — after a truncation, the kept directions, which one step moves little — and
+    ``R₁ = orth(Ŝᵀ P₁)``, so that ``P₁ S₁ R₁ᵀ = P₁ P₁ᵀ Ŝ``. Where the step is small against the gap between
+    the kept singular values and the rest, this is the SVD's truncation to rounding (subspace error
+    ``∝ (σ_{r+1}/σ_r)^(2·iterations)``); where the gap closes it picks another subspace of nearly the same
+    energy. ``keep`` (``(…, w)``, 1 then 0): the columns of ``P₀`` to use — all ones for rank ``w``; a layer
+    held at a capacity ``w`` has zeros for its empty columns, which stay zero (orthonormalized by the
+    sync-free CholeskyQR2 of :func:`augment_basis`)."""
+    a, b, w = S_hat.shape[-2], S_hat.shape[-1], keep.shape[-1]
+    keep = keep.to(S_hat.dtype)
+    P = torch.eye(a, w, dtype=S_hat.dtype, device=S_hat.device) * keep[..., None, :]
+    for _ in range(iterations):
+        P = _cholesky_qr2_repaired(S_hat.new_zeros(a, 0), S_hat @ (S_hat.mT @ P), keep)
+    R = _cholesky_qr2_repaired(S_hat.new_zeros(b, 0), S_hat.mT @ P, keep)
+    return P, P.mT @ S_hat @ R, R
 
 
 def pad_block(A: Tensor, rows: int, cols: int) -> Tensor:

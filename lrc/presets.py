@@ -18,7 +18,7 @@ from .evaluate import METRICS
 from .layers.tucker import EXECUTIONS
 from .linalg import ALLOCATIONS, SECOND_MOMENT_RULES
 from .optim.adam import COEFFICIENT_METRICS, LR_SCALINGS, NEW_MOMENTS
-from .optim.base import AUGMENTATIONS, MODES, SVD_BATCHINGS
+from .optim.base import AUGMENTATIONS, MODES, SVD_BATCHINGS, TRUNCATIONS
 
 __all__ = ["DEFAULTS", "PresetError", "PRESET_DIR", "list_presets", "load_preset", "resolve_config",
            "apply_override"]
@@ -48,7 +48,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                   "second_moment": "squared", "lr_scaling": "dense",
                   "new_moments": "zero", "update_every": 1, "max_params": None, "coefficient_metric": "uniform",
                   "fixed_ranks": False, "rank_every": 1, "svd_batching": "auto", "augmentation": "auto",
-                  "basis_every": 1, "capacity": None},
+                  "basis_every": 1, "capacity": None, "truncation": "svd"},
     "train": {"epochs": 10, "seed": 0, "device": "auto", "bf16": False, "grad_clip": None,
               "schedule": "cosine", "warmup_epochs": 0.0, "tau_warmup_epochs": 0.0,
               "budget_warmup_epochs": 0.0, "budget_warmup_start_cr": None, "distill": 0.0, "distill_temperature": 2.0},
@@ -344,6 +344,12 @@ def validate(cfg: dict, source: str) -> None:
     if opt["svd_batching"] not in SVD_BATCHINGS:
         raise PresetError(f"{source}: optimizer.svd_batching {opt['svd_batching']!r}: choose one of "
                           f"{', '.join(SVD_BATCHINGS)}")
+    if opt["truncation"] not in TRUNCATIONS:
+        raise PresetError(f"{source}: optimizer.truncation {opt['truncation']!r}: choose one of "
+                          f"{', '.join(TRUNCATIONS)}")
+    if opt["truncation"] == "subspace" and (opt["update_every"] > 1 or opt["new_moments"] == "project"):
+        raise PresetError(f"{source}: optimizer.truncation: subspace does not go with optimizer.update_every > 1 or "
+                          "optimizer.new_moments: project — leave one of them out")
     if opt["augmentation"] not in AUGMENTATIONS:
         raise PresetError(f"{source}: optimizer.augmentation {opt['augmentation']!r}: choose one of "
                           f"{', '.join(AUGMENTATIONS)}")

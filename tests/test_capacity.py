@@ -255,3 +255,70 @@ def test_cuda_held_step_matches_the_cpu_and_waits_once():
         assert sum("synchroniz" in str(w.message) for w in caught) <= 1  # the one SVD call
     finally:
         X, Y = X.cpu(), Y.cpu()
+
+
+# ---- truncation="subspace": the steps that keep the ranks without an SVD ----------------------------
+def test_subspace_truncation_is_the_svds_where_the_step_is_small():
+    """Ŝ = diag(σ, 0) + a step far below the gap: two block power iterations give the SVD's truncation
+    (the weight to ~1e-9); a step of the gap's size gives another subspace of nearly the same energy."""
+    from lrc.linalg import subspace_truncation
+
+    torch.manual_seed(0)
+    r = 16
+    base = torch.zeros(2, 2 * r, 2 * r, dtype=torch.float64)
+    base[:, :r, :r] = torch.diag(torch.logspace(0, -1, r, dtype=torch.float64))
+    for scale, tol in ((1e-4, 1e-9), (3e-2, None)):
+        S_hat = base + scale * torch.randn(2, 2 * r, 2 * r, dtype=torch.float64)
+        P, sigma, Rh = torch.linalg.svd(S_hat)
+        best = P[..., :r] @ torch.diag_embed(sigma[..., :r]) @ Rh[..., :r, :]
+        P1, S1, R1 = subspace_truncation(S_hat, torch.ones(2, r))
+        got = P1 @ S1 @ R1.mT
+        assert (P1.mT @ P1 - torch.eye(r, dtype=torch.float64)).abs().max() < 1e-12
+        if tol is not None:
+            assert (got - best).norm() < tol * best.norm()
+        else:  # the truncation error within a few per cent of the optimal one
+            assert (S_hat - got).norm() < 1.1 * (S_hat - best).norm()
+
+
+def test_the_first_subspace_step_is_the_svd_step():
+    """Before Adam's moments carry coordinates, a step truncated by subspaces is the SVD's (the weights to
+    1e-9 at a small rate). Afterwards the two part slowly: ``S`` is not diagonal after a subspace
+    truncation, and Adam's second moment depends on the coordinates it is kept in."""
+    out = {}
+    for truncation in ("svd", "subspace"):
+        model = _model(rank=8)
+        opt = LowRankAdam(model, lr=1e-4, tau=0.05, fixed_ranks=True, truncation=truncation)
+        _train(opt, model, 1)
+        out[truncation] = [layer.matrix_weight() for layer in opt.layers]
+    for a, b in zip(out["svd"], out["subspace"]):
+        assert (a - b).norm() < 1e-9 * a.norm()
+
+
+@pytest.mark.parametrize("held", [False, True])
+def test_subspace_truncation_calls_no_svd_between_rank_choices(monkeypatch, held):
+    import lrc.optim.base as base
+
+    calls = []
+    original = base.sign_fixed_svd
+    monkeypatch.setattr(base, "sign_fixed_svd", lambda A: calls.append(A.shape) or original(A))
+    model = _model()
+    opt = LowRankAdam(model, lr=1e-2, tau=0.05, rank_every=3, truncation="subspace",
+                      capacity=CAP if held else None, augmentation="sync_free")
+    ranks = []
+    for t in range(6):
+        calls.clear()
+        ranks += _train(opt, model, 1, start=t)
+        assert bool(calls) == (t % 3 == 0), t  # the SVD only where the ranks are chosen
+    assert ranks[1] == ranks[2] and ranks[4] == ranks[5]
+    for layer in opt.layers:  # the bases stay orthonormal through the steps without an SVD
+        U = layer.U[:, : layer.active_rank]
+        assert (U.T @ U - torch.eye(U.shape[1], dtype=U.dtype)).abs().max() < 1e-12
+
+
+def test_subspace_truncation_rejects_what_it_cannot_do():
+    with pytest.raises(ValueError, match="Invalid truncation"):
+        LowRankAdam(_model(), truncation="eigh")
+    with pytest.raises(ValueError, match="update_every"):
+        LowRankAdam(_model(), truncation="subspace", update_every=2)
+    with pytest.raises(ValueError, match="new_moments"):
+        LowRankAdam(_model(), truncation="subspace", new_moments="project")

@@ -112,6 +112,7 @@ def test_version_and_help():
     (["train", "--set", "optimizer.capacity=32", "--set", "optimizer.update_every=2", "--out", "{tmp}/cap"],
      "does not go with optimizer.update_every > 1"),
     (["train", "--set", "optimizer.capacity=16", "--out", "{tmp}/cap"], "capacity=16 is below the rank 30 of layer 1"),
+    (["train", "--set", "optimizer.truncation=eigh", "--out", "{tmp}/tr"], "optimizer.truncation 'eigh': choose one of svd"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)

@@ -154,6 +154,14 @@ class LowRankAdam(LowRankOptimizer):
             epoch). Other layers (Tucker cores, narrower matrices) step as without it. Not with
             ``update_every > 1``, a budget (``target_cr``, ``max_params``), ``project_moments=False``
             or ``new_moments="project"``. ``None``: shapes follow the ranks. Default: ``None``.
+        truncation (str): how a step that keeps the ranks (``fixed_ranks``, or between the choices of
+            ``rank_every``) cuts a matrix layer's ``Ŝ`` back. ``"svd"``: the SVD, as every step that
+            chooses ranks. ``"subspace"``: two block power iterations from the kept directions
+            (:func:`~lrc.linalg.subspace_truncation`: products and small Cholesky factorizations, no SVD,
+            no host read; ``S`` is then not diagonal) — the SVD's truncation to rounding where the step is
+            small against the gap below the kept singular values, another subspace of nearly the same
+            energy where it is not. With ``capacity`` and ``augmentation="sync_free"`` such a step waits for
+            nothing. Tucker cores keep the SVD. Default: ``"svd"``.
         distributed (bool | None): average gradients over the processes of ``torch.distributed``
             (one flat all-reduce per phase; the fused backward averages ``G_K``, ``G_L`` and
             ``G_S`` itself) and take rank 0's new ranks. ``None``: when a process group of
@@ -174,10 +182,14 @@ class LowRankAdam(LowRankOptimizer):
                  target_cr: float | None = None, max_params: int | None = None,
                  coefficient_metric: str = "uniform", allocation: str = "relative",
                  fixed_ranks: bool = False, rank_every: int = 1, svd_batching: str = "auto",
-                 basis_every: int = 1, augmentation: str = "auto", capacity: int | None = None) -> None:
+                 basis_every: int = 1, augmentation: str = "auto", capacity: int | None = None,
+                 truncation: str = "svd") -> None:
         if capacity is not None and new_moments == "project":
             raise ValueError("capacity does not go with new_moments='project': the cut directions it carries "
                              "change shape; leave one of them out")
+        if truncation == "subspace" and new_moments == "project":
+            raise ValueError("truncation='subspace' does not go with new_moments='project': it needs the cut "
+                             "directions an SVD gives; leave one of them out")
         if lr_scaling not in LR_SCALINGS:
             raise ValueError(f"Invalid lr_scaling: {lr_scaling!r} (one of {LR_SCALINGS})")
         if new_moments not in NEW_MOMENTS:
@@ -199,7 +211,7 @@ class LowRankAdam(LowRankOptimizer):
                          update_every=update_every, target_cr=target_cr,
                          max_params=max_params, allocation=allocation, fixed_ranks=fixed_ranks,
                          rank_every=rank_every, svd_batching=svd_batching, basis_every=basis_every,
-                         augmentation=augmentation, capacity=capacity)
+                         augmentation=augmentation, capacity=capacity, truncation=truncation)
         self.lr_scaling = lr_scaling
         self.new_moments = new_moments
         self.carry_moments = new_moments == "project"

@@ -31,14 +31,16 @@ from ..linalg import (
     rotate_first_moment,
     rotate_second_moment,
     sign_fixed_svd,
+    subspace_truncation,
     untruncated_rank,
 )
 
-__all__ = ["LowRankOptimizer", "MODES", "SVD_BATCHINGS", "AUGMENTATIONS"]
+__all__ = ["LowRankOptimizer", "MODES", "SVD_BATCHINGS", "AUGMENTATIONS", "TRUNCATIONS"]
 
 MODES = ("fused", "two_pass", "parallel")
 SVD_BATCHINGS = ("auto", "shape", "padded")
 AUGMENTATIONS = ("auto", "sync_free")
+TRUNCATIONS = ("svd", "subspace")
 TRAINED = (LowRankMatrixModule, TuckerConv2d)  # layer kinds these optimizers train
 
 
@@ -54,7 +56,7 @@ class LowRankOptimizer(Optimizer):
                  target_cr: float | None = None, max_params: int | None = None,
                  allocation: str = "relative", fixed_ranks: bool = False, rank_every: int = 1,
                  svd_batching: str = "auto", basis_every: int = 1, augmentation: str = "auto",
-                 capacity: int | None = None) -> None:
+                 capacity: int | None = None, truncation: str = "svd") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
         if mode not in MODES:
@@ -103,6 +105,11 @@ class LowRankOptimizer(Optimizer):
                 if value:
                     raise ValueError(f"capacity does not go with {name}: {why}; leave one of them out")
             max_rank = capacity if max_rank is None else min(max_rank, capacity)
+        if truncation not in TRUNCATIONS:
+            raise ValueError(f"Invalid truncation: {truncation!r} (one of {TRUNCATIONS})")
+        if truncation == "subspace" and update_every > 1:
+            raise ValueError("truncation='subspace' does not go with update_every > 1: leave one of them out")
+        self.truncation = truncation
         self.capacity = capacity
         self.augmentation = augmentation
         self.rank_every = rank_every
@@ -567,16 +574,21 @@ class LowRankOptimizer(Optimizer):
     def _truncate(self, pending: list[tuple]) -> None:
         """Steps 6–7 for all layers at once: the SVDs of every ``Ŝ`` (per channel mode of a Tucker
         core) batched by :meth:`_svds`, one read of the new ranks from the device (on the steps that
-        choose ranks, see ``rank_every``); then each layer's rank change, in one place."""
-        svds, order, sigmas = self._svds(pending)
+        choose ranks, see ``rank_every``); then each layer's rank change, in one place. On the steps that
+        keep the ranks, ``truncation="subspace"`` takes the matrix layers' truncations without an SVD."""
         count = self.param_groups[0].get("truncations", 0)
         for group in self.param_groups:
             group["truncations"] = count + 1
+        choose = not (self.fixed_ranks or count % self.rank_every)
+        everything = pending
+        if not choose and self.truncation == "subspace":
+            self._truncate_by_subspaces([item for item in pending if not isinstance(item[0], TuckerConv2d)])
+            pending = [item for item in pending if isinstance(item[0], TuckerConv2d)]
+        svds, order, sigmas = self._svds(pending)
         # the ranks the layers had before this cycle's augmentation (update_every > 1: they hold it); a layer
         # held at a capacity: its active rank, on the device
         before = [self.state[item[0].S].pop("cycle_ranks", None) or _ranks_of(item[0]) for item in pending]
         held = [item[0] in self._held for item in pending]
-        choose = not (self.fixed_ranks or count % self.rank_every)
         if not choose:  # keep the ranks: the truncation only rotates the bases
             new_ranks = [_active_rank(pending[i][0]) if held[i] else before[i][0 if mode is None else mode]
                          for i, mode in order]
@@ -617,10 +629,40 @@ class LowRankOptimizer(Optimizer):
             kept = s_out[:r_out] if isinstance(layer, TuckerConv2d) else sigma[:r1]
             self._record(layer, S_bar, S_new, P1, R1, step_norm, kept)
             self._apply_truncation(layer, Ut, Vt, P1, S_new, R1, padded)
-        if self.distributed and pending:  # bit-identical factors and moments on every process
+        if self.distributed and everything:  # bit-identical factors and moments on every process
             self.bytes_communicated += broadcast_(
-                [t.data for item in pending for t in item[0].factor_parameters()]
-                + [t for item in pending for t in self._shared_state(item[0])])
+                [t.data for item in everything for t in item[0].factor_parameters()]
+                + [t for item in everything for t in self._shared_state(item[0])])
+
+    def _truncate_by_subspaces(self, pending: list[tuple]) -> None:
+        """``truncation="subspace"``, on a step that keeps the ranks: each matrix layer's ``Ŝ`` cut back to
+        the rank it holds by :func:`~lrc.linalg.subspace_truncation` (layers of one shape batched) — no SVD,
+        no read. ``S`` is then not diagonal; the diagnostics' ``spectrum_ratio`` takes the row norms of the
+        new ``S`` for its singular values."""
+        groups: dict[tuple, list[int]] = {}
+        for i, item in enumerate(pending):
+            layer = item[0]
+            key = (tuple(item[4].shape), item[4].dtype, item[4].device, layer.S.shape[0], layer.rank_mask is not None)
+            groups.setdefault(key, []).append(i)
+        for idx in groups.values():
+            layers = [pending[i][0] for i in idx]
+            S_hats = torch.stack([pending[i][4] for i in idx])
+            if layers[0].rank_mask is not None:
+                keep = torch.stack([layer.rank_mask for layer in layers]).to(S_hats.dtype)
+            else:
+                keep = S_hats.new_ones(len(idx), layers[0].S.shape[0])
+            P1s, S1s, R1s = subspace_truncation(S_hats, keep)
+            for j, i in enumerate(idx):
+                layer, _, Ut, Vt, S_bar, padded, step_norm = pending[i]
+                P1, S1, R1 = P1s[j], S1s[j], R1s[j]
+                rows = torch.linalg.vector_norm(S1, dim=1)
+                if layer in self._held:
+                    self._record(layer, S_bar, S1, P1, R1, step_norm, rows, keep[j])
+                    full = pad_block(keep[j][None], 1, self.capacity)[0]
+                    self._write_held(layer, Ut, Vt, P1, S1, R1, full, padded)
+                else:
+                    self._record(layer, S_bar, S1, P1, R1, step_norm, rows)
+                    self._apply_truncation(layer, Ut, Vt, P1, S1, R1, padded)
 
     def _apply_held(self, layer, group: dict, Ut: Tensor, Vt: Tensor, P: Tensor, sigma: Tensor, R: Tensor, rank,
                     S_bar: Tensor, padded: dict, step_norm: Tensor) -> None:
@@ -637,9 +679,18 @@ class LowRankOptimizer(Optimizer):
             r1 = r1.clamp(max=_active_rank(layer)) if layer.rank_mask is None else torch.minimum(r1, _active_rank(layer))
         r1 = r1.clamp(min=min(group["min_rank"], upper))
         keep = (torch.arange(C, device=P.device) < r1).to(P.dtype)
-        P1, R1 = pad_block(P[:, :C], P.shape[0], C) * keep, pad_block(R[:, :C], R.shape[0], C) * keep
-        S_new = torch.diag(pad_block(sigma[:C, None], C, 1)[:, 0].to(P.dtype) * keep)
+        P1, R1 = P[:, :C] * keep[: min(C, P.shape[1])], R[:, :C] * keep[: min(C, R.shape[1])]
+        S_new = torch.diag(sigma[:C].to(P.dtype) * keep[: min(C, sigma.shape[0])])
         self._record(layer, S_bar, S_new, P1, R1, step_norm, sigma[:C], keep[: min(C, sigma.shape[0])])
+        self._write_held(layer, Ut, Vt, P1, S_new, R1, keep, padded)
+
+    def _write_held(self, layer, Ut: Tensor, Vt: Tensor, P1: Tensor, S_new: Tensor, R1: Tensor, keep: Tensor,
+                    padded: dict) -> None:
+        """A held layer's new factors (``P₁``, ``R₁``, ``S_new`` of fewer than ``capacity`` columns padded with
+        zero ones), moments and mask ``keep`` (``capacity`` values)."""
+        C, U, S, V = self.capacity, *layer.factor_parameters()
+        P1, R1 = pad_block(P1, P1.shape[0], C), pad_block(R1, R1.shape[0], C)
+        S_new = pad_block(S_new, C, C)
         state = self.state[S]
         for key in self._state_keys:
             if key in self._second_moment_keys:
