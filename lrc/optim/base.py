@@ -692,13 +692,8 @@ class LowRankOptimizer(Optimizer):
         P1, R1 = pad_block(P1, P1.shape[0], C), pad_block(R1, R1.shape[0], C)
         S_new = pad_block(S_new, C, C)
         state = self.state[S]
-        for key in self._state_keys:
-            if key in self._second_moment_keys:
-                state[key] = rotate_second_moment(padded[key], P1, R1, self.second_moment)
-            else:
-                state[key] = rotate_first_moment(padded[key], P1, R1)
-        r = U.shape[1]
-        factors = (U @ P1[:r] + Ut @ P1[r:], S_new, V @ R1[:r] + Vt @ R1[r:])
+        self._rotate_moments(state, padded, P1, R1)
+        factors = _new_factors(layer, Ut, Vt, P1, S_new, R1)
         if U.shape[1] == C:  # at the capacity already: the same storage (what a captured or compiled step needs)
             for p, value in zip((U, S, V), factors):
                 p.copy_(value)
@@ -876,8 +871,17 @@ class LowRankOptimizer(Optimizer):
         """The one place where a layer's rank changes: new factors ``Û P₁``, ``V̂ R₁``, the
         new coefficient ``S_new`` and the moments rotated to the new bases (per spatial slice
         for a Tucker core: ``· ×₁ P₁ᵀ ×₂ R₁ᵀ``)."""
-        U, S, V = layer.factor_parameters()
-        state = self.state[S]
+        state = self.state[layer.S]
+        self._rotate_moments(state, padded, P1, R1)
+        for key in self._state_keys:
+            carried = state.get("carry_" + key)  # new_moments="project", matrix layers only
+            if carried is not None and carried.shape[0] >= P1.shape[1]:
+                carried[: P1.shape[1], : R1.shape[1]] = state[key]  # one value for the kept block
+        layer.set_factors(*_new_factors(layer, Ut, Vt, P1, S_new, R1))
+
+    def _rotate_moments(self, state: dict, padded: dict, P1: Tensor, R1: Tensor) -> None:
+        """The moments of the augmented coefficient (``padded``) in the new bases, into ``state`` (per
+        spatial slice for a Tucker core: ``· ×₁ P₁ᵀ ×₂ R₁ᵀ``)."""
         def rotate(rule, T, *args):  # a Tucker core: the matrix rule per spatial slice
             return in_channel_modes(rule, T, P1, R1, *args) if T.dim() > 2 else rule(T, P1, R1, *args)
 
@@ -888,11 +892,13 @@ class LowRankOptimizer(Optimizer):
                 state[key] = rotate(rotate_second_moment, padded[key], self.second_moment)
             else:
                 state[key] = rotate(rotate_first_moment, padded[key])
-            carried = state.get("carry_" + key)  # new_moments="project", matrix layers only
-            if carried is not None and carried.shape[0] >= P1.shape[1]:
-                carried[: P1.shape[1], : R1.shape[1]] = state[key]  # one value for the kept block
-        layer.set_factors(U @ P1[: U.shape[1]] + Ut @ P1[U.shape[1]:], S_new,
-                          V @ R1[: V.shape[1]] + Vt @ R1[V.shape[1]:])
+
+
+def _new_factors(layer, Ut: Tensor, Vt: Tensor, P1: Tensor, S_new: Tensor, R1: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(Û P₁, S_new, V̂ R₁)`` for ``Û = [U | Ũ]``, ``V̂ = [V | Ṽ]``, without forming ``Û``, ``V̂``."""
+    U, _, V = layer.factor_parameters()
+    r_out, r_in = U.shape[1], V.shape[1]
+    return U @ P1[:r_out] + Ut @ P1[r_out:], S_new, V @ R1[:r_in] + Vt @ R1[r_in:]
 
 
 def _square(layer, Ut: Tensor, Vt: Tensor, G_S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
