@@ -322,3 +322,17 @@ def test_subspace_truncation_rejects_what_it_cannot_do():
         LowRankAdam(_model(), truncation="subspace", update_every=2)
     with pytest.raises(ValueError, match="new_moments"):
         LowRankAdam(_model(), truncation="subspace", new_moments="project")
+
+
+def test_matrix_convolutions_are_held_too():
+    from .test_optim import convnet, train, weights
+
+    out = {}
+    for kw in (dict(max_rank=6, augmentation="sync_free"), dict(capacity=6)):
+        model, x, y = convnet(4)  # LowRankConv2d 3→12 and 12→16, 3×3: both hold 6 columns (2·6 ≤ 12)
+        opt = LowRankAdam(model, lr=5e-3, tau=0.1, second_moment="squared", **kw)
+        train(model, x, y, opt, 8)
+        if "capacity" in kw:
+            assert all(layer.rank_mask is not None and layer.S.shape[0] == 6 for layer in opt.layers)
+        out[len(out)] = weights(model)
+    assert (out[0] - out[1]).abs().max() < 1e-9  # the ranks sit at the cap: its cut amplifies rounding a little
