@@ -228,6 +228,19 @@ def test_sync_free_augmentation_resolves_weak_directions_in_float32():
         assert torch.linalg.vector_norm(outside, dim=0).max() < 3e-3, sync_free
 
 
+def test_subspace_orthonormalization_is_the_same_on_the_cpu_and_elsewhere():
+    """The subspace truncation orthonormalizes by a Householder QR on the CPU and by the sync-free CholeskyQR2
+    on accelerators: the same columns (R's diagonal ≥ 0) to rounding, the masked ones zero in both."""
+    from lrc.linalg import _cholesky_qr2_repaired, _orthonormal_columns
+
+    torch.manual_seed(0)
+    keep = (torch.arange(8) < torch.tensor([[8], [5]])).to(f64)
+    A = torch.randn(2, 30, 8, dtype=f64) * keep[:, None, :]
+    cpu = _orthonormal_columns(A, keep)
+    assert (cpu - _cholesky_qr2_repaired(A.new_zeros(30, 0), A, keep)).abs().max() < 1e-12
+    assert (cpu[1, :, 5:] == 0).all()
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 def test_masked_augmentation_is_the_active_part_alone(dtype, tol):
     """A basis held at a capacity (zero columns where the mask is 0, as G = ∇W V then has): the active
