@@ -315,6 +315,37 @@ def test_subspace_truncation_calls_no_svd_between_rank_choices(monkeypatch, held
         assert (U.T @ U - torch.eye(U.shape[1], dtype=U.dtype)).abs().max() < 1e-12
 
 
+def test_a_held_subspace_step_neither_reads_nor_calls_an_svd(monkeypatch):
+    """capacity + the sync-free augmentation + truncation="subspace" at kept ranks: no host read and no SVD
+    in step() (what a CUDA graph needs; on a GPU the SVD call is the wait that remains otherwise)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = _model(torch.float32)
+    opt = LowRankAdam(model, lr=1e-2, tau=0.05, capacity=CAP, augmentation="sync_free", fixed_ranks=True,
+                      truncation="subspace")
+    _train(opt, model, 1, dtype=torch.float32)
+    skip = {id(s["step"]) for s in opt.state.values() if "step" in s}
+    seen = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if (func is torch.ops.aten._local_scalar_dense.default and id(args[0]) not in skip) \
+                    or func.__name__.startswith("_linalg_svd"):
+                seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: seen.append("tolist") or original(t))
+    for t in range(1, 4):
+        rows = torch.arange(t * 20, t * 20 + 56)
+        opt.zero_grad()
+        with Count():  # the fused backward forms the augmentation: count it too
+            F.cross_entropy(model(X[rows].float()), Y[rows]).backward()
+            opt.step()
+        assert seen == [], seen
+    assert all(layer.rank_mask is not None for layer in opt.layers)
+
+
 def test_subspace_truncation_rejects_what_it_cannot_do():
     with pytest.raises(ValueError, match="Invalid truncation"):
         LowRankAdam(_model(), truncation="eigh")
