@@ -689,8 +689,8 @@ class LowRankOptimizer(Optimizer):
         """A held layer's new factors (``P₁``, ``R₁``, ``S_new`` of fewer than ``capacity`` columns padded with
         zero ones), moments and mask ``keep`` (``capacity`` values)."""
         C, U, S, V = self.capacity, *layer.factor_parameters()
-        P1, R1 = pad_block(P1, P1.shape[0], C), pad_block(R1, R1.shape[0], C)
-        S_new = pad_block(S_new, C, C)
+        if P1.shape[1] < C:  # a Ŝ narrower than the capacity (a compact layer at a rank below C/2)
+            P1, R1, S_new = pad_block(P1, P1.shape[0], C), pad_block(R1, R1.shape[0], C), pad_block(S_new, C, C)
         state = self.state[S]
         self._rotate_moments(state, padded, P1, R1)
         factors = _new_factors(layer, Ut, Vt, P1, S_new, R1)
