@@ -472,7 +472,14 @@ def densify(model: nn.Module) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of ``model``; a layer an optimizer's ``capacity`` holds at more columns than its rank counts
+    at its active rank (what it saves as, :func:`lrc.io.save_model`), not at the capacity."""
+    total = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, LowRankMatrixModule) and module.rank_mask is not None:
+            r, C = module.active_rank, module.rank
+            total -= (C - r) * (module.out_dim + module.in_dim) + C * C - r * r
+    return total
 
 
 def dense_parameters(model: nn.Module) -> int:

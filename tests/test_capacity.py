@@ -166,8 +166,13 @@ def test_compact_then_go_on_equals_going_on():
     (a, present), (b, held) = _pair(lr=1e-2, tau=0.05)
     _train(present, a, 5)
     _train(held, b, 5)
+    from lrc import compression_ratio
+
     before = [layer.matrix_weight() for layer in held.layers]
+    cr = compression_ratio(b)  # held: counted at the active ranks, not at the capacity
+    assert cr == compression_ratio(a)  # the present step at the same ranks
     held.compact()  # an epoch's end: the real sizes, then held again from the next truncation
+    assert compression_ratio(b) == cr
     assert all(layer.rank_mask is None and layer.S.shape[0] == layer.rank for layer in held.layers)
     assert all((w - layer.matrix_weight()).abs().max() < 1e-14 for w, layer in zip(before, held.layers))
     assert _train(present, a, 5, start=5) == _train(held, b, 5, start=5)
