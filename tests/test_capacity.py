@@ -387,3 +387,21 @@ def test_matrix_convolutions_are_held_too():
             assert all(layer.rank_mask is not None and layer.S.shape[0] == 6 for layer in opt.layers)
         out[len(out)] = weights(model)
     assert (out[0] - out[1]).abs().max() < 1e-9  # the ranks sit at the cap: its cut amplifies rounding a little
+
+
+@pytest.mark.parametrize("kw", [{}, dict(augmentation="sync_free", fixed_ranks=True, truncation="subspace")],
+                         ids=["svd", "subspace"])
+def test_held_layers_train_under_bf16_autocast(kw):
+    model = _model(torch.float32)
+    opt = LowRankAdam(model, lr=1e-2, tau=0.05, capacity=CAP, **kw)
+    for t in range(5):
+        rows = torch.arange(t * 20, t * 20 + 56)
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(X[rows].float()), Y[rows])
+        loss.backward()
+        opt.step()
+    for layer in opt.layers:  # the factors stay float32, held, orthonormal on their active columns
+        assert layer.U.dtype == torch.float32 and layer.S.shape[0] == CAP and torch.isfinite(layer.U).all()
+        U = layer.U[:, : layer.active_rank]
+        assert (U.T @ U - torch.eye(U.shape[1])).abs().max() < 1e-5
