@@ -146,10 +146,11 @@ class LowRankAdam(LowRankOptimizer):
             and storage, the columns from the active rank on are zero, and the active rank is chosen on
             the device (a mask, no read) — so that ``step()`` reads nothing on the host (its SVDs
             aside, which on a GPU wait once per call: ``svd_batching="padded"`` makes that one call)
-            and its shapes never change, as a CUDA graph, a compiled step or DDP's buckets need. The
-            same training as without it with ``max_rank=capacity`` (float64 tests, every mode, to
-            1e-10); the new directions by the sync-free CholeskyQR2. It costs the products at
-            ``capacity`` instead of the active rank. :meth:`compact` slices the layers to their active
+            and its shapes never change, as DDP's buckets need (a CUDA graph or a compiled step needs
+            that and more: the step counters live on the host). The same training as without it with
+            ``max_rank=capacity`` (float64 tests, every mode, to 1e-10); the new directions by the
+            sync-free CholeskyQR2. It costs the products and SVDs at ``capacity`` instead of the active
+            rank: choose it near the ranks expected. :meth:`compact` slices the layers to their active
             ranks (their real size, to count, evaluate or save; ``lrc train`` does it after every
             epoch). Other layers (Tucker cores, narrower matrices) step as without it. Not with
             ``update_every > 1``, a budget (``target_cr``, ``max_params``), ``project_moments=False``
