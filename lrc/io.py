@@ -226,9 +226,12 @@ def save_model(path: str | Path, model: nn.Module, architecture: dict, summary: 
         raise ValueError(f"{path}: the compressed format is safetensors: use --out NAME.safetensors, "
                          "or --dense for a .pt state dict")
     # a layer an optimizer's capacity holds at more columns than its rank: its active columns only
-    held = {f"{name}.{key}": (slice(None), slice(0, m.active_rank)) if key != "S" else
-            (slice(0, m.active_rank), slice(0, m.active_rank))
-            for name, m in model.named_modules() if getattr(m, "rank_mask", None) is not None for key in "USV"}
+    held = {}
+    for name, m in model.named_modules():
+        if getattr(m, "rank_mask", None) is not None:
+            r = m.active_rank
+            held.update({f"{name}.U": (slice(None), slice(r)), f"{name}.S": (slice(r), slice(r)),
+                         f"{name}.V": (slice(None), slice(r))})
     tensors = {}
     for k, v in model.state_dict().items():
         v = v.detach()

@@ -477,8 +477,8 @@ def count_parameters(model: nn.Module) -> int:
     total = sum(p.numel() for p in model.parameters())
     for module in model.modules():
         if isinstance(module, LowRankMatrixModule) and module.rank_mask is not None:
-            r, C = module.active_rank, module.rank
-            total -= (C - r) * (module.out_dim + module.in_dim) + C * C - r * r
+            shape = (module.out_dim, module.in_dim)
+            total -= factor_parameter_count(shape, (module.rank,)) - factor_parameter_count(shape, (module.active_rank,))
     return total
 
 

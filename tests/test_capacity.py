@@ -231,10 +231,23 @@ def test_saving_a_held_model_writes_its_active_columns_only(tmp_path):
     assert all(layer.S.shape[0] == CAP for layer in opt.layers)  # the live model stays held
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_held_step_matches_the_cpu_and_waits_once_or_never():
+def _synchronisations(step) -> int:
+    """How many times ``step()`` synchronised the CUDA device (torch's sync debug mode)."""
     import warnings
 
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_held_step_matches_the_cpu_and_waits_once_or_never():
     model = _model()
     cpu = LowRankAdam(model, lr=1e-2, tau=0.05, capacity=CAP)
     ranks = _train(cpu, model, 5)
@@ -249,30 +262,14 @@ def test_cuda_held_step_matches_the_cpu_and_waits_once_or_never():
         rows = torch.arange(100, 156, device="cuda")
         gpu.zero_grad()
         F.cross_entropy(gpu_model(X[rows]), Y[rows]).backward()
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                gpu.step()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        assert sum("synchroniz" in str(w.message) for w in caught) <= 1  # the one SVD call
+        assert _synchronisations(gpu.step) <= 1  # the one SVD call
         # and with the sync-free augmentation and the subspace truncation at kept ranks: none
         free = LowRankAdam(gpu_model, lr=1e-2, tau=0.05, capacity=CAP, augmentation="sync_free", fixed_ranks=True,
                            truncation="subspace")
         _train(free, gpu_model, 1)
         free.zero_grad()
         F.cross_entropy(gpu_model(X[rows]), Y[rows]).backward()
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                free.step()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        assert not [w for w in caught if "synchroniz" in str(w.message)]
+        assert _synchronisations(free.step) == 0
     finally:
         X, Y = X.cpu(), Y.cpu()
 

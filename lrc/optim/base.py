@@ -676,12 +676,12 @@ class LowRankOptimizer(Optimizer):
             upper = min(upper, group["max_rank"])
         r1 = torch.as_tensor(rank, device=P.device).clamp(max=upper)
         if not group.get("grow", True):  # a truncation warm-up: ranks only shrink
-            r1 = r1.clamp(max=_active_rank(layer)) if layer.rank_mask is None else torch.minimum(r1, _active_rank(layer))
+            r1 = torch.minimum(r1, torch.as_tensor(_active_rank(layer), device=r1.device))
         r1 = r1.clamp(min=min(group["min_rank"], upper))
         keep = (torch.arange(C, device=P.device) < r1).to(P.dtype)
-        P1, R1 = P[:, :C] * keep[: min(C, P.shape[1])], R[:, :C] * keep[: min(C, R.shape[1])]
-        S_new = torch.diag(sigma[:C].to(P.dtype) * keep[: min(C, sigma.shape[0])])
-        self._record(layer, S_bar, S_new, P1, R1, step_norm, sigma[:C], keep[: min(C, sigma.shape[0])])
+        kept = keep[: min(C, sigma.shape[0])]  # over the columns this Ŝ has (P, R and σ have as many)
+        P1, R1, S_new = P[:, :C] * kept, R[:, :C] * kept, torch.diag(sigma[:C].to(P.dtype) * kept)
+        self._record(layer, S_bar, S_new, P1, R1, step_norm, sigma[:C], kept)
         self._write_held(layer, Ut, Vt, P1, S_new, R1, keep, padded)
 
     def _write_held(self, layer, Ut: Tensor, Vt: Tensor, P1: Tensor, S_new: Tensor, R1: Tensor, keep: Tensor,
