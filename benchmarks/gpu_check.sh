@@ -5,7 +5,9 @@
 #   DEVICE=cpu PRESET=digits-mlp QUICK=1 bash benchmarks/gpu_check.sh   # a dry run of the script
 #
 # 1. the CUDA tests (fused = two_pass, bf16 autocast, the CUDA augmentation path);
-# 2. step time, kernel launches and synchronisations per step: the 2048-MLP at batch 1024 and 4096,
+#    (among them: a CUDA graph of the whole capturable step replays the eager training, no synchronisation);
+# 2. step time, kernel launches and synchronisations per step: the 2048-MLP at batch 1024 and 4096 (with the
+#    capturable step compiled, and the whole step in one CUDA graph for lrc, dense AdamW and the LoRA floor),
 #    torchvision's vgg16 (Tucker, 95 % c.r.) at batch 128;
 # 3. training throughput (images/s of the second epoch) of `lrc train --preset $PRESET` on random
 #    CIFAR-shaped data (data.name=synthetic), lowrank-adam (every step, basis_every=4,

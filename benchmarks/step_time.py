@@ -22,6 +22,11 @@ Methods, all at rank 64 for the three 2048×2048 layers (the 10-way head stays d
   lowrank-adam fused capacity subspace  capacity=64, the sync-free augmentation and the subspace
                          truncation: a step that neither reads nor waits (on a GPU: capturable)
   lowrank-adam parallel subspace  mode="parallel" with the subspace truncation
+  lowrank-adam fused compiled  capacity subspace with capturable=True (step counters and lr on the device),
+                         opt.step() compiled whole by torch.compile(fullgraph=True) after one eager step
+  (CUDA only) lowrank-adam fused graph, dense adamw graph, lora floor graph  the whole step (forward,
+                         backward, step()) captured in one CUDA graph and replayed — lrc's with
+                         capturable=True, torch.optim's with capturable=True — so that the launches cost nothing
   lowrank-adam fused padded-r16  the fused step with svd_batching="padded" (every SVD of the step in
                          one call or few) and rank_every=16 (the ranks read and changed once per 16
                          truncations): the steady state of issue 12, the mean over 16 steps
@@ -134,6 +139,9 @@ def variant(method: str) -> dict:
         return {"augmentation": "sync_free"}
     if method.endswith("capacity"):  # held at a fixed capacity: ranks on the device, shapes never change
         return {"capacity": RANK, "svd_batching": "padded"}
+    if method.endswith(("compiled", "graph")):  # the same step, capturable: counters and lr on the device
+        return {"capacity": RANK, "augmentation": "sync_free", "fixed_ranks": True, "truncation": "subspace",
+                "capturable": True}
     if method.endswith("capacity subspace"):  # and no SVD on the steps that keep the ranks: nothing waits
         return {"capacity": RANK, "augmentation": "sync_free", "fixed_ranks": True, "truncation": "subspace"}
     if method.endswith("subspace"):  # the steps that keep the ranks truncate by power iterations
@@ -145,12 +153,13 @@ def build(method: str, device, model_name: str = "mlp"):
     if model_name == "vgg16":
         return build_vgg16(method, device)
     model = dense_mlp(device)
-    if method == "dense adamw":
-        return model, torch.optim.AdamW(model.parameters(), lr=1e-3), None
-    if method == "lora floor":
+    graph = method.endswith(" graph")  # torch.optim's step made capturable too, for its CUDA graph
+    if method.removesuffix(" graph") == "dense adamw":
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=graph), None
+    if method.removesuffix(" graph") == "lora floor":
         for i in range(0, 2 * DEPTH, 2):
             model[i] = LoRALinear(model[i], RANK)
-        return model, torch.optim.Adam(model.parameters(), lr=1e-3), None
+        return model, torch.optim.Adam(model.parameters(), lr=1e-3, capturable=graph), None
     factorize(model, rank=RANK)
     mode = method.split()[1]
     return model, LowRankAdam(model, lr=1e-3, tau=0.1, min_rank=RANK, max_rank=RANK, mode=mode,
@@ -245,6 +254,30 @@ class Runner:
         self.model, self.opt, self.mode = build(method, device, model_name)
         self.x, self.y = make_batch(batch, device, model_name)
         self.parts: dict[str, list[float]] = {"total": [], "forward": [], "backward": [], "step": []}
+        self.step_fn, self.graph = self.opt.step, None
+        if method.endswith(" compiled"):  # opt.step() compiled whole, after an eager step holds the layers
+            self.one_step()
+            opt = self.opt
+            self.step_fn = torch.compile(lambda: type(opt).step(opt), fullgraph=True)
+        elif method.endswith(" graph"):
+            self.graph = self._capture()
+
+    def _capture(self):
+        """The whole step (forward, backward, ``step()``) captured in a CUDA graph, after eager warm-up
+        steps on a side stream (the first holds the layers at their capacity), as torch's docs on
+        whole-network capture do; replayed on the same batch tensors."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self.one_step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            F.cross_entropy(self.model(self.x), self.y).backward()
+            self.opt.step()
+        return graph
 
     def closure(self):
         self.opt.zero_grad()
@@ -253,16 +286,23 @@ class Runner:
         return loss
 
     def one_step(self) -> None:
-        if self.mode == "two_pass":
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.mode == "two_pass":
             self.opt.step(self.closure)
         else:
             self.closure()
-            self.opt.step()
+            self.step_fn()
 
     def timed_step(self, keep: bool) -> None:
         sync(self.device)
         t0 = time.perf_counter()
-        if self.mode == "two_pass":
+        if self.graph is not None:  # one replay: the whole step, not split
+            self.graph.replay()
+            sync(self.device)
+            t3 = time.perf_counter()
+            t1 = t2 = t0
+        elif self.mode == "two_pass":
             self.opt.step(self.closure)
             sync(self.device)
             t3 = time.perf_counter()
@@ -275,7 +315,7 @@ class Runner:
             loss.backward()
             sync(self.device)
             t2 = time.perf_counter()
-            self.opt.step()
+            self.step_fn()
             sync(self.device)
             t3 = time.perf_counter()
         if keep:
@@ -307,9 +347,12 @@ def time_methods(methods: list[str], batch: int, steps: int, warmup: int, device
             for _ in range(cycle):
                 runner.one_step()
 
-        ops, reads, waits = count_step(runner.model, runner.opt, steps_of_a_cycle)
-        out["ops"], out["reads"] = ops / cycle, reads / cycle
-        out["waits"] = None if waits is None else waits / cycle
+        if runner.method.endswith(" compiled") and device.type != "cuda":  # its kernels are not dispatched ops
+            out["ops"] = out["reads"] = out["waits"] = None
+        else:
+            ops, reads, waits = count_step(runner.model, runner.opt, steps_of_a_cycle)
+            out["ops"], out["reads"] = ops / cycle, reads / cycle
+            out["waits"] = None if waits is None else waits / cycle
         if hasattr(runner.opt, "finish_cycle"):
             runner.opt.finish_cycle()  # update_every: the model at its truncated ranks
         out["params"] = sum(p.numel() for p in runner.model.parameters())
@@ -320,7 +363,9 @@ def time_methods(methods: list[str], batch: int, steps: int, warmup: int, device
 METHODS = ["dense adamw", "lowrank-adam fused", "lowrank-adam fused sync-free", "lowrank-adam fused capacity",
            "lowrank-adam fused subspace", "lowrank-adam fused capacity subspace", "lowrank-adam parallel subspace",
            "lowrank-adam fused every4",
-           "lowrank-adam fused basis4", "lowrank-adam fused padded-r16", "lowrank-adam two_pass", "lowrank-adam parallel", "lora floor"]
+           "lowrank-adam fused basis4", "lowrank-adam fused padded-r16", "lowrank-adam two_pass", "lowrank-adam parallel",
+           "lowrank-adam fused compiled", "lora floor"]
+GRAPHS = ["dense adamw graph", "lowrank-adam fused graph", "lora floor graph"]  # CUDA only
 
 
 def main() -> None:
@@ -335,9 +380,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.count_only:
         args.batches, args.steps, args.warmup = [8], 1, 1
-    # capacity holds matrix layers and takes no budget: not the Tucker VGG16 at target_cr=95
-    methods = [m for m in METHODS if not (args.model == "vgg16" and "capacity" in m)]
     device = torch.device(args.device)
+    # capacity (and so the capturable step) holds matrix layers and takes no budget: not the Tucker VGG16 at
+    # target_cr=95
+    graphs = GRAPHS if device.type == "cuda" and args.model == "mlp" else []
+    methods = [m for m in METHODS + graphs
+               if not (args.model == "vgg16" and any(word in m for word in ("capacity", "compiled")))]
+    if args.count_only:  # a compiled step's kernels are not counted as dispatched ops; a graph replays them
+        methods = [m for m in methods if not m.endswith(("compiled", "graph"))]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     what = (f"MLP {WIDTH}x{DEPTH}→{CLASSES}, rank {RANK}" if args.model == "mlp"
             else "vgg16(num_classes=10) at 32×32, Tucker convolutions, target c.r. 95 %")
@@ -348,17 +398,18 @@ def main() -> None:
     print("| batch | method | c.r. | step (ms) | forward | backward | opt.step() | ops or launches | reads or syncs "
           "| GPU waits |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    ratios, amortised_ratios = [], []
+    ratios, amortised_ratios, captured_ratios = [], [], []
     for batch in args.batches:
         results = time_methods(methods, batch, args.steps, args.warmup, device, args.model)
         for m in methods:  # dense first: the c.r. is against it
             r = results[m]
             r["cr"] = 100.0 * (1.0 - r["params"] / results["dense adamw"]["params"])
-            split = ("—", "—", "—") if m.endswith("two_pass") else (f"{r['forward']:.1f}", f"{r['backward']:.1f}",
-                                                                   f"{r['step']:.1f}")
+            split = ("—", "—", "—") if m.endswith(("two_pass", "graph")) else (
+                f"{r['forward']:.1f}", f"{r['backward']:.1f}", f"{r['step']:.1f}")
             waits = r["reads"] if r["waits"] is None else r["waits"]
+            counts = ["—" if v is None else f"{v:g}" for v in (r["ops"], r["reads"], waits)]
             print(f"| {batch} | {m} | {r['cr']:.1f} % | {r['total']:.1f} | {split[0]} | {split[1]} | {split[2]} | "
-                  f"{r['ops']:g} | {r['reads']:g} | {waits:g} |", flush=True)
+                  f"{' | '.join(counts)} |", flush=True)
         if args.count_only:
             continue
         fused = results["lowrank-adam fused"]["total"]
@@ -368,6 +419,10 @@ def main() -> None:
                            t / results["dense adamw"]["total"]))
         ratios.append((batch, fused / results["lora floor"]["total"], fused / results["dense adamw"]["total"],
                        results["lowrank-adam two_pass"]["total"] / fused))
+        for m in [m for m in methods if m.endswith(("compiled", "graph"))]:
+            t = results[m]["total"]
+            captured_ratios.append((batch, m, t / fused, t / results["lora floor"]["total"],
+                                    t / results["dense adamw"]["total"]))
     if args.count_only:
         return
     print("\n| batch | fused / LoRA floor | fused / dense AdamW | two_pass / fused |")
@@ -378,6 +433,10 @@ def main() -> None:
     print("| ---: | --- | ---: | ---: | ---: |")
     for batch, name, to_fused, to_lora, to_dense in amortised_ratios:
         print(f"| {batch} | fused {name} | {to_fused:.2f} | {to_lora:.2f} | {to_dense:.2f} |")
+    print("\n| batch | compiled or captured | / fused | / LoRA floor | / dense AdamW |")
+    print("| ---: | --- | ---: | ---: | ---: |")
+    for batch, name, to_fused, to_lora, to_dense in captured_ratios:
+        print(f"| {batch} | {name} | {to_fused:.2f} | {to_lora:.2f} | {to_dense:.2f} |")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import LowRankOptimizer
-from .functional import adamw_foreach_, adamw_update_
+from .functional import adamw_device_update_, adamw_foreach_, adamw_update_
 
 __all__ = ["LowRankAdam", "LR_SCALINGS", "NEW_MOMENTS", "COEFFICIENT_METRICS"]
 
@@ -163,6 +163,17 @@ class LowRankAdam(LowRankOptimizer):
             small against the gap below the kept singular values, another subspace of nearly the same
             energy where it is not. With ``capacity`` and ``augmentation="sync_free"`` such a step waits for
             nothing. Tucker cores keep the SVD. Default: ``"svd"``.
+        capturable (bool): a step that can be captured in a CUDA graph (or compiled whole) and replayed: the
+            step counters live on the parameters' device and each group's ``lr`` is a 0-d tensor there (in the
+            parameters' dtype; a scheduler updates it in place), the bias corrections are computed there, and
+            every tensor the step writes keeps its storage — so that a replay counts, decays and follows the
+            schedule as the eager step would (to rounding). Needs ``capacity``, ``augmentation="sync_free"`` and
+            ``truncation="subspace"`` with every factorized layer held (no Tucker core, no matrix narrower than
+            ``2·capacity``), ``mode`` ``"fused"`` or ``"parallel"``, ``update_every = basis_every = 1``. What it
+            captures is a step that keeps the ranks: warm up eagerly (the first steps hold the layers at the
+            capacity and may choose ranks), then set ``fixed_ranks`` (or construct with it) and capture; a step
+            that chooses ranks takes an SVD and runs eagerly. :meth:`compact` changes shapes: capture again after
+            it. Default: ``False``.
         distributed (bool | None): average gradients over the processes of ``torch.distributed``
             (one flat all-reduce per phase; the fused backward averages ``G_K``, ``G_L`` and
             ``G_S`` itself) and take rank 0's new ranks. ``None``: when a process group of
@@ -184,7 +195,7 @@ class LowRankAdam(LowRankOptimizer):
                  coefficient_metric: str = "uniform", allocation: str = "relative",
                  fixed_ranks: bool = False, rank_every: int = 1, svd_batching: str = "auto",
                  basis_every: int = 1, augmentation: str = "auto", capacity: int | None = None,
-                 truncation: str = "svd") -> None:
+                 truncation: str = "svd", capturable: bool = False) -> None:
         if capacity is not None and new_moments == "project":
             raise ValueError("capacity does not go with new_moments='project': the cut directions it carries "
                              "change shape; leave one of them out")
@@ -212,7 +223,8 @@ class LowRankAdam(LowRankOptimizer):
                          update_every=update_every, target_cr=target_cr,
                          max_params=max_params, allocation=allocation, fixed_ranks=fixed_ranks,
                          rank_every=rank_every, svd_batching=svd_batching, basis_every=basis_every,
-                         augmentation=augmentation, capacity=capacity, truncation=truncation)
+                         augmentation=augmentation, capacity=capacity, truncation=truncation,
+                         capturable=capturable)
         self.lr_scaling = lr_scaling
         self.new_moments = new_moments
         self.carry_moments = new_moments == "project"
@@ -267,11 +279,17 @@ class LowRankAdam(LowRankOptimizer):
 
     def _update_(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
         beta1, beta2 = group["betas"]
+        if self.capturable:  # the count (one per stacked layer) and lr on the device, never read
+            adamw_device_update_(param, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], lr=group["lr"],
+                                 beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+            return
         adamw_update_(param, grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()),
                       lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                       weight_decay=group["weight_decay"])
 
     def _update_many_(self, params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict) -> None:
+        if self.capturable:  # each tensor's own count, on the device
+            return super()._update_many_(params, grads, states, group)
         beta1, beta2 = group["betas"]
         adamw_foreach_(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                        int(states[0]["step"].item()), lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],

@@ -56,7 +56,7 @@ class LowRankOptimizer(Optimizer):
                  target_cr: float | None = None, max_params: int | None = None,
                  allocation: str = "relative", fixed_ranks: bool = False, rank_every: int = 1,
                  svd_batching: str = "auto", basis_every: int = 1, augmentation: str = "auto",
-                 capacity: int | None = None, truncation: str = "svd") -> None:
+                 capacity: int | None = None, truncation: str = "svd", capturable: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
         if mode not in MODES:
@@ -109,6 +109,22 @@ class LowRankOptimizer(Optimizer):
             raise ValueError(f"Invalid truncation: {truncation!r} (one of {TRUNCATIONS})")
         if truncation == "subspace" and update_every > 1:
             raise ValueError("truncation='subspace' does not go with update_every > 1: leave one of them out")
+        if not isinstance(capturable, bool):
+            raise ValueError(f"Invalid capturable: {capturable!r} (True or False)")
+        if capturable:
+            missing = [name for name, ok in (("capacity=C", capacity is not None),
+                                             ("augmentation='sync_free'", augmentation == "sync_free"),
+                                             ("truncation='subspace'", truncation == "subspace")) if not ok]
+            if missing:
+                raise ValueError(f"capturable=True needs {', '.join(missing)} too: a captured step may neither read "
+                                 "the device nor change a shape")
+            if mode == "two_pass":
+                raise ValueError("capturable=True does not go with mode='two_pass' (its second pass resizes the "
+                                 "layers): use 'fused' or 'parallel'")
+            if update_every > 1 or basis_every > 1:
+                raise ValueError("capturable=True does not go with update_every or basis_every > 1: their cycles "
+                                 "alternate two kinds of step; leave one of them out")
+        self.capturable = capturable
         self.truncation = truncation
         self.capacity = capacity
         self.augmentation = augmentation
@@ -143,7 +159,7 @@ class LowRankOptimizer(Optimizer):
                 module.sync_free_augmentation = augmentation == "sync_free"  # augment_basis(sync_free=…)
                 module.distributed = self.distributed and mode == "fused"
                 module.clear_fused_grads()
-        self._bases = {p for layer in self._layers.values() for p in (layer.U, layer.V)}
+        self._bases = dict.fromkeys(p for layer in self._layers.values() for p in (layer.U, layer.V))  # a set (by identity)
         # the layers held at ``capacity`` columns from their first truncation on: matrix layers with room for
         # the augmentation of a full capacity (2·capacity ≤ min(n, m)); the others change shape as without it
         self._held = set() if capacity is None else {
@@ -156,6 +172,13 @@ class LowRankOptimizer(Optimizer):
                     raise ValueError(f"capacity={capacity} is below the rank {max(_ranks_of(layer))} of layer "
                                      f"{names.get(layer, '?')}: give a capacity ≥ the largest rank, or factorize at "
                                      "lower ranks")
+            if capturable:
+                for layer in self._layers.values():
+                    if layer not in self._held:
+                        raise ValueError(
+                            f"capturable=True needs every factorized layer held at the capacity, but layer "
+                            f"{names.get(layer, '?')} cannot be (a Tucker core, or a matrix with min(n, m) < "
+                            f"2·capacity = {2 * capacity}): exclude it from factorize or lower the capacity")
         lowrank = [p for layer in self._layers.values() for p in layer.factor_parameters()]
         dense = [p for p in model.parameters() if p.requires_grad and id(p) not in factor_ids]
         groups = [g for g in ({"params": lowrank}, {"params": dense}) if g["params"]]
@@ -164,8 +187,13 @@ class LowRankOptimizer(Optimizer):
         # phase: the step's place in a basis-update cycle of ``update_every`` steps; truncations:
         # how many truncations so far (``rank_every``) — kept in the groups so that they travel
         # with state_dict()
+        # capturable: torch.optim's load_state_dict then puts the step counters on the parameters' device
         super().__init__(groups, dict(defaults, tau=tau, min_rank=min_rank, max_rank=max_rank, phase=0,
-                                             truncations=0))
+                                      truncations=0, capturable=capturable))
+        if capturable:
+            self._lr_on_device()
+        elif any(isinstance(group["lr"], Tensor) for group in self.param_groups):
+            raise ValueError("lr as a tensor needs capturable=True (give a number otherwise)")
         self.target_cr = target_cr
         self.budget = None if target_cr is None else self._budget(model, target_cr, min_rank)
         if max_params is not None:
@@ -174,6 +202,20 @@ class LowRankOptimizer(Optimizer):
                 raise ValueError(f"max_params={max_params:,} is below the {floor:,} parameters the factors hold at "
                                  f"rank {min_rank}")
             self.budget = max_params
+
+    def _lr_on_device(self) -> None:
+        """capturable: each group's ``lr`` a 0-d tensor on its parameters' device (in their dtype), which a
+        captured step reads there and a scheduler updates in place (``fill_``)."""
+        for group in self.param_groups:
+            like = group["params"][0]
+            value = group["lr"]
+            if not (isinstance(value, Tensor) and value.device == like.device and value.dtype == like.dtype):
+                group["lr"] = torch.tensor(float(value), dtype=like.dtype, device=like.device)
+
+    def _new_step(self, like: Tensor) -> Tensor:
+        """A fresh step counter: on the CPU, as torch.optim's (reading it never waits for a device); with
+        ``capturable``, on ``like``'s device, where a captured step counts on replay."""
+        return torch.zeros((), dtype=torch.float32, device=like.device) if self.capturable else torch.tensor(0.0)
 
     def _least_params(self, min_rank: int) -> int:
         """Parameters the factors of all trained layers hold at rank ``min_rank``."""
@@ -319,6 +361,14 @@ class LowRankOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
+        if self.capturable:  # a state saved without it: counters and lr onto the device
+            for group in self.param_groups:
+                group["capturable"] = True
+                for p in group["params"]:
+                    state = self.state.get(p, {})
+                    if "step" in state:
+                        state["step"] = state["step"].to(dtype=torch.float32, device=p.device)
+            self._lr_on_device()
         self._sync_fused()  # a state saved inside a cycle resumes there
         for layer in self._layers.values():  # capacity: the masks of the layers saved held
             mask = self.state[layer.S].get("rank_mask")
@@ -471,12 +521,14 @@ class LowRankOptimizer(Optimizer):
         for p, group in items:
             state = self.state[p]
             if not state:
-                state["step"] = torch.tensor(0.0)
+                state["step"] = self._new_step(p)
                 for key in self._state_keys:
                     state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] += 1
-            # the step count lives on the CPU, as torch.optim's: reading it never waits for a device
-            batches.setdefault((id(group), p.device, p.dtype, float(state["step"])), []).append(p)
+            # the step count lives on the CPU, as torch.optim's: reading it never waits for a device;
+            # capturable: on the device, never read (each tensor takes its own count)
+            count = None if self.capturable else float(state["step"])
+            batches.setdefault((id(group), p.device, p.dtype, count), []).append(p)
         groups = {id(group): group for _, group in items}
         for (gid, *_), params in batches.items():
             self._update_many_(params, [p.grad for p in params], [self.state[p] for p in params], groups[gid])
@@ -489,7 +541,8 @@ class LowRankOptimizer(Optimizer):
         prepared = [self._prepare_coefficient(*item) for item in items]
         batches: dict[tuple, list[int]] = {}
         for i, (_, sub, _, _, S_bar, padded, _, _, rescale) in enumerate(prepared):
-            key = (id(sub["params"]), tuple(S_bar.shape), S_bar.dtype, S_bar.device, float(padded["step"]),
+            count = None if self.capturable else float(padded["step"])  # capturable: a count per layer, on the device
+            key = (id(sub["params"]), tuple(S_bar.shape), S_bar.dtype, S_bar.device, count,
                    sub["lr"], sub["weight_decay"], rescale is None)
             batches.setdefault(key, []).append(i)
         pending: list = [None] * len(prepared)
@@ -499,8 +552,10 @@ class LowRankOptimizer(Optimizer):
             S_bars = torch.stack([part[4] for part in parts])
             moments = {k: torch.stack([part[5][k] for part in parts]) for k in self._state_keys}
             before = S_bars.clone()
-            self._update_(S_bars, torch.stack([part[6] for part in parts]), {"step": parts[0][5]["step"], **moments},
-                          sub)
+            step = parts[0][5]["step"]
+            if self.capturable:
+                step = torch.stack([part[5]["step"] for part in parts]).reshape(-1, *[1] * (S_bars.dim() - 1))
+            self._update_(S_bars, torch.stack([part[6] for part in parts]), {"step": step, **moments}, sub)
             if parts[0][8] is not None:  # held at a capacity: the step scaled on the device, then the decay
                 scales = torch.stack([torch.as_tensor(part[8][0], dtype=S_bars.dtype) for part in parts])
                 S_bars.copy_(before + (scales.reshape(-1, *[1] * (S_bars.dim() - 1)) * (S_bars - before)
@@ -522,7 +577,7 @@ class LowRankOptimizer(Optimizer):
         a, b = S.shape[0] + Ut.shape[1], S.shape[1] + Vt.shape[1]
         state = self.state[S]
         if "step" not in state:
-            state["step"] = torch.tensor(0.0)
+            state["step"] = self._new_step(S)
             for key in self._state_keys:
                 state[key] = torch.zeros_like(S)
         state["step"] += 1
@@ -576,10 +631,12 @@ class LowRankOptimizer(Optimizer):
         core) batched by :meth:`_svds`, one read of the new ranks from the device (on the steps that
         choose ranks, see ``rank_every``); then each layer's rank change, in one place. On the steps that
         keep the ranks, ``truncation="subspace"`` takes the matrix layers' truncations without an SVD."""
-        count = self.param_groups[0].get("truncations", 0)
-        for group in self.param_groups:
-            group["truncations"] = count + 1
-        choose = not (self.fixed_ranks or count % self.rank_every)
+        choose = False
+        if not self.fixed_ranks:  # counted where ranks may be chosen (a compiled step need not guard on a count)
+            count = self.param_groups[0].get("truncations", 0)
+            for group in self.param_groups:
+                group["truncations"] = count + 1
+            choose = not count % self.rank_every
         everything = pending
         if not choose and self.truncation == "subspace":
             self._truncate_by_subspaces([item for item in pending if not isinstance(item[0], TuckerConv2d)])
@@ -692,7 +749,7 @@ class LowRankOptimizer(Optimizer):
         if P1.shape[1] < C:  # a Ŝ narrower than the capacity (a compact layer at a rank below C/2)
             P1, R1, S_new = pad_block(P1, P1.shape[0], C), pad_block(R1, R1.shape[0], C), pad_block(S_new, C, C)
         state = self.state[S]
-        self._rotate_moments(state, padded, P1, R1)
+        self._rotate_moments(state, padded, P1, R1, in_place=U.shape[1] == C)
         factors = _new_factors(layer, Ut, Vt, P1, S_new, R1)
         if U.shape[1] == C:  # at the capacity already: the same storage (what a captured or compiled step needs)
             for p, value in zip((U, S, V), factors):
@@ -879,19 +936,24 @@ class LowRankOptimizer(Optimizer):
                 carried[: P1.shape[1], : R1.shape[1]] = state[key]  # one value for the kept block
         layer.set_factors(*_new_factors(layer, Ut, Vt, P1, S_new, R1))
 
-    def _rotate_moments(self, state: dict, padded: dict, P1: Tensor, R1: Tensor) -> None:
+    def _rotate_moments(self, state: dict, padded: dict, P1: Tensor, R1: Tensor, in_place: bool = False) -> None:
         """The moments of the augmented coefficient (``padded``) in the new bases, into ``state`` (per
-        spatial slice for a Tucker core: ``· ×₁ P₁ᵀ ×₂ R₁ᵀ``)."""
+        spatial slice for a Tucker core: ``· ×₁ P₁ᵀ ×₂ R₁ᵀ``); ``in_place``: into the storage the state
+        holds (a layer held at its capacity, whose shapes do not change)."""
         def rotate(rule, T, *args):  # a Tucker core: the matrix rule per spatial slice
             return in_channel_modes(rule, T, P1, R1, *args) if T.dim() > 2 else rule(T, P1, R1, *args)
 
         for key in self._state_keys:
             if not self.project_moments:  # the naive baseline: old coordinates, cut to the new rank
-                state[key] = padded[key][: P1.shape[1], : R1.shape[1]].clone()
+                value = padded[key][: P1.shape[1], : R1.shape[1]].clone()
             elif key in self._second_moment_keys:
-                state[key] = rotate(rotate_second_moment, padded[key], self.second_moment)
+                value = rotate(rotate_second_moment, padded[key], self.second_moment)
             else:
-                state[key] = rotate(rotate_first_moment, padded[key])
+                value = rotate(rotate_first_moment, padded[key])
+            if in_place and key in state and state[key].shape == value.shape:
+                state[key].copy_(value)
+            else:
+                state[key] = value
 
 
 def _new_factors(layer, Ut: Tensor, Vt: Tensor, P1: Tensor, S_new: Tensor, R1: Tensor) -> tuple[Tensor, Tensor, Tensor]:
