@@ -165,7 +165,7 @@ class LowRankAdam(LowRankOptimizer):
             nothing. Tucker cores keep the SVD. Default: ``"svd"``.
         capturable (bool): a step that can be captured in a CUDA graph (or compiled whole) and replayed: the
             step counters live on the parameters' device and each group's ``lr`` is a 0-d tensor there (in the
-            parameters' dtype; a scheduler updates it in place), the bias corrections are computed there, and
+            parameters' dtype, at least float32; a scheduler updates it in place), the bias corrections are computed there, and
             every tensor the step writes keeps its storage — so that a replay counts, decays and follows the
             schedule as the eager step would (to rounding). Needs ``capacity``, ``augmentation="sync_free"`` and
             ``truncation="subspace"`` with every factorized layer held (no Tucker core, no matrix narrower than

@@ -204,13 +204,13 @@ class LowRankOptimizer(Optimizer):
             self.budget = max_params
 
     def _lr_on_device(self) -> None:
-        """capturable: each group's ``lr`` a 0-d tensor on its parameters' device (in their dtype), which a
-        captured step reads there and a scheduler updates in place (``fill_``)."""
+        """capturable: each group's ``lr`` a 0-d tensor on its parameters' device (in their dtype, at least
+        float32), which a captured step reads there and a scheduler updates in place (``fill_``)."""
         for group in self.param_groups:
             like = group["params"][0]
-            value = group["lr"]
-            if not (isinstance(value, Tensor) and value.device == like.device and value.dtype == like.dtype):
-                group["lr"] = torch.tensor(float(value), dtype=like.dtype, device=like.device)
+            dtype, value = torch.promote_types(like.dtype, torch.float32), group["lr"]
+            if not (isinstance(value, Tensor) and value.device == like.device and value.dtype == dtype):
+                group["lr"] = torch.tensor(float(value), dtype=dtype, device=like.device)
 
     def _new_step(self, like: Tensor) -> Tensor:
         """A fresh step counter: on the CPU, as torch.optim's (reading it never waits for a device); with
