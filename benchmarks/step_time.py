@@ -220,7 +220,7 @@ def count_step(model, opt, step) -> tuple[int, int, int | None]:
 
     def tolist(t):  # a CPU tensor's tolist reads without dispatching; on a GPU it is a copy and a wait
         if id(t) not in skip:
-            reads["tolist"] += 1
+            reads["cpu_only" if counter.in_cholesky_qr2 else "tolist"] += 1
         return original(t)
 
     def checked(*args):  # CholeskyQR2 runs on the CPU only: its reads are no GPU's waits
@@ -236,8 +236,9 @@ def count_step(model, opt, step) -> tuple[int, int, int | None]:
             step()
     finally:
         torch.Tensor.tolist, lrc.linalg._cholesky_qr2_against = original, cholesky_qr2
+    cpu_only = counter.cpu_only_reads + reads["cpu_only"]
     reads = counter.reads + reads["tolist"]
-    return counter.ops, reads + counter.cpu_only_reads, reads + counter.svds
+    return counter.ops, reads + cpu_only, reads + counter.svds
 
 
 def make_batch(batch: int, device, model_name: str):

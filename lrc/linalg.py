@@ -79,49 +79,67 @@ def augment_basis(U: Tensor, G: Tensor, UtG: Tensor | None = None, sync_free: bo
     the empty columns' Gram set to the identity: ``Ũ`` has zero columns there and, on the others,
     the columns the same call on the active part alone gives (CholeskyQR's column ``j`` depends on
     columns ``≤ j`` only). Needs ``2r ≤ n``.
+
+    A batch (``U`` ``(…, n, r)``, ``G`` ``(…, n, p)``, ``mask`` ``(…, r)``) gives each matrix what it
+    would give alone (to rounding): the checked CholeskyQR2 reads its checks once for the batch and
+    takes the Householder QR for the matrices that fail them.
     """
-    n, r = U.shape
-    k = min(G.shape[1], n - r)
+    n, r = U.shape[-2:]
+    k = min(G.shape[-1], n - r)
     if k <= 0:
-        return U.new_zeros(n, 0)
+        return U.new_zeros(*U.shape[:-2], n, 0)
     P = G - U @ (U.mT @ G if UtG is None else UtG)
     if mask is not None:
-        if k != G.shape[1]:
+        if k != G.shape[-1]:
             raise ValueError(f"a masked basis of {r} columns needs 2·{r} ≤ {n} rows")
         return _cholesky_qr2_repaired(U, P, mask)
-    if k == G.shape[1]:
+    if k == G.shape[-1]:
         if sync_free:
             return _cholesky_qr2_repaired(U, P)
         if U.device.type == "cpu":
-            Q = _cholesky_qr2_against(U, P)
-            if Q is not None:
+            Q, ok = _cholesky_qr2_against(U, P)
+            if all(ok):
                 return Q
+            if U.dim() > 2 and any(ok):  # a batch: Householder for the matrices that failed the check
+                bad = torch.tensor([i for i, good in enumerate(ok) if not good])
+                Q = Q.reshape(-1, n, k).clone()
+                Q[bad] = _householder_against(U.reshape(-1, n, r)[bad], P.reshape(-1, n, k)[bad], k)
+                return Q.reshape(P.shape)
+    return _householder_against(U, P, k)
+
+
+def _householder_against(U: Tensor, P: Tensor, k: int) -> Tensor:
+    """The ``k`` new orthonormal directions of ``P`` (projected against ``U`` once more) by a Householder
+    QR of ``[U | P]``, signed to a non-negative diagonal of ``R``: orthonormal whatever ``P``'s rank."""
+    r = U.shape[-1]
     P = P - U @ (U.mT @ P)
-    Q, R = torch.linalg.qr(torch.cat([U, P], dim=1))
-    d = torch.diagonal(R[r:, r:])[:k]
+    Q, R = torch.linalg.qr(torch.cat([U, P], dim=-1))
+    d = torch.diagonal(R[..., r:, r:], dim1=-2, dim2=-1)[..., :k]
     sign = torch.where(d < 0, -1.0, 1.0).to(Q.dtype)
-    return Q[:, r : r + k] * sign
+    return Q[..., r : r + k] * sign[..., None, :]
 
 
-def _cholesky_qr2_against(U: Tensor, P: Tensor) -> Tensor | None:
-    """CholeskyQR2 of ``P`` with a re-projection against ``U`` between the passes.
+def _cholesky_qr2_against(U: Tensor, P: Tensor) -> tuple[Tensor, list[bool]]:
+    """CholeskyQR2 of ``P`` with a re-projection against ``U`` between the passes, and whether it
+    may be trusted (per matrix of a batch; one read of the device).
 
-    Returns ``None`` (the caller falls back to Householder) unless both Cholesky
-    factorizations succeed and the second one is close to the identity: then the first
-    pass's Q was well conditioned, and the second pass's Q is orthonormal and orthogonal
-    to ``U`` to working precision (Yamamoto et al., "Roundoff error analysis of the
-    CholeskyQR2 algorithm", 2015).
+    A matrix passes if both Cholesky factorizations succeed and the second one is close to the
+    identity: then the first pass's Q was well conditioned, and the second pass's Q is orthonormal
+    and orthogonal to ``U`` to working precision (Yamamoto et al., "Roundoff error analysis of the
+    CholeskyQR2 algorithm", 2015). Where it fails, its Q is garbage (possibly NaN) and the caller
+    takes the Householder QR. Where every first factorization fails (a gradient of lower rank than
+    its width: a batch smaller than the rank), the second pass is skipped.
     """
-    R1, info = torch.linalg.cholesky_ex(P.mT @ P, upper=True)
-    if info.item() != 0:
-        return None
-    eye = torch.eye(R1.shape[0], dtype=R1.dtype, device=R1.device)
+    R1, info1 = torch.linalg.cholesky_ex(P.mT @ P, upper=True)
+    if info1.all().item():
+        return P, [False] * (P.numel() // (P.shape[-2] * P.shape[-1]))
+    eye = torch.eye(R1.shape[-1], dtype=R1.dtype, device=R1.device)
     Q = P @ torch.linalg.solve_triangular(R1, eye, upper=True)  # r×r inverse, then one GEMM
     Q = Q - U @ (U.mT @ Q)
-    R2, info = torch.linalg.cholesky_ex(Q.mT @ Q, upper=True)
-    if not (info.item() == 0 and (R2 - eye).abs().max().item() <= 0.25):  # NaN compares False
-        return None
-    return Q @ torch.linalg.solve_triangular(R2, eye, upper=True)
+    R2, info2 = torch.linalg.cholesky_ex(Q.mT @ Q, upper=True)
+    near = (R2 - eye).abs().amax(dim=(-2, -1)) <= 0.25  # NaN compares False
+    ok = (info1 == 0) & (info2 == 0) & near
+    return Q @ torch.linalg.solve_triangular(R2, eye, upper=True), ok.reshape(-1).tolist()
 
 
 def _cholesky_qr2_repaired(U: Tensor, P: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -280,8 +280,16 @@ def test_sync_free_augmentation_is_orthonormal_for_degenerate_gradients(dtype, t
     assert (Gd - Uh @ (Uh.T @ Gd)).norm() <= 10 * tol * Gd.norm()
 
 
-def test_sync_free_augmentation_reads_nothing_on_the_host_and_passes_nan_on():
+def test_sync_free_augmentation_reads_nothing_on_the_host_and_passes_nan_on(monkeypatch):
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    original = torch.Tensor.tolist  # a CPU tensor's tolist reads without dispatching an operation
+
+    def tolist(t):
+        Reads.count += 1
+        return original(t)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
 
     class Reads(TorchDispatchMode):
         count = 0
@@ -314,3 +322,26 @@ def test_sync_free_filler_is_fixed_whatever_width_it_was_made_at():
     linalg._fillers.clear()
     linalg._filler(40, 30, torch.float64, torch.device("cpu"))
     assert torch.allclose(linalg._filler(40, 5, torch.float64, torch.device("cpu")), narrow, atol=1e-12)
+
+
+@pytest.mark.parametrize("how", ["checked", "sync_free", "masked"])
+def test_a_batch_of_bases_augments_as_each_alone(how):
+    """augment_basis on a batch (mode="parallel" augments the matrix layers of one shape together) gives
+    each matrix what it gives alone — in the checked path also when one matrix of the batch fails the
+    CholeskyQR2 check (a rank-deficient gradient) and takes the Householder QR while the others do not."""
+    torch.manual_seed(0)
+    U = torch.stack([orthonormal(30, 4) for _ in range(3)])
+    G = torch.randn(3, 30, 4, dtype=torch.float64)
+    G[1, :, 3] = G[1, :, 0]  # rank-deficient: fails the check
+    mask = None
+    if how == "masked":
+        mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.float64)
+        U, G = U * mask[:, None, :], G * mask[:, None, :]
+    sync_free = how != "checked"
+    batch = augment_basis(U, G, sync_free=sync_free, mask=mask)
+    for i in range(3):
+        alone = augment_basis(U[i], G[i], sync_free=sync_free, mask=None if mask is None else mask[i])
+        assert (batch[i] - alone).abs().max() < 1e-12
+        active = batch[i] if mask is None else batch[i][:, mask[i] > 0]
+        assert (active.mT @ active - torch.eye(active.shape[1], dtype=torch.float64)).abs().max() < 1e-12
+        assert (U[i].mT @ batch[i]).abs().max() < 1e-12

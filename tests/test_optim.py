@@ -857,6 +857,25 @@ def test_layers_of_one_shape_stepped_together_equal_layers_stepped_alone(mode, c
             assert p.shape == q.shape and torch.equal(p, q)
 
 
+def test_parallel_augments_the_layers_of_one_shape_as_one_batch(monkeypatch):
+    """mode="parallel": one augmentation call per basis and shape group (the test above: the same
+    values as each layer alone), not one per layer."""
+    import lrc.optim.base as base
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 10),
+                          nn.ReLU(), nn.Linear(10, 3)).to(f64)
+    factorize(model, rank=3, exclude=["6"])  # 12→10 alone, two 10→10 together
+    opt = LowRankAdam(model, lr=1e-2, tau=0.1, mode="parallel")
+    calls = []
+    original = base.augment_basis
+    monkeypatch.setattr(base, "augment_basis", lambda U, *a, **k: calls.append(U.shape) or original(U, *a, **k))
+    opt.zero_grad()
+    model(torch.randn(16, 12, dtype=f64)).square().sum().backward()
+    opt.step()
+    assert sorted(calls) == sorted([(1, 10, 3), (1, 12, 3), (2, 10, 3), (2, 10, 3)])
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_multi_tensor_adamw_equals_the_single_tensor_update(weight_decay):
     from lrc.optim.functional import adamw_foreach_, adamw_update_

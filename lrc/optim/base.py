@@ -444,32 +444,43 @@ class LowRankOptimizer(Optimizer):
         return out
 
     def _parallel_grads(self) -> dict:
-        out = {}
+        """``mode="parallel"``: the augmentations and ``G_S`` (its new-new block zero) from ``G_K``, ``G_L``.
+        Matrix layers of one shape (and mask, augmentation) are augmented as one batch: one set of products
+        and small factorizations for all of them instead of one per layer (the same values to rounding)."""
+        out, matrices = {}, {}
         for layer in self._layers.values():
             U, _, V = layer.factor_parameters()
             if U.grad is None or V.grad is None:
                 continue
             G_K, G_L = U.grad, V.grad
-            tucker = isinstance(layer, TuckerConv2d)
-            # a matrix layer: Uᵀ G_K = Uᵀ ∇W V is the coefficient's own gradient (accumulated as G_K, G_L
-            # are; not averaged over processes, which G_K is): the old block of G_S and the first
-            # projection of both augmentations, as in the fused backward
-            UtG = None
-            if not tucker:
-                S_grad = None if self.distributed else layer.S.grad
-                UtG = U.mT @ G_K if S_grad is None else S_grad.to(G_K.dtype)
-            Ut = augment_basis(U, G_K, UtG, layer.sync_free_augmentation, layer.rank_mask)
-            Vt = augment_basis(V, G_L, None if tucker else UtG.mT, layer.sync_free_augmentation, layer.rank_mask)
-            if tucker:
+            if isinstance(layer, TuckerConv2d):
+                Ut = augment_basis(U, G_K, None, layer.sync_free_augmentation)
+                Vt = augment_basis(V, G_L, None, layer.sync_free_augmentation)
                 G = layer.parallel_coefficient_grad(Ut, Vt)
                 if G is not None:
                     out[layer] = (Ut, Vt, G)
                 continue
-            r = layer.rank
-            G_S = pad_block(UtG, r + Ut.shape[1], r + Vt.shape[1])
-            G_S[r:, :r] = Ut.mT @ G_K
-            G_S[:r, r:] = (Vt.mT @ G_L).mT
-            out[layer] = (Ut, Vt, G_S)
+            # Uᵀ G_K = Uᵀ ∇W V is the coefficient's own gradient (accumulated as G_K, G_L are; not averaged
+            # over processes, which G_K is): the old block of G_S and the first projection of both
+            # augmentations, as in the fused backward
+            S_grad = None if self.distributed else layer.S.grad
+            UtG = U.mT @ G_K if S_grad is None else S_grad.to(G_K.dtype)
+            key = (tuple(U.shape), tuple(V.shape), G_K.dtype, G_K.device, layer.rank_mask is None,
+                   layer.sync_free_augmentation)
+            matrices.setdefault(key, []).append((layer, U.detach(), V.detach(), G_K, G_L, UtG))
+        for items in matrices.values():
+            layers = [item[0] for item in items]
+            U, V, G_K, G_L, UtG = (item_stack([item[j] for item in items]) for j in range(1, 6))
+            mask = None if layers[0].rank_mask is None else item_stack([layer.rank_mask for layer in layers])
+            Ut = augment_basis(U, G_K, UtG, layers[0].sync_free_augmentation, mask)
+            Vt = augment_basis(V, G_L, UtG.mT, layers[0].sync_free_augmentation, mask)
+            r, a, b = U.shape[-1], Ut.shape[-1], Vt.shape[-1]
+            G_S = UtG.new_zeros(len(layers), r + a, r + b)
+            G_S[:, :r, :r] = UtG
+            G_S[:, r:, :r] = Ut.mT @ G_K
+            G_S[:, :r, r:] = (Vt.mT @ G_L).mT
+            for j, layer in enumerate(layers):
+                out[layer] = (Ut[j], Vt[j], G_S[j])
         return out
 
     def _second_pass(self, closure) -> dict:
@@ -954,6 +965,11 @@ class LowRankOptimizer(Optimizer):
                 state[key].copy_(value)
             else:
                 state[key] = value
+
+
+def item_stack(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack``, as a view (no copy) for a single tensor."""
+    return tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)
 
 
 def _new_factors(layer, Ut: Tensor, Vt: Tensor, P1: Tensor, S_new: Tensor, R1: Tensor) -> tuple[Tensor, Tensor, Tensor]:
