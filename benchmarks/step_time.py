@@ -24,7 +24,8 @@ Methods, all at rank 64 for the three 2048×2048 layers (the 10-way head stays d
   lowrank-adam parallel subspace  mode="parallel" with the subspace truncation
   lowrank-adam fused compiled  capacity subspace with capturable=True (step counters and lr on the device),
                          opt.step() compiled whole by torch.compile(fullgraph=True) after one eager step
-  (CUDA only) lowrank-adam fused graph, dense adamw graph, lora floor graph  the whole step (forward,
+  (CUDA only) lowrank-adam fused graph, lowrank-adam parallel graph, dense adamw graph, lora floor graph
+                         the whole step (forward,
                          backward, step()) captured in one CUDA graph and replayed — lrc's with
                          capturable=True, torch.optim's with capturable=True — so that the launches cost nothing
   lowrank-adam fused padded-r16  the fused step with svd_batching="padded" (every SVD of the step in
@@ -366,7 +367,7 @@ METHODS = ["dense adamw", "lowrank-adam fused", "lowrank-adam fused sync-free", 
            "lowrank-adam fused every4",
            "lowrank-adam fused basis4", "lowrank-adam fused padded-r16", "lowrank-adam two_pass", "lowrank-adam parallel",
            "lowrank-adam fused compiled", "lora floor"]
-GRAPHS = ["dense adamw graph", "lowrank-adam fused graph", "lora floor graph"]  # CUDA only
+GRAPHS = ["dense adamw graph", "lowrank-adam fused graph", "lowrank-adam parallel graph", "lora floor graph"]  # CUDA
 
 
 def main() -> None:

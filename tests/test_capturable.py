@@ -69,13 +69,14 @@ def test_capturable_step_trains_as_the_eager_one_in_float64(cls, kw):
     assert isinstance(lr, torch.Tensor) and lr.dtype == torch.float64 and float(lr) == opt_a.param_groups[0]["lr"]
 
 
-def test_a_kept_step_reads_nothing_and_keeps_every_tensor_in_place(monkeypatch):
+@pytest.mark.parametrize("mode", ["fused", "parallel"])
+def test_a_kept_step_reads_nothing_and_keeps_every_tensor_in_place(monkeypatch, mode):
     """What a CUDA graph's replay needs: no host read (the step counters' included: they live on the
     device), no SVD, and the same storage for everything the step reads or writes."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     model = _model(torch.float32)
-    opt = LowRankAdam(model, lr=1e-2, tau=0.05, **HOLD, capturable=True)
+    opt = LowRankAdam(model, lr=1e-2, tau=0.05, **HOLD, capturable=True, mode=mode)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.9**t)
     _run(model, opt, sched, range(3), dtype=torch.float32)
 
@@ -162,7 +163,8 @@ def test_a_tensor_lr_needs_capturable():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_of_the_whole_step_replays_the_eager_training():
+@pytest.mark.parametrize("mode", ["fused", "parallel"])
+def test_cuda_graph_of_the_whole_step_replays_the_eager_training(mode):
     """Forward, backward and ``step()`` captured in one CUDA graph after eager warm-up steps (on a side
     stream, as torch's docs on whole-network capture do), replayed on new batches copied into its input:
     the same training as the eager steps, with a schedule's lr, and no synchronisation in a replay."""
@@ -172,7 +174,7 @@ def test_cuda_graph_of_the_whole_step_replays_the_eager_training():
         runs = []
         for captured in (False, True):
             model = _model(device="cuda")
-            opt = LowRankAdam(model, lr=1e-2, tau=0.05, weight_decay=0.1, **HOLD, capturable=True)
+            opt = LowRankAdam(model, lr=1e-2, tau=0.05, weight_decay=0.1, **HOLD, capturable=True, mode=mode)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1.0 + t))
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
