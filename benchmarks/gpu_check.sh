@@ -27,7 +27,7 @@ echo "== 1. CUDA tests"
 [ "$DEVICE" = cuda ] && timeout 300 python -m pytest -q -k "cuda or CUDA" tests 2>&1 | tail -5 | tee "$OUT/tests.txt"
 
 echo "== 2. step time"
-timeout 300 python benchmarks/step_time.py --device "$DEVICE" --batches $batches --steps $steps 2>&1 | tee "$OUT/step_mlp.md"
+timeout 420 python benchmarks/step_time.py --device "$DEVICE" --batches $batches --steps $steps 2>&1 | tee "$OUT/step_mlp.md"
 [ -n "$vgg" ] && timeout 300 python benchmarks/step_time.py --device "$DEVICE" --model vgg16 --batches 128 --steps 20 \
     2>&1 | tee "$OUT/step_vgg16.md"
 

@@ -353,7 +353,9 @@ def time_methods(methods: list[str], batch: int, steps: int, warmup: int, device
             out["ops"] = out["reads"] = out["waits"] = None
         else:
             ops, reads, waits = count_step(runner.model, runner.opt, steps_of_a_cycle)
-            out["ops"], out["reads"] = ops / cycle, reads / cycle
+            # a graph's replay is one launch of the whole graph, not its kernels': its syncs only
+            out["ops"] = None if runner.graph is not None else ops / cycle
+            out["reads"] = reads / cycle
             out["waits"] = None if waits is None else waits / cycle
         if hasattr(runner.opt, "finish_cycle"):
             runner.opt.finish_cycle()  # update_every: the model at its truncated ranks
