@@ -70,11 +70,9 @@ def test_capturable_step_trains_as_the_eager_one_in_float64(cls, kw):
 
 
 @pytest.mark.parametrize("mode", ["fused", "parallel"])
-def test_a_kept_step_reads_nothing_and_keeps_every_tensor_in_place(monkeypatch, mode):
+def test_a_kept_step_reads_nothing_and_keeps_every_tensor_in_place(host_reads, mode):
     """What a CUDA graph's replay needs: no host read (the step counters' included: they live on the
     device), no SVD, and the same storage for everything the step reads or writes."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     model = _model(torch.float32)
     opt = LowRankAdam(model, lr=1e-2, tau=0.05, **HOLD, capturable=True, mode=mode)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.9**t)
@@ -86,19 +84,10 @@ def test_a_kept_step_reads_nothing_and_keeps_every_tensor_in_place(monkeypatch, 
         out += [g["lr"].data_ptr() for g in opt.param_groups] + [layer.rank_mask.data_ptr() for layer in opt.layers]
         return out + [d.data_ptr() for d in opt._diagnostics.values()]
 
-    before, seen = storage(), []
-
-    class Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default or func.__name__.startswith("_linalg_svd"):
-                seen.append(func.__name__)
-            return func(*args, **(kwargs or {}))
-
-    original = torch.Tensor.tolist
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: seen.append("tolist") or original(t))
+    before = storage()
     for t in range(3, 6):
         opt.zero_grad()
-        with Count():  # the fused backward forms the augmentation: count it too
+        with host_reads(svd=True) as seen:  # the fused backward forms the augmentation: count it too
             _backward(model, t, torch.float32)
             opt.step()
         sched.step()

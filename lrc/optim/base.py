@@ -470,8 +470,8 @@ class LowRankOptimizer(Optimizer):
             matrices.setdefault(key, []).append((layer, U.detach(), V.detach(), G_K, G_L, UtG))
         for items in matrices.values():
             layers = [item[0] for item in items]
-            U, V, G_K, G_L, UtG = (item_stack([item[j] for item in items]) for j in range(1, 6))
-            mask = None if layers[0].rank_mask is None else item_stack([layer.rank_mask for layer in layers])
+            U, V, G_K, G_L, UtG = (_stack([item[j] for item in items]) for j in range(1, 6))
+            mask = None if layers[0].rank_mask is None else _stack([layer.rank_mask for layer in layers])
             Ut = augment_basis(U, G_K, UtG, layers[0].sync_free_augmentation, mask)
             Vt = augment_basis(V, G_L, UtG.mT, layers[0].sync_free_augmentation, mask)
             r, a, b = U.shape[-1], Ut.shape[-1], Vt.shape[-1]
@@ -967,7 +967,7 @@ class LowRankOptimizer(Optimizer):
                 state[key] = value
 
 
-def item_stack(tensors: list[Tensor]) -> Tensor:
+def _stack(tensors: list[Tensor]) -> Tensor:
     """``torch.stack``, as a view (no copy) for a single tensor."""
     return tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)
 
