@@ -48,7 +48,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                   "second_moment": "squared", "lr_scaling": "dense",
                   "new_moments": "zero", "update_every": 1, "max_params": None, "coefficient_metric": "uniform",
                   "fixed_ranks": False, "rank_every": 1, "svd_batching": "auto", "augmentation": "auto",
-                  "basis_every": 1, "capacity": None, "truncation": "svd"},
+                  "basis_every": 1, "capacity": None, "truncation": "svd", "new_block_fraction": 1.0},
     "train": {"epochs": 10, "seed": 0, "device": "auto", "bf16": False, "grad_clip": None,
               "schedule": "cosine", "warmup_epochs": 0.0, "tau_warmup_epochs": 0.0,
               "budget_warmup_epochs": 0.0, "budget_warmup_start_cr": None, "distill": 0.0, "distill_temperature": 2.0},
@@ -353,6 +353,12 @@ def validate(cfg: dict, source: str) -> None:
     if opt["augmentation"] not in AUGMENTATIONS:
         raise PresetError(f"{source}: optimizer.augmentation {opt['augmentation']!r}: choose one of "
                           f"{', '.join(AUGMENTATIONS)}")
+    if not 0.0 < opt["new_block_fraction"] <= 1.0:
+        raise PresetError(f"{source}: optimizer.new_block_fraction = {opt['new_block_fraction']} must lie in (0, 1] "
+                          "(the share of each batch the new-new block is estimated from; 1: exact)")
+    if opt["new_block_fraction"] < 1.0 and opt["mode"] != "fused":
+        raise PresetError(f"{source}: optimizer.new_block_fraction < 1 samples the fused backward's new-new block; "
+                          f"it does not go with optimizer.mode: {opt['mode']} — use mode fused")
     if opt["min_rank"] < 1:
         raise PresetError(f"{source}: optimizer.min_rank = {opt['min_rank']} must be ≥ 1")
     if opt["capacity"] is not None:

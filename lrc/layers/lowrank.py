@@ -139,6 +139,9 @@ class LowRankMatrixModule(nn.Module):
         # False: the backward skips the basis gradients (set by an optimizer on the steps that move S alone)
         self.basis_grads = True
         self.distributed = False  # set by a data-parallel optimizer: average inside the fused backward
+        # set by an optimizer (its new_block_fraction): the share of the batch the fused backward's new-new block
+        # of the coefficient gradient is estimated from (1: all of it, exact)
+        self.new_block_fraction = 1.0
         self.adapter_dropout = 0.0  # adapter mode: dropout on the input of U S Vᵀ while training (as LoRA's)
         self._fused_grads: tuple[Tensor, Tensor, Tensor] | None = None
         self._backward_count = 0
@@ -234,7 +237,9 @@ class LowRankMatrixModule(nn.Module):
     # ---- fused backward -----------------------------------------------------------------
     @torch.no_grad()
     def _record_fused(self, x, g, z, gu, G_K, G_L, grad_S, U, V) -> Tensor:
-        """From one batch: ``Ũ, Ṽ`` and ``G_S = Ûᵀ ∇W V̂`` (blocks), kept for ``step()``.
+        """From one batch: ``Ũ, Ṽ`` and ``G_S = Ûᵀ ∇W V̂`` (blocks), kept for ``step()``. With
+        ``new_block_fraction`` below 1 the new-new block ``Ũᵀ ∇W Ṽ`` is estimated from the batch's first
+        rows (scaled to the batch), so that its two batch-sized products shrink to those rows.
 
         Data-parallel: ``G_K`` and ``G_L`` are averaged over processes (in place: they are
         also the grads this backward returns) before the bases are formed, then ``G_S``;
@@ -248,14 +253,22 @@ class LowRankMatrixModule(nn.Module):
         r, a, b = grad_S.shape[0], Ut.shape[1], Vt.shape[1]
         G_S = grad_S.new_zeros(r + a, r + b)
         G_S[:r, :r] = grad_S
-        zvt = self._project_input(x, Vt) if b else None
-        if b:
-            G_S[:r, r:] = self._contract(gu, zvt)
-        if a:
-            gut = self._project_output(g, Ut)
-            G_S[r:, :r] = self._contract(gut, z)
+        rows = sampled_rows(x, self.new_block_fraction)
+        if rows is not None:  # the old-new blocks from G_K, G_L; the new-new one from the first rows
+            G_S[:r, r:] = G_L.mT.to(Vt.dtype) @ Vt  # Uᵀ ∇W Ṽ
+            G_S[r:, :r] = Ut.mT @ G_K.to(Ut.dtype)  # Ũᵀ ∇W V
+            if a and b:
+                G_S[r:, r:] = self._contract(self._project_output(g[:rows], Ut),
+                                             self._project_input(x[:rows], Vt)) * (x.shape[0] / rows)
+        else:
+            zvt = self._project_input(x, Vt) if b else None
             if b:
-                G_S[r:, r:] = self._contract(gut, zvt)
+                G_S[:r, r:] = self._contract(gu, zvt)
+            if a:
+                gut = self._project_output(g, Ut)
+                G_S[r:, :r] = self._contract(gut, z)
+                if b:
+                    G_S[r:, r:] = self._contract(gut, zvt)
         if self.distributed:
             all_reduce_mean_([G_S])
         self._fused_grads = (Ut, Vt, G_S)
@@ -477,6 +490,16 @@ def contract_rows(a: Tensor, b: Tensor) -> Tensor:
     if a.shape[1] > b.shape[1]:
         return (b.mT @ a).mT
     return a.mT @ b
+
+
+def sampled_rows(x: Tensor, fraction: float) -> int | None:
+    """How many leading rows of the batch ``x`` (its first dimension; a data loader shuffles it) the fused
+    backward estimates the new-new block of the coefficient gradient from: ``⌈fraction · B⌉``, or ``None``
+    for the whole batch (``fraction`` 1, or an input without a batch of more rows than that)."""
+    if fraction >= 1.0 or x.dim() < 2:
+        return None
+    rows = max(1, math.ceil(fraction * x.shape[0]))
+    return rows if rows < x.shape[0] else None
 
 
 def first_fused_backward(layer, *grads: Tensor) -> bool:

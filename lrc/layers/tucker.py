@@ -30,7 +30,7 @@ from torch.nn.utils import skip_init  # factors set right after: no SVD of a ran
 from ..distributed import all_reduce_mean_
 from ..linalg import augment_basis, left_svd
 from .lowrank import (LayerFunction, _conv_padding, _pair, check_conv, dense_conv, first_fused_backward, initial_svd,
-                      replace_data)
+                      replace_data, sampled_rows)
 
 __all__ = ["TuckerConv2d", "unfold", "mode_product", "EXECUTIONS"]
 
@@ -85,10 +85,22 @@ class _TuckerProduct(LayerFunction):
         if need_core or fused:
             grad_core = conv2d_weight(z, core.shape, gp.to(z.dtype), **conv).to(core.dtype)
         if fused:
-            def coefficient_grad(Uh: Tensor, Vh: Tensor) -> Tensor:  # the core gradient at the augmented factors
+            rows = sampled_rows(x, layer.new_block_fraction)
+
+            def core_grad_at(x: Tensor, g: Tensor, Uh: Tensor, Vh: Tensor) -> Tensor:  # ∇W ×₁ Uhᵀ ×₂ Vhᵀ
                 zh = F.conv2d(x, Vh.mT[:, :, None, None].to(x.dtype))
                 gh = F.conv2d(g, Uh.mT[:, :, None, None].to(g.dtype))
                 return conv2d_weight(zh, (Uh.shape[1], Vh.shape[1], *k), gh.to(zh.dtype), **conv)
+
+            def coefficient_grad(Uh: Tensor, Vh: Tensor) -> Tensor:  # the core gradient at the augmented factors
+                if rows is None:
+                    return core_grad_at(x, g, Uh, Vh)
+                # the old-new blocks from the mode gradients; the new-new one from the batch's first rows
+                Ut, Vt = Uh[:, r_out:], Vh[:, r_in:]
+                G = layer._blocks(grad_core, D_out.to(core.dtype), D_in.to(core.dtype), Ut, Vt)
+                if Ut.shape[1] and Vt.shape[1]:
+                    G[r_out:, r_in:] = core_grad_at(x[:rows], g[:rows], Ut, Vt) * (x.shape[0] / rows)
+                return G
 
             grad_core = layer._record_fused(coefficient_grad, G_out, G_in, grad_core, U_out, U_in)
         return grad_x, G_out, grad_core, G_in, None
@@ -185,6 +197,7 @@ class TuckerConv2d(nn.Module):
         self.basis_grads = True
         self.distributed = False  # set by a data-parallel optimizer: average inside the fused backward
         self.keep_mode_grads = False  # set by a mode="parallel" optimizer
+        self.new_block_fraction = 1.0  # set by an optimizer: the batch share of the fused new-new block
         self._fused_grads: tuple[Tensor, Tensor, Tensor] | None = None
         self._mode_grads: tuple[Tensor, Tensor] | None = None  # ∇W ×₂ U_inᵀ and ∇W ×₁ U_outᵀ
         self._backward_count = 0
@@ -232,10 +245,14 @@ class TuckerConv2d(nn.Module):
         new-new block: ``[[G_C, D_in ×₂ Ṽᵀ], [D_out ×₁ Ũᵀ, 0]]`` from the last backward passes."""
         if self._mode_grads is None or self.core.grad is None:
             return None
-        D_out, D_in = self._mode_grads
-        (r_out, r_in), k = self.ranks, self.kernel_size
-        G = self.core.grad.new_zeros(r_out + Ut.shape[1], r_in + Vt.shape[1], *k)
-        G[:r_out, :r_in] = self.core.grad
+        return self._blocks(self.core.grad, *self._mode_grads, Ut, Vt)
+
+    def _blocks(self, grad_core: Tensor, D_out: Tensor, D_in: Tensor, Ut: Tensor, Vt: Tensor) -> Tensor:
+        """``[[G_C, D_in ×₂ Ṽᵀ], [D_out ×₁ Ũᵀ, 0]]``: the core gradient at the augmented factors but its
+        new-new block, from the mode gradients ``D_out = ∇W ×₂ U_inᵀ``, ``D_in = ∇W ×₁ U_outᵀ``."""
+        r_out, r_in = grad_core.shape[:2]
+        G = grad_core.new_zeros(r_out + Ut.shape[1], r_in + Vt.shape[1], *grad_core.shape[2:])
+        G[:r_out, :r_in] = grad_core
         G[r_out:, :r_in] = mode_product(D_out, Ut.mT.to(D_out.dtype), 0)
         G[:r_out, r_in:] = mode_product(D_in, Vt.mT.to(D_in.dtype), 1)
         return G

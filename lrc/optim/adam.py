@@ -54,6 +54,14 @@ class LowRankAdam(LowRankOptimizer):
             gradient accumulation), ``"two_pass"`` (the paper as written, a second
             forward/backward through ``step(closure)``), ``"parallel"`` (one pass, the
             new-new block of ``G_S`` set to zero; accumulates). Default: ``"fused"``.
+        new_block_fraction (float): ``mode="fused"`` only: the share of each batch (its first rows, which a
+            shuffling data loader makes a random sample) from which the backward estimates the new-new block
+            ``Ũᵀ∇W Ṽ`` of ``G_S``, scaled to the whole batch; the other blocks stay exact. That block is the one
+            part of the exact step that needs two products of the batch's size per layer beyond LoRA's four
+            (``g Ũ`` and ``x Ṽ``): at ``1/8`` they cost an eighth. Where the step is cheaper, ``"parallel"``
+            drops the block altogether and grows ranks more slowly (README, "Options"). Layers whose
+            model reads ``layer.weight``, and Tucker cores run through their dense kernel, get the whole ``∇W``
+            and stay exact. ``1``: the exact step. Default: ``1``.
         second_moment (str): ``"squared"`` or ``"paper"``, see above. Default: ``"squared"``,
             which matched or beat the paper's rule on every preset of the README's comparison and
             did not diverge at learning rates where the paper's rule did.
@@ -195,7 +203,7 @@ class LowRankAdam(LowRankOptimizer):
                  coefficient_metric: str = "uniform", allocation: str = "relative",
                  fixed_ranks: bool = False, rank_every: int = 1, svd_batching: str = "auto",
                  basis_every: int = 1, augmentation: str = "auto", capacity: int | None = None,
-                 truncation: str = "svd", capturable: bool = False) -> None:
+                 truncation: str = "svd", capturable: bool = False, new_block_fraction: float = 1.0) -> None:
         if capacity is not None and new_moments == "project":
             raise ValueError("capacity does not go with new_moments='project': the cut directions it carries "
                              "change shape; leave one of them out")
@@ -224,7 +232,7 @@ class LowRankAdam(LowRankOptimizer):
                          max_params=max_params, allocation=allocation, fixed_ranks=fixed_ranks,
                          rank_every=rank_every, svd_batching=svd_batching, basis_every=basis_every,
                          augmentation=augmentation, capacity=capacity, truncation=truncation,
-                         capturable=capturable)
+                         capturable=capturable, new_block_fraction=new_block_fraction)
         self.lr_scaling = lr_scaling
         self.new_moments = new_moments
         self.carry_moments = new_moments == "project"

@@ -56,7 +56,8 @@ class LowRankOptimizer(Optimizer):
                  target_cr: float | None = None, max_params: int | None = None,
                  allocation: str = "relative", fixed_ranks: bool = False, rank_every: int = 1,
                  svd_batching: str = "auto", basis_every: int = 1, augmentation: str = "auto",
-                 capacity: int | None = None, truncation: str = "svd", capturable: bool = False) -> None:
+                 capacity: int | None = None, truncation: str = "svd", capturable: bool = False,
+                 new_block_fraction: float = 1.0) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
         if mode not in MODES:
@@ -124,6 +125,14 @@ class LowRankOptimizer(Optimizer):
             if update_every > 1 or basis_every > 1:
                 raise ValueError("capturable=True does not go with update_every or basis_every > 1: their cycles "
                                  "alternate two kinds of step; leave one of them out")
+        if (isinstance(new_block_fraction, bool) or not isinstance(new_block_fraction, (int, float))
+                or not 0.0 < new_block_fraction <= 1.0):
+            raise ValueError(f"Invalid new_block_fraction: {new_block_fraction!r} (a share of the batch in (0, 1]; "
+                             "1: the exact step)")
+        if new_block_fraction < 1.0 and mode != "fused":
+            raise ValueError(f"new_block_fraction < 1 samples the fused backward's new-new block, but mode={mode!r} "
+                             "(parallel leaves that block out, two_pass forms it exactly): use mode='fused'")
+        self.new_block_fraction = float(new_block_fraction)
         self.capturable = capturable
         self.truncation = truncation
         self.capacity = capacity
@@ -157,6 +166,7 @@ class LowRankOptimizer(Optimizer):
                 factor_ids.update(id(p) for p in module.factor_parameters())
                 module.fused = mode == "fused"
                 module.sync_free_augmentation = augmentation == "sync_free"  # augment_basis(sync_free=…)
+                module.new_block_fraction = self.new_block_fraction
                 module.distributed = self.distributed and mode == "fused"
                 module.clear_fused_grads()
         self._bases = dict.fromkeys(p for layer in self._layers.values() for p in (layer.U, layer.V))  # a set (by identity)

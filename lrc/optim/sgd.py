@@ -36,8 +36,8 @@ class LowRankSGD(LowRankOptimizer):
         weight_decay (float): L2 penalty. Default: ``0``.
         nesterov (bool): Nesterov momentum. Default: ``False``.
         tau, min_rank, max_rank, mode, update_every, target_cr, max_params, allocation, fixed_ranks,
-            rank_every, svd_batching, basis_every, augmentation, capacity, truncation, capturable, distributed: as
-            :class:`~lrc.LowRankAdam`.
+            rank_every, svd_batching, basis_every, augmentation, capacity, truncation, capturable,
+            new_block_fraction, distributed: as :class:`~lrc.LowRankAdam`.
     """
 
     _state_keys = ("momentum_buffer",)
@@ -48,7 +48,8 @@ class LowRankSGD(LowRankOptimizer):
                  target_cr: float | None = None, max_params: int | None = None,
                  allocation: str = "relative", fixed_ranks: bool = False, rank_every: int = 1,
                  svd_batching: str = "auto", basis_every: int = 1, augmentation: str = "auto",
-                 capacity: int | None = None, truncation: str = "svd", capturable: bool = False) -> None:
+                 capacity: int | None = None, truncation: str = "svd", capturable: bool = False,
+                 new_block_fraction: float = 1.0) -> None:
         if not 0.0 <= lr:
             raise ValueError(f"Invalid lr: {lr!r} (must be ≥ 0)")
         if not 0.0 <= momentum < 1.0:
@@ -63,7 +64,7 @@ class LowRankSGD(LowRankOptimizer):
                          max_params=max_params, allocation=allocation, fixed_ranks=fixed_ranks,
                          rank_every=rank_every, svd_batching=svd_batching, basis_every=basis_every,
                          augmentation=augmentation, capacity=capacity, truncation=truncation,
-                         capturable=capturable)
+                         capturable=capturable, new_block_fraction=new_block_fraction)
 
     def _update_(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
         heavy_ball_update_(param, grad, state["momentum_buffer"], lr=group["lr"], momentum=group["momentum"],

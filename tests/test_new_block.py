@@ -1,0 +1,178 @@
+"""``new_block_fraction``: the fused step's new-new block of the coefficient gradient estimated from the
+batch's first rows (float64 references)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrc import LowRankAdam, LowRankConv2d, LowRankLinear, LowRankSGD
+from lrc.layers import TuckerConv2d
+
+from .conftest import rel
+from .test_optim import convnet, mlp, train, weights
+from .test_tucker import tucker_net
+
+f64 = torch.float64
+
+
+def factored_tucker_net():
+    """``tucker_net`` with its cores run through the three factor convolutions (``auto`` runs these small ones
+    through the dense kernel, whose new-new block needs no batch product and stays exact)."""
+    model, x, y = tucker_net()
+    for m in model:
+        if isinstance(m, TuckerConv2d):
+            m.execution = "factored"
+    return model, x, y
+
+
+MAKERS = {"mlp": mlp, "conv": convnet, "tucker": factored_tucker_net}
+
+
+def dense_grad(model, layer, x, y):
+    """``∇W`` of the mean loss over ``(x, y)`` for the dense weight of ``layer`` (the rest of the model as is)."""
+    twin_model = copy.deepcopy(model)
+    twin = twin_model[list(model).index(layer)]
+    W = (twin.dense_weight() if isinstance(twin, TuckerConv2d) else twin.weight).detach().clone().requires_grad_(True)
+    out = x
+    for m in twin_model:
+        if m is twin:
+            if isinstance(m, LowRankLinear):
+                out = F.linear(out, W, m.bias)
+            else:
+                out = F.conv2d(out, W, m.bias, m.stride, m.padding, m.dilation)
+        else:
+            out = m(out)
+    (dW,) = torch.autograd.grad(F.cross_entropy(out, y), W)
+    return dW
+
+
+@pytest.mark.parametrize("name", MAKERS)
+def test_the_new_new_block_is_the_first_rows_gradient_and_the_others_are_exact(name):
+    """With 1/4 of the batch: ``G_S``'s old-old and old-new blocks are ``Ûᵀ∇W V̂`` of the whole batch, its
+    new-new block ``Ũᵀ∇W₄ Ṽ`` with ``∇W₄`` the gradient of the mean loss over the batch's first quarter (the
+    rows' share of the batch's gradient, scaled to the batch)."""
+    model, x, y = MAKERS[name]()
+    opt = LowRankAdam(model, lr=1e-2, new_block_fraction=0.25)
+    reference = copy.deepcopy(model)
+    F.cross_entropy(model(x), y).backward()
+    layers = [m for m in model if isinstance(m, (LowRankLinear, LowRankConv2d, TuckerConv2d))]
+    assert layers and opt.new_block_fraction == 0.25
+    for layer in layers:
+        twin = reference[list(model).index(layer)]
+        U, S, V = layer.factor_parameters()
+        Ut, Vt, G_S = layer._fused_grads
+        r, c, a, b = U.shape[1], V.shape[1], Ut.shape[1], Vt.shape[1]
+        assert a and b, "the test needs new directions on both sides"
+        Uh, Vh = torch.cat([U, Ut], 1), torch.cat([V, Vt], 1)
+        rows = x.shape[0] // 4
+        whole, first = dense_grad(reference, twin, x, y), dense_grad(reference, twin, x[:rows], y[:rows])
+        if isinstance(layer, TuckerConv2d):
+            from lrc.layers.tucker import mode_product
+
+            def at(D):
+                return mode_product(mode_product(D, Uh.mT, 0), Vh.mT, 1)
+        else:
+            def at(D):
+                return Uh.mT @ D.reshape(D.shape[0], -1) @ Vh
+        expected = at(whole)
+        expected[r:, c:] = at(first)[r:, c:]
+        assert rel(G_S, expected) < 1e-10
+        assert rel(G_S[r:, c:], at(whole)[r:, c:]) > 1e-3  # the estimate is not the whole batch's block
+
+
+# SGD's step is linear in the gradient: the rounding of the old-new blocks (formed from G_K, G_L instead of the
+# batch) stays at 1e-15. Adam's normalises entries whose gradient is at rounding level, which lifts it to ~1e-10
+# over 8 steps (Tucker cores with Adam: chaotic, their rank choices part at the first ulp; SGD covers them).
+HALVES = [("mlp", LowRankSGD, {"lr": 0.5}, 1e-12), ("conv", LowRankSGD, {"lr": 0.5}, 1e-12),
+          ("tucker", LowRankSGD, {"lr": 0.5}, 1e-12),
+          ("mlp", LowRankAdam, {"lr": 5e-2, "lr_scaling": "none"}, 1e-8),
+          ("conv", LowRankAdam, {"lr": 5e-2, "lr_scaling": "none"}, 1e-8)]
+
+
+@pytest.mark.parametrize("name, opt_cls, kw, tol", HALVES)
+def test_on_a_batch_of_two_equal_halves_half_the_batch_trains_as_the_exact_step(name, opt_cls, kw, tol):
+    """The first half of a batch whose halves are equal gives the whole batch's new-new block: 8 steps with
+    ``new_block_fraction=0.5`` are the exact fused step's to rounding, with the same ranks; on a batch of two
+    different halves they are not."""
+    def runs(double):
+        out = []
+        for fraction in (1.0, 0.5):
+            model, x, y = MAKERS[name]()
+            if double:
+                half = x.shape[0] // 2
+                x, y = torch.cat([x[:half], x[:half]]), torch.cat([y[:half], y[:half]])
+            opt = opt_cls(model, tau=0.1, new_block_fraction=fraction, **kw)
+            history = train(model, x, y, opt, 8)
+            out.append((weights(model), history))
+        return out
+
+    (w_exact, h_exact), (w_half, h_half) = runs(double=True)
+    assert h_half == h_exact
+    assert rel(w_half, w_exact) < tol
+    (w_exact, _), (w_half, _) = runs(double=False)
+    assert rel(w_half, w_exact) > 100 * tol
+
+
+def test_the_new_new_products_see_only_the_sampled_rows(monkeypatch):
+    """The cost claim: with 1/8 of a batch of 64 the fused backward projects 8 input rows onto ``Ṽ`` (``x Ṽ``)
+    and 8 output-gradient rows onto ``Ũ`` — the forward's ``x V`` and the backward's ``g U`` see all 64."""
+    model, x, y = mlp()
+    seen = {"in": [], "out": []}
+    layer = model[2]
+    project_input, project_output = layer._project_input, layer._project_output
+    monkeypatch.setattr(layer, "_project_input", lambda t, V: seen["in"].append(t.shape[0]) or project_input(t, V))
+    monkeypatch.setattr(layer, "_project_output", lambda t, U: seen["out"].append(t.shape[0]) or project_output(t, U))
+    LowRankAdam(model, lr=1e-2, new_block_fraction=0.125)
+    F.cross_entropy(model(x), y).backward()
+    assert seen == {"in": [64, 8], "out": [64, 8]}
+    seen["in"].clear(), seen["out"].clear()
+    LowRankAdam(model, lr=1e-2)  # exact: x Ṽ and g Ũ over the whole batch
+    layer.clear_fused_grads()
+    F.cross_entropy(model(x), y).backward()
+    assert seen == {"in": [64, 64], "out": [64, 64]}
+
+
+def test_dense_executed_tucker_cores_and_weight_readers_stay_exact():
+    """A Tucker core run through its dense kernel has the whole ``∇W`` without a batch product: the fraction
+    changes nothing there."""
+    out = []
+    for fraction in (1.0, 0.25):
+        model, x, y = tucker_net()
+        for m in model:
+            if isinstance(m, TuckerConv2d):
+                m.execution = "dense"
+        train(model, x, y, LowRankAdam(model, lr=1e-3, lr_scaling="none", new_block_fraction=fraction), 3)
+        out.append(weights(model))
+    assert rel(out[1], out[0]) < 1e-12
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"new_block_fraction": 0.0}, r"Invalid new_block_fraction: 0.0 \(a share of the batch in \(0, 1\]"),
+    ({"new_block_fraction": 1.5}, "Invalid new_block_fraction: 1.5"),
+    ({"new_block_fraction": True}, "Invalid new_block_fraction: True"),
+    ({"new_block_fraction": "half"}, "Invalid new_block_fraction: 'half'"),
+    ({"new_block_fraction": 0.5, "mode": "parallel"}, "new_block_fraction < 1 samples the fused backward's"),
+    ({"new_block_fraction": 0.5, "mode": "two_pass"}, "use mode='fused'"),
+])
+def test_bad_fractions_are_refused_with_the_argument_named(kwargs, message):
+    model, _, _ = mlp()
+    with pytest.raises(ValueError, match=message):
+        LowRankAdam(model, **kwargs)
+
+
+@pytest.mark.parametrize("assignments, message", [
+    (["optimizer.new_block_fraction=0"], r"optimizer.new_block_fraction = 0.0 must lie in \(0, 1\]"),
+    (["optimizer.new_block_fraction=2.0"], r"optimizer.new_block_fraction = 2.0 must lie in \(0, 1\]"),
+    (["optimizer.new_block_fraction=0.5", "optimizer.mode=parallel"], "does not go with optimizer.mode: parallel"),
+])
+def test_preset_fractions_are_checked(assignments, message):
+    from lrc.presets import PresetError, apply_override, load_preset
+
+    cfg = load_preset("digits-mlp")
+    with pytest.raises(PresetError, match=message):
+        for assignment in assignments:
+            cfg = apply_override(cfg, assignment)
+    cfg = apply_override(load_preset("digits-mlp"), "optimizer.new_block_fraction=0.125")
+    assert cfg["optimizer"]["new_block_fraction"] == 0.125
