@@ -17,9 +17,12 @@ Methods, all at rank 64 for the three 2048×2048 layers (the 10-way head stays d
                          held at 64 columns, their ranks chosen on the device and masked, so that
                          no step reads the host or changes a shape (what a CUDA graph or a compiled
                          step needs); the augmentation is the sync-free one
-  lowrank-adam fused sampled8  the fused step with new_block_fraction=1/8: the new-new block of the
-                         coefficient gradient (the one block that needs products of the batch's size
-                         beyond LoRA's) estimated from an eighth of the batch; every other block exact
+  lowrank-adam fused sampled4, sampled8  the fused step with new_block_fraction=1/4, 1/8: the new-new
+                         block of the coefficient gradient (the one block that needs products of the
+                         batch's size beyond LoRA's) estimated from a quarter, an eighth of the batch;
+                         every other block exact
+  lowrank-adam parallel sampled4  mode="parallel" with new_block_fraction=1/4: the same G_S as fused
+                         sampled4, the block formed in step() from the rows the backward kept
   lowrank-adam fused subspace  the fused step with fixed_ranks=True (the ranks are held at 64 anyway) and
                          truncation="subspace": no SVD, two block power iterations from the kept directions
   lowrank-adam fused capacity subspace  capacity=64, the sync-free augmentation and the subspace
@@ -139,8 +142,8 @@ def variant(method: str) -> dict:
         return {"basis_every": 4}
     if method.endswith("padded-r16"):
         return {"svd_batching": "padded", "rank_every": 16}
-    if method.endswith("sampled8"):
-        return {"new_block_fraction": 0.125}
+    if method.endswith(("sampled4", "sampled8")):
+        return {"new_block_fraction": 1.0 / int(method[-1])}
     if method.endswith("sync-free"):
         return {"augmentation": "sync_free"}
     if method.endswith("capacity"):  # held at a fixed capacity: ranks on the device, shapes never change
@@ -369,7 +372,8 @@ def time_methods(methods: list[str], batch: int, steps: int, warmup: int, device
     return results
 
 
-METHODS = ["dense adamw", "lowrank-adam fused", "lowrank-adam fused sampled8", "lowrank-adam fused sync-free",
+METHODS = ["dense adamw", "lowrank-adam fused", "lowrank-adam fused sampled4", "lowrank-adam fused sampled8",
+           "lowrank-adam parallel sampled4", "lowrank-adam fused sync-free",
            "lowrank-adam fused capacity",
            "lowrank-adam fused subspace", "lowrank-adam fused capacity subspace", "lowrank-adam parallel subspace",
            "lowrank-adam fused every4",
@@ -429,7 +433,8 @@ def main() -> None:
                            t / results["dense adamw"]["total"]))
         ratios.append((batch, fused / results["lora floor"]["total"], fused / results["dense adamw"]["total"],
                        results["lowrank-adam two_pass"]["total"] / fused))
-        for m in ("lowrank-adam fused sampled8", "lowrank-adam parallel", "lowrank-adam parallel subspace"):
+        for m in ("lowrank-adam fused sampled4", "lowrank-adam fused sampled8", "lowrank-adam parallel sampled4",
+                  "lowrank-adam parallel", "lowrank-adam parallel subspace"):
             t = results[m]["total"]
             cheaper_ratios.append((batch, m.removeprefix("lowrank-adam "), t / fused,
                                    t / results["lora floor"]["total"], t / results["dense adamw"]["total"]))

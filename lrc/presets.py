@@ -48,14 +48,14 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                   "second_moment": "squared", "lr_scaling": "dense",
                   "new_moments": "zero", "update_every": 1, "max_params": None, "coefficient_metric": "uniform",
                   "fixed_ranks": False, "rank_every": 1, "svd_batching": "auto", "augmentation": "auto",
-                  "basis_every": 1, "capacity": None, "truncation": "svd", "new_block_fraction": 1.0},
+                  "basis_every": 1, "capacity": None, "truncation": "svd", "new_block_fraction": None},
     "train": {"epochs": 10, "seed": 0, "device": "auto", "bf16": False, "grad_clip": None,
               "schedule": "cosine", "warmup_epochs": 0.0, "tau_warmup_epochs": 0.0,
               "budget_warmup_epochs": 0.0, "budget_warmup_start_cr": None, "distill": 0.0, "distill_temperature": 2.0},
 }
 
 # keys that default to None but take a number
-_FLOAT_OR_NONE = {"tau", "grad_clip", "target_cr", "budget_warmup_start_cr"}
+_FLOAT_OR_NONE = {"tau", "grad_clip", "target_cr", "budget_warmup_start_cr", "new_block_fraction"}
 
 # keys whose value may be a mapping (everything else must be a scalar or a list)
 _MAPPING_KEYS = {("model", "args")}
@@ -353,12 +353,17 @@ def validate(cfg: dict, source: str) -> None:
     if opt["augmentation"] not in AUGMENTATIONS:
         raise PresetError(f"{source}: optimizer.augmentation {opt['augmentation']!r}: choose one of "
                           f"{', '.join(AUGMENTATIONS)}")
-    if not 0.0 < opt["new_block_fraction"] <= 1.0:
-        raise PresetError(f"{source}: optimizer.new_block_fraction = {opt['new_block_fraction']} must lie in (0, 1] "
-                          "(the share of each batch the new-new block is estimated from; 1: exact)")
-    if opt["new_block_fraction"] < 1.0 and opt["mode"] != "fused":
-        raise PresetError(f"{source}: optimizer.new_block_fraction < 1 samples the fused backward's new-new block; "
-                          f"it does not go with optimizer.mode: {opt['mode']} — use mode fused")
+    fraction = opt["new_block_fraction"]
+    if fraction is not None:
+        if not 0.0 <= fraction <= 1.0:
+            raise PresetError(f"{source}: optimizer.new_block_fraction = {fraction} must lie in [0, 1] (the share of "
+                              "each batch the new-new block is formed from; 1: exact, 0: dropped)")
+        if opt["mode"] == "two_pass" and fraction != 1.0:
+            raise PresetError(f"{source}: optimizer.new_block_fraction does not go with optimizer.mode: two_pass, "
+                              "whose second pass forms the new-new block exactly — use mode parallel or fused")
+        if opt["mode"] == "fused" and fraction == 0.0:
+            raise PresetError(f"{source}: optimizer.new_block_fraction = 0 drops the new-new block: that is "
+                              "optimizer.mode: parallel")
     if opt["min_rank"] < 1:
         raise PresetError(f"{source}: optimizer.min_rank = {opt['min_rank']} must be ≥ 1")
     if opt["capacity"] is not None:

@@ -242,7 +242,7 @@ def build_run(cfg: dict, device: torch.device, total_steps: int = 0, calibration
                        augmentation=opt_cfg.get("augmentation", "auto"),
                        basis_every=opt_cfg.get("basis_every", 1), capacity=opt_cfg.get("capacity"),
                        truncation=opt_cfg.get("truncation", "svd"),
-                       new_block_fraction=opt_cfg.get("new_block_fraction", 1.0))
+                       new_block_fraction=opt_cfg.get("new_block_fraction"))
         if method in ("lowrank-adam", "dlrt-naive"):
             opt = LowRankAdam(model, betas=tuple(opt_cfg["betas"]), second_moment=opt_cfg["second_moment"],
                               project_moments=method == "lowrank-adam", lr_scaling=opt_cfg.get("lr_scaling", "none"),

@@ -26,6 +26,11 @@ CASES = [  # name, rank, optimizer, kwargs (configurations whose rounding floor 
     ("tucker", 3, "adam", {"lr": 5e-2, "second_moment": "squared", "basis_every": 3}),
     ("tucker", 3, "adam", {"lr": 5e-2, "second_moment": "squared", "augmentation": "sync_free"}),
     ("mlp", 8, "adam", {"lr": 5e-2, "second_moment": "squared", "capacity": 10}),
+    # parallel with the whole batch's new-new block (each process keeps its rows; the blocks are averaged): the
+    # exact step in one pass. A share below 1 samples each process's rows, so it is not the one-process run's
+    ("mlp", 8, "adam", {"lr": 5e-2, "second_moment": "squared", "new_block_fraction": 1.0}),
+    ("tucker", 3, "sgd", {"lr": 0.2, "new_block_fraction": 1.0}),
+    ("tucker", 3, "sgd", {"lr": 0.2}),  # parallel Tucker cores: their core gradient averaged too (it once was not)
 ]
 STEPS = 10
 
@@ -72,13 +77,16 @@ def worker(rank, world, port, case, mode, out):
 
 COMBOS = [(CASES[0], "fused"), (CASES[0], "parallel"), (CASES[0], "two_pass"), (CASES[1], "fused"),
           (CASES[2], "fused"), (CASES[3], "parallel"), (CASES[5], "fused"), (CASES[5], "parallel"), (CASES[6], "fused"), (CASES[7], "fused"),
-          (CASES[8], "fused"), (CASES[9], "fused"), (CASES[9], "parallel")]
+          (CASES[8], "fused"), (CASES[9], "fused"), (CASES[9], "parallel"), (CASES[10], "parallel"),
+          (CASES[11], "parallel"), (CASES[12], "parallel")]
 
 
 @pytest.mark.parametrize("case, mode", COMBOS, ids=[f"{c[0]}-{c[2]}-r{c[1]}-{m}{'-every3' if 'update_every' in c[3] else ''}"
                                               f"{'-padded' if 'svd_batching' in c[3] else ''}{'-basis3' if 'basis_every' in c[3] else ''}"
                                               f"{'-syncfree' if 'augmentation' in c[3] else ''}"
                                               f"{'-capacity' if 'capacity' in c[3] else ''}"
+                                              f"{'-newblock' if 'new_block_fraction' in c[3] else ''}"
+                                              f"{'-sgd' if c[2] == 'sgd' and c[0] == 'tucker' else ''}"
                                               for c, m in COMBOS])
 def test_two_processes_equal_one_process_with_the_global_batch(case, mode, tmp_path):
     out = tmp_path / "rank0.pt"

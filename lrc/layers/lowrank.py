@@ -77,6 +77,8 @@ class _FactorizedProduct(LayerFunction):
         grad_S = layer._contract(gu, z).to(S.dtype) if need_S or fused else None
         if fused:
             grad_S = layer._record_fused(x, g, z, gu, G_K, G_L, grad_S, U, V)
+        elif layer.keep_new_block and need_U and need_V and grad_S is not None:
+            keep_for_new_block(layer, grad_S, x, g)
         return grad_x, G_K, grad_S, G_L, None
 
 
@@ -106,6 +108,8 @@ class _WeightProduct(LayerFunction):
                 all_reduce_mean_([G_S])
             layer._fused_grads = (Ut, Vt, G_S)
             grad_S = G_S[: S.shape[0], : S.shape[1]].clone()
+        elif layer.keep_new_block:  # mode="parallel": the whole ∇W gives its new-new block exactly
+            keep_for_new_block(layer, grad_S, D)
         return G_K, grad_S, G_L, None
 
 
@@ -142,6 +146,11 @@ class LowRankMatrixModule(nn.Module):
         # set by an optimizer (its new_block_fraction): the share of the batch the fused backward's new-new block
         # of the coefficient gradient is estimated from (1: all of it, exact)
         self.new_block_fraction = 1.0
+        # set by a mode="parallel" optimizer on the steps that augment, when its new_block_fraction > 0: the
+        # backward keeps that share of the batch (or the whole ∇W) for the new-new block step() forms
+        self.keep_new_block = False
+        self._kept: list[tuple] = []  # per backward pass: (x rows, g rows, scale to the batch) or (∇W,)
+        self._kept_S: Tensor | None = None  # the coefficient gradients those passes returned, summed
         self.adapter_dropout = 0.0  # adapter mode: dropout on the input of U S Vᵀ while training (as LoRA's)
         self._fused_grads: tuple[Tensor, Tensor, Tensor] | None = None
         self._backward_count = 0
@@ -174,6 +183,24 @@ class LowRankMatrixModule(nn.Module):
     def clear_fused_grads(self) -> None:
         self._fused_grads = None
         self._backward_count = 0
+        self._kept, self._kept_S = [], None
+
+    @torch.no_grad()
+    def kept_new_block(self, Ut: Tensor, Vt: Tensor) -> Tensor | None:
+        """``mode="parallel"``: the new-new block ``Ũᵀ∇W Ṽ`` from what the backward passes kept (summed over
+        them, each estimate scaled to its batch), times the factor by which the grads were rescaled after
+        the backward (clipping, loss-scale unscaling); ``None`` where nothing was kept."""
+        if not self._kept:
+            return None
+        block = 0
+        for item in self._kept:
+            if len(item) == 1:
+                block = block + Ut.mT @ item[0].reshape(item[0].shape[0], -1).to(Ut.dtype) @ Vt
+            else:
+                x, g, scale = item
+                block = block + self._contract(self._project_output(g.to(Ut.dtype), Ut),
+                                               self._project_input(x.to(Vt.dtype), Vt)).to(Ut.dtype) * scale
+        return block * rescale_factor(self.S.grad, self._kept_S).to(block.dtype)
 
     def low_rank_weight(self) -> Tensor:
         """``U S Vᵀ`` as an n×m matrix."""
@@ -500,6 +527,33 @@ def sampled_rows(x: Tensor, fraction: float) -> int | None:
         return None
     rows = max(1, math.ceil(fraction * x.shape[0]))
     return rows if rows < x.shape[0] else None
+
+
+def keep_for_new_block(layer, grad: Tensor, *batch: Tensor) -> None:
+    """``mode="parallel"`` with a ``new_block_fraction``: ``layer`` (matrix or Tucker) keeps what the new-new
+    block ``Ũᵀ∇W Ṽ`` of this backward pass needs once ``step()`` has ``Ũ``, ``Ṽ`` — the first rows of its input
+    ``x`` and output gradient ``g`` (``batch = (x, g)``) or its whole ``∇W`` (``batch = (∇W,)``) — and the
+    coefficient gradient ``grad`` the pass returned, to follow a rescaling of the grads after the backward."""
+    grad = grad.detach()
+    layer._kept_S = grad.clone() if layer._kept_S is None else layer._kept_S + grad
+    if len(batch) == 1:
+        layer._kept.append((batch[0].detach(),))
+        return
+    x, g = batch
+    rows = sampled_rows(x, layer.new_block_fraction)
+    if rows is None:
+        layer._kept.append((x.detach(), g.detach(), 1.0))
+    else:
+        layer._kept.append((x[:rows].detach(), g[:rows].detach(), x.shape[0] / rows))
+
+
+def rescale_factor(grad: Tensor | None, raw: Tensor) -> Tensor:
+    """The factor ``c`` with ``grad = c · raw`` (a scalar rescaling after the backward: ``⟨grad, raw⟩/‖raw‖²``,
+    1 where ``raw`` is zero or ``grad`` absent), computed on the device."""
+    if grad is None:
+        return raw.new_ones(())
+    denom = (raw * raw).sum()
+    return torch.where(denom > 0, (grad * raw).sum() / denom.clamp_min(torch.finfo(denom.dtype).tiny), 1.0)
 
 
 def first_fused_backward(layer, *grads: Tensor) -> bool:

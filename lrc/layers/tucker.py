@@ -30,7 +30,7 @@ from torch.nn.utils import skip_init  # factors set right after: no SVD of a ran
 from ..distributed import all_reduce_mean_
 from ..linalg import augment_basis, left_svd
 from .lowrank import (LayerFunction, _conv_padding, _pair, check_conv, dense_conv, first_fused_backward, initial_svd,
-                      replace_data, sampled_rows)
+                      keep_for_new_block, replace_data, rescale_factor, sampled_rows)
 
 __all__ = ["TuckerConv2d", "unfold", "mode_product", "EXECUTIONS"]
 
@@ -87,22 +87,19 @@ class _TuckerProduct(LayerFunction):
         if fused:
             rows = sampled_rows(x, layer.new_block_fraction)
 
-            def core_grad_at(x: Tensor, g: Tensor, Uh: Tensor, Vh: Tensor) -> Tensor:  # ∇W ×₁ Uhᵀ ×₂ Vhᵀ
-                zh = F.conv2d(x, Vh.mT[:, :, None, None].to(x.dtype))
-                gh = F.conv2d(g, Uh.mT[:, :, None, None].to(g.dtype))
-                return conv2d_weight(zh, (Uh.shape[1], Vh.shape[1], *k), gh.to(zh.dtype), **conv)
-
             def coefficient_grad(Uh: Tensor, Vh: Tensor) -> Tensor:  # the core gradient at the augmented factors
                 if rows is None:
-                    return core_grad_at(x, g, Uh, Vh)
+                    return layer._core_grad_at(x, g, Uh, Vh)
                 # the old-new blocks from the mode gradients; the new-new one from the batch's first rows
                 Ut, Vt = Uh[:, r_out:], Vh[:, r_in:]
                 G = layer._blocks(grad_core, D_out.to(core.dtype), D_in.to(core.dtype), Ut, Vt)
                 if Ut.shape[1] and Vt.shape[1]:
-                    G[r_out:, r_in:] = core_grad_at(x[:rows], g[:rows], Ut, Vt) * (x.shape[0] / rows)
+                    G[r_out:, r_in:] = layer._core_grad_at(x[:rows], g[:rows], Ut, Vt) * (x.shape[0] / rows)
                 return G
 
             grad_core = layer._record_fused(coefficient_grad, G_out, G_in, grad_core, U_out, U_in)
+        elif layer.keep_new_block and need_out and need_in and grad_core is not None:
+            keep_for_new_block(layer, grad_core, x, g)
         return grad_x, G_out, grad_core, G_in, None
 
 
@@ -146,6 +143,8 @@ class _TuckerDense(LayerFunction):
             if fused:
                 grad_core = layer._record_fused(lambda Uh, Vh: mode_product(mode_product(dW, Uh.mT, 0), Vh.mT, 1),
                                                 G_out, G_in, grad_core, U_out, U_in)
+            elif layer.keep_new_block and need_out and need_in:  # mode="parallel": ∇W gives it exactly
+                keep_for_new_block(layer, grad_core, dW)
         return grad_x, G_out, grad_core if need_core or fused else None, G_in, None
 
 
@@ -198,6 +197,9 @@ class TuckerConv2d(nn.Module):
         self.distributed = False  # set by a data-parallel optimizer: average inside the fused backward
         self.keep_mode_grads = False  # set by a mode="parallel" optimizer
         self.new_block_fraction = 1.0  # set by an optimizer: the batch share of the fused new-new block
+        self.keep_new_block = False  # set by a mode="parallel" optimizer (as LowRankMatrixModule's)
+        self._kept: list[tuple] = []
+        self._kept_S: Tensor | None = None
         self._fused_grads: tuple[Tensor, Tensor, Tensor] | None = None
         self._mode_grads: tuple[Tensor, Tensor] | None = None  # ∇W ×₂ U_inᵀ and ∇W ×₁ U_outᵀ
         self._backward_count = 0
@@ -238,6 +240,30 @@ class TuckerConv2d(nn.Module):
         self._fused_grads = None
         self._mode_grads = None
         self._backward_count = 0
+        self._kept, self._kept_S = [], None
+
+    def _core_grad_at(self, x: Tensor, g: Tensor, Uh: Tensor, Vh: Tensor) -> Tensor:
+        """``∇W ×₁ Uhᵀ ×₂ Vhᵀ`` of the batch ``x``, ``g`` (input, output gradient): two 1×1 convolutions and
+        the core's weight gradient."""
+        conv = dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
+        zh = F.conv2d(x, Vh.mT[:, :, None, None].to(x.dtype))
+        gh = F.conv2d(g, Uh.mT[:, :, None, None].to(g.dtype))
+        return conv2d_weight(zh, (Uh.shape[1], Vh.shape[1], *self.kernel_size), gh.to(zh.dtype), **conv)
+
+    @torch.no_grad()
+    def kept_new_block(self, Ut: Tensor, Vt: Tensor) -> Tensor | None:
+        """As :meth:`LowRankMatrixModule.kept_new_block`: the new-new block of the core gradient."""
+        if not self._kept:
+            return None
+        block = 0
+        for item in self._kept:
+            if len(item) == 1:
+                block = block + mode_product(mode_product(item[0], Ut.mT.to(item[0].dtype), 0),
+                                             Vt.mT.to(item[0].dtype), 1).to(Ut.dtype)
+            else:
+                x, g, scale = item
+                block = block + self._core_grad_at(x.to(Ut.dtype), g.to(Ut.dtype), Ut, Vt) * scale
+        return block * rescale_factor(self.core.grad, self._kept_S).to(block.dtype)
 
     @torch.no_grad()
     def parallel_coefficient_grad(self, Ut: Tensor, Vt: Tensor) -> Tensor | None:

@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from ..distributed import all_reduce_mean_, broadcast_, broadcast_ints, is_distributed
 from ..layers import LowRankMatrixModule, TuckerConv2d
+from ..layers.lowrank import rescale_factor
 from ..layers.tucker import unfold
 from ..linalg import (
     ALLOCATIONS,
@@ -57,7 +58,7 @@ class LowRankOptimizer(Optimizer):
                  allocation: str = "relative", fixed_ranks: bool = False, rank_every: int = 1,
                  svd_batching: str = "auto", basis_every: int = 1, augmentation: str = "auto",
                  capacity: int | None = None, truncation: str = "svd", capturable: bool = False,
-                 new_block_fraction: float = 1.0) -> None:
+                 new_block_fraction: float | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
         if mode not in MODES:
@@ -125,13 +126,18 @@ class LowRankOptimizer(Optimizer):
             if update_every > 1 or basis_every > 1:
                 raise ValueError("capturable=True does not go with update_every or basis_every > 1: their cycles "
                                  "alternate two kinds of step; leave one of them out")
+        if new_block_fraction is None:  # the mode's own: fused and two_pass exact, parallel without the block
+            new_block_fraction = 0.0 if mode == "parallel" else 1.0
         if (isinstance(new_block_fraction, bool) or not isinstance(new_block_fraction, (int, float))
-                or not 0.0 < new_block_fraction <= 1.0):
-            raise ValueError(f"Invalid new_block_fraction: {new_block_fraction!r} (a share of the batch in (0, 1]; "
-                             "1: the exact step)")
-        if new_block_fraction < 1.0 and mode != "fused":
-            raise ValueError(f"new_block_fraction < 1 samples the fused backward's new-new block, but mode={mode!r} "
-                             "(parallel leaves that block out, two_pass forms it exactly): use mode='fused'")
+                or not 0.0 <= new_block_fraction <= 1.0):
+            raise ValueError(f"Invalid new_block_fraction: {new_block_fraction!r} (a share of the batch in [0, 1]; "
+                             "1: the exact new-new block)")
+        if mode == "two_pass" and new_block_fraction != 1.0:
+            raise ValueError("new_block_fraction does not go with mode='two_pass', whose second pass forms the "
+                             "new-new block exactly: use mode='parallel' (or 'fused') to estimate it")
+        if mode == "fused" and new_block_fraction == 0.0:
+            raise ValueError("new_block_fraction=0 drops the new-new block, which is mode='parallel': use that "
+                             "(it also augments the layers of one shape together)")
         self.new_block_fraction = float(new_block_fraction)
         self.capturable = capturable
         self.truncation = truncation
@@ -166,7 +172,8 @@ class LowRankOptimizer(Optimizer):
                 factor_ids.update(id(p) for p in module.factor_parameters())
                 module.fused = mode == "fused"
                 module.sync_free_augmentation = augmentation == "sync_free"  # augment_basis(sync_free=…)
-                module.new_block_fraction = self.new_block_fraction
+                module.new_block_fraction = self.new_block_fraction if mode != "two_pass" else 1.0
+                module.keep_new_block = mode == "parallel" and self.new_block_fraction > 0
                 module.distributed = self.distributed and mode == "fused"
                 module.clear_fused_grads()
         self._bases = dict.fromkeys(p for layer in self._layers.values() for p in (layer.U, layer.V))  # a set (by identity)
@@ -364,8 +371,10 @@ class LowRankOptimizer(Optimizer):
         ``basis_every=1``); the basis gradients ``G_K``, ``G_L`` are formed only there too (a
         step inside a cycle moves ``S`` alone: two of the backward's large products fewer)."""
         augment = not self.param_groups[0].get("phase", 0) % self._cycle
+        keep = self.mode == "parallel" and self.new_block_fraction > 0 and augment
         for layer in self._layers.values():
             layer.fused = self.mode == "fused" and augment
+            layer.keep_new_block = keep  # the backward keeps rows for the new-new block step() forms
             layer.basis_grads = augment
             layer.distributed = self.distributed and layer.fused
 
@@ -419,9 +428,14 @@ class LowRankOptimizer(Optimizer):
         grads = [p.grad for g in self.param_groups for p in g["params"]
                  if p.grad is not None and (p not in self._layers or coefficients)
                  and (with_bases or p not in self._bases)]
-        if self.mode == "parallel":  # a Tucker layer's full mode gradients
-            grads += [D for layer in self._layers.values() if getattr(layer, "_mode_grads", None) is not None
-                      for D in layer._mode_grads]
+        if self.mode == "parallel":  # a Tucker layer's full mode gradients and, unless above, its core gradient
+            # (the old block of its G_S, where a matrix layer's is formed from the averaged G_K) with the core
+            # gradients its backward passes kept for the new-new block's rescaling, so that both stay comparable
+            for layer in self._layers.values():
+                if isinstance(layer, TuckerConv2d) and layer._mode_grads is not None:
+                    grads += list(layer._mode_grads)
+                    if not coefficients and layer.core.grad is not None:
+                        grads += [layer.core.grad] + ([layer._kept_S] if layer._kept_S is not None else [])
         self.bytes_communicated += all_reduce_mean_(grads)
 
     # ---- the coefficient gradient G_S, three ways ----------------------------------------
@@ -438,10 +452,7 @@ class LowRankOptimizer(Optimizer):
             Ut, Vt, G_S = layer._fused_grads
             # Scalar rescaling of the grads after backward (clipping, loss-scale unscaling)
             # reaches G_S through its top-left block, which is S.grad as the backward wrote it.
-            top = G_S[: layer.S.shape[0], : layer.S.shape[1]]
-            denom = (top * top).sum()
-            scale = torch.where(denom > 0, (layer.S.grad * top).sum() / denom.clamp_min(torch.finfo(denom.dtype).tiny), 1.0)
-            out[layer] = (Ut, Vt, G_S * scale)
+            out[layer] = (Ut, Vt, G_S * rescale_factor(layer.S.grad, G_S[: layer.S.shape[0], : layer.S.shape[1]]))
         return out
 
     def _coefficient_grads(self) -> dict:
@@ -491,7 +502,23 @@ class LowRankOptimizer(Optimizer):
             G_S[:, :r, r:] = (Vt.mT @ G_L).mT
             for j, layer in enumerate(layers):
                 out[layer] = (Ut[j], Vt[j], G_S[j])
+        self._fill_new_blocks(out)
         return out
+
+    def _fill_new_blocks(self, grads: dict) -> None:
+        """``mode="parallel"`` with ``new_block_fraction > 0``: each layer's new-new block ``Ũᵀ∇W Ṽ`` from what
+        its backward passes kept (:meth:`~lrc.layers.LowRankMatrixModule.kept_new_block`), averaged over the
+        processes (one all-reduce) — the same ``G_S`` as the fused step's with that fraction."""
+        filled = []
+        for layer, (Ut, Vt, G_S) in grads.items():
+            if Ut.shape[1] and Vt.shape[1]:
+                block = layer.kept_new_block(Ut, Vt)
+                if block is not None:
+                    filled.append((G_S, Ut.shape[1], Vt.shape[1], block.to(G_S.dtype)))
+        if self.distributed and filled:
+            self.bytes_communicated += all_reduce_mean_([item[3] for item in filled])
+        for G_S, a, b, block in filled:
+            G_S[-a:, -b:] = block
 
     def _second_pass(self, closure) -> dict:
         """The paper as written: evaluate the gradient of the coefficient at ``Û S̄ V̂ᵀ``."""

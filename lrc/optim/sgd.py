@@ -49,7 +49,7 @@ class LowRankSGD(LowRankOptimizer):
                  allocation: str = "relative", fixed_ranks: bool = False, rank_every: int = 1,
                  svd_batching: str = "auto", basis_every: int = 1, augmentation: str = "auto",
                  capacity: int | None = None, truncation: str = "svd", capturable: bool = False,
-                 new_block_fraction: float = 1.0) -> None:
+                 new_block_fraction: float | None = None) -> None:
         if not 0.0 <= lr:
             raise ValueError(f"Invalid lr: {lr!r} (must be ≥ 0)")
         if not 0.0 <= momentum < 1.0:
