@@ -58,7 +58,9 @@ def _assert_same(a: nn.Module, b: nn.Module, tol: float = 1e-10) -> None:
     (LowRankAdam, dict(tau=0.05, mode="parallel", lr_scaling="lora", new_moments="second")),
     (LowRankAdam, dict(tau=0.05, lr_scaling="none", coefficient_metric="balanced")),
     (LowRankSGD, dict(tau=0.05, weight_decay=0.1, nesterov=True)),
-], ids=["adamw", "parallel-lora-second", "paper-balanced", "heavy-ball"])
+    (LowRankAdam, dict(tau=0.05, mode="parallel", new_block_fraction=0.5)),
+    (LowRankAdam, dict(tau=0.05, new_block_fraction=0.5)),
+], ids=["adamw", "parallel-lora-second", "paper-balanced", "heavy-ball", "parallel-new-block", "fused-new-block"])
 def test_capturable_step_trains_as_the_eager_one_in_float64(cls, kw):
     (a, opt_a, sched_a), (b, opt_b, sched_b) = _pair(cls, **kw)
     _run(a, opt_a, sched_a, range(8))
@@ -69,12 +71,12 @@ def test_capturable_step_trains_as_the_eager_one_in_float64(cls, kw):
     assert isinstance(lr, torch.Tensor) and lr.dtype == torch.float64 and float(lr) == opt_a.param_groups[0]["lr"]
 
 
-@pytest.mark.parametrize("mode", ["fused", "parallel"])
-def test_a_kept_step_reads_nothing_and_keeps_every_tensor_in_place(host_reads, mode):
+@pytest.mark.parametrize("mode, fraction", [("fused", None), ("parallel", None), ("parallel", 0.5)])
+def test_a_kept_step_reads_nothing_and_keeps_every_tensor_in_place(host_reads, mode, fraction):
     """What a CUDA graph's replay needs: no host read (the step counters' included: they live on the
     device), no SVD, and the same storage for everything the step reads or writes."""
     model = _model(torch.float32)
-    opt = LowRankAdam(model, lr=1e-2, tau=0.05, **HOLD, capturable=True, mode=mode)
+    opt = LowRankAdam(model, lr=1e-2, tau=0.05, **HOLD, capturable=True, mode=mode, new_block_fraction=fraction)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.9**t)
     _run(model, opt, sched, range(3), dtype=torch.float32)
 
@@ -96,8 +98,10 @@ def test_a_kept_step_reads_nothing_and_keeps_every_tensor_in_place(host_reads, m
     assert all(isinstance(s["step"], torch.Tensor) and s["step"].item() == 6 for s in opt.state.values())
 
 
-def test_the_step_compiles_whole_once_and_trains_as_the_eager_one():
-    (a, opt_a, sched_a), (b, opt_b, sched_b) = _pair(LowRankAdam, tau=0.05, weight_decay=0.1)
+@pytest.mark.parametrize("kw", [dict(weight_decay=0.1), dict(mode="parallel", new_block_fraction=0.5)],
+                         ids=["fused", "parallel-new-block"])
+def test_the_step_compiles_whole_once_and_trains_as_the_eager_one(kw):
+    (a, opt_a, sched_a), (b, opt_b, sched_b) = _pair(LowRankAdam, tau=0.05, **kw)
     _run(a, opt_a, sched_a, range(8))
     _run(b, opt_b, sched_b, range(3))
     torch._dynamo.reset()
