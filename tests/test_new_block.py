@@ -256,6 +256,8 @@ def test_parallel_keeps_only_the_sampled_rows_and_only_on_augmenting_steps():
     F.cross_entropy(model(x), y).backward()
     kept = model[2]._kept
     assert len(kept) == 1 and kept[0][0].shape[0] == kept[0][1].shape[0] == 8 and kept[0][2] == 64 / 8
+    # copies of those rows, not views that would hold the whole batch's storage until step()
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in kept[0][:2])
     opt.step()
     assert model[2]._kept == []  # consumed
     opt.zero_grad()

@@ -544,7 +544,8 @@ def keep_for_new_block(layer, grad: Tensor, *batch: Tensor) -> None:
     if rows is None:
         layer._kept.append((x.detach(), g.detach(), 1.0))
     else:
-        layer._kept.append((x[:rows].detach(), g[:rows].detach(), x.shape[0] / rows))
+        # copies: a view would keep the whole batch's storage alive until step()
+        layer._kept.append((x[:rows].detach().clone(), g[:rows].detach().clone(), x.shape[0] / rows))
 
 
 def rescale_factor(grad: Tensor | None, raw: Tensor) -> Tensor:
