@@ -11,7 +11,7 @@
 #    torchvision's vgg16 (Tucker, 95 % c.r.) at batch 128;
 # 3. training throughput (images/s of the second epoch) of `lrc train --preset $PRESET` on random
 #    CIFAR-shaped data (data.name=synthetic), lowrank-adam (every step, basis_every=4,
-#    augmentation=sync_free and capacity=256) against --method dense;
+#    augmentation=sync_free, capacity=256, and mode=parallel with new_block_fraction=1/4) against --method dense;
 # 4. the augmentation's and the truncation's kernels alone (benchmarks/gpu_profile.py's first lines).
 # Writes $OUT (default gpu-check/) and prints a summary; each part has its own time limit.
 set -uo pipefail
@@ -34,10 +34,11 @@ timeout 420 python benchmarks/step_time.py --device "$DEVICE" --batches $batches
 echo "== 3. training throughput, $PRESET on synthetic data"
 size=32; [ "$PRESET" = digits-mlp ] && size=8
 channels=3; [ "$PRESET" = digits-mlp ] && channels=1
-for run in dense lowrank-adam lowrank-adam:basis4 lowrank-adam:syncfree lowrank-adam:capacity; do
+for run in dense lowrank-adam lowrank-adam:basis4 lowrank-adam:syncfree lowrank-adam:capacity lowrank-adam:parallel4; do
     method=${run%%:*}; extra=""
     [ "$run" = lowrank-adam:basis4 ] && extra="--set optimizer.basis_every=4"
     [ "$run" = lowrank-adam:syncfree ] && extra="--set optimizer.augmentation=sync_free"
+    [ "$run" = lowrank-adam:parallel4 ] && extra="--set optimizer.mode=parallel --set optimizer.new_block_fraction=0.25"
     # the linear layers held at a capacity near their ranks (products run at its width): vgg16-cifar10's rank 150
     # fits 256 (its Tucker convolutions are not held); digits-mlp's 30 fits 32
     cap=256; [ "$PRESET" = digits-mlp ] && cap=32

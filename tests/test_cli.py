@@ -113,6 +113,10 @@ def test_version_and_help():
      "does not go with optimizer.update_every > 1"),
     (["train", "--set", "optimizer.capacity=16", "--out", "{tmp}/cap"], "capacity=16 is below the rank 30 of layer 1"),
     (["train", "--set", "optimizer.truncation=eigh", "--out", "{tmp}/tr"], "optimizer.truncation 'eigh': choose one of svd"),
+    (["train", "--set", "optimizer.new_block_fraction=2", "--out", "{tmp}/nb"],
+     "optimizer.new_block_fraction = 2.0 must lie in [0, 1]"),
+    (["train", "--set", "optimizer.mode=two_pass", "--set", "optimizer.new_block_fraction=0.5", "--out", "{tmp}/nb"],
+     "does not go with optimizer.mode: two_pass"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
