@@ -285,8 +285,8 @@ class LowRankMatrixModule(nn.Module):
             G_S[:r, r:] = G_L.mT.to(Vt.dtype) @ Vt  # Uᵀ ∇W Ṽ
             G_S[r:, :r] = Ut.mT @ G_K.to(Ut.dtype)  # Ũᵀ ∇W V
             if a and b:
-                G_S[r:, r:] = self._contract(self._project_output(g[:rows], Ut),
-                                             self._project_input(x[:rows], Vt)) * (x.shape[0] / rows)
+                G_S[r:, r:] = sum(self._contract(self._project_output(gs, Ut), self._project_input(xs, Vt)) * c
+                                  for xs, gs, c in centered_rows(x, g, rows))
         else:
             zvt = self._project_input(x, Vt) if b else None
             if b:
@@ -543,9 +543,20 @@ def keep_for_new_block(layer, grad: Tensor, *batch: Tensor) -> None:
     rows = sampled_rows(x, layer.new_block_fraction)
     if rows is None:
         layer._kept.append((x.detach(), g.detach(), 1.0))
-    else:
-        # copies: a view would keep the whole batch's storage alive until step()
-        layer._kept.append((x[:rows].detach().clone(), g[:rows].detach().clone(), x.shape[0] / rows))
+    else:  # new tensors (the centering subtracts): no view keeps the whole batch's storage alive until step()
+        layer._kept += centered_rows(x.detach(), g.detach(), rows)
+
+
+def centered_rows(x: Tensor, g: Tensor, rows: int) -> list[tuple[Tensor, Tensor, float]]:
+    """The terms ``(x', g', c)`` whose ``Σ c · Σ_i g'_iᵀ x'_i`` estimates the batch's ``Σ_i g_iᵀ x_i`` (each term
+    bilinear per sample, as ``Uᵀ∇W V`` is) from its first ``rows`` samples, centered: with the batch means
+    ``x̄``, ``ḡ`` over the first dimension, ``Σ_i g_iᵀ x_i = Σ_i (g_i − ḡ)ᵀ(x_i − x̄) + B ḡᵀ x̄`` exactly; the
+    first sum is estimated from the rows (scaled by ``B/rows``), the second is exact (one mean sample). Where a
+    batch norm follows the layer, ``Σ_i g_i`` vanishes and the uncentered estimate would be dominated by the
+    inputs' mean ``x̄``, which the sample does not cancel."""
+    B = x.shape[0]
+    x_mean, g_mean = x.mean(0, keepdim=True), g.mean(0, keepdim=True)
+    return [(x[:rows] - x_mean, g[:rows] - g_mean, B / rows), (x_mean, g_mean, float(B))]
 
 
 def rescale_factor(grad: Tensor | None, raw: Tensor) -> Tensor:

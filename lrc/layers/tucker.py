@@ -29,8 +29,8 @@ from torch.nn.utils import skip_init  # factors set right after: no SVD of a ran
 
 from ..distributed import all_reduce_mean_
 from ..linalg import augment_basis, left_svd
-from .lowrank import (LayerFunction, _conv_padding, _pair, check_conv, dense_conv, first_fused_backward, initial_svd,
-                      keep_for_new_block, replace_data, rescale_factor, sampled_rows)
+from .lowrank import (LayerFunction, _conv_padding, _pair, centered_rows, check_conv, dense_conv, first_fused_backward,
+                      initial_svd, keep_for_new_block, replace_data, rescale_factor, sampled_rows)
 
 __all__ = ["TuckerConv2d", "unfold", "mode_product", "EXECUTIONS"]
 
@@ -94,7 +94,8 @@ class _TuckerProduct(LayerFunction):
                 Ut, Vt = Uh[:, r_out:], Vh[:, r_in:]
                 G = layer._blocks(grad_core, D_out.to(core.dtype), D_in.to(core.dtype), Ut, Vt)
                 if Ut.shape[1] and Vt.shape[1]:
-                    G[r_out:, r_in:] = layer._core_grad_at(x[:rows], g[:rows], Ut, Vt) * (x.shape[0] / rows)
+                    G[r_out:, r_in:] = sum(layer._core_grad_at(xs, gs, Ut, Vt) * c
+                                           for xs, gs, c in centered_rows(x, g, rows))
                 return G
 
             grad_core = layer._record_fused(coefficient_grad, G_out, G_in, grad_core, U_out, U_in)
