@@ -57,8 +57,10 @@ class LowRankAdam(LowRankOptimizer):
         new_block_fraction (float | None): how much of each batch forms the new-new block ``Ũᵀ∇W Ṽ`` of
             ``G_S`` — the one block that needs products of the batch's size (``g Ũ`` and ``x Ṽ``) beyond
             LoRA's four per layer. With a share ``f < 1`` it is estimated from the batch's first ``⌈f·B⌉``
-            rows (a shuffling data loader makes them a random sample), scaled to the batch; every other
-            block stays exact. ``mode="fused"`` forms it so in the backward (``f`` in ``(0, 1]``);
+            rows (a shuffling data loader makes them a random sample), centered on the batch's means and
+            scaled to the batch, plus the means' own term, which is exact (before a batch norm the output
+            gradients sum to zero and an uncentered sample would carry the inputs' mean); every other block
+            stays exact. ``mode="fused"`` forms it so in the backward (``f`` in ``(0, 1]``);
             ``mode="parallel"`` has its backward keep those rows (``f = 1``: the whole batch's inputs and
             output gradients, until ``step()``) and forms the block in ``step()`` after its batched
             augmentation — the same ``G_S`` as ``fused`` with that ``f`` (float64 tests), at parallel's lower
