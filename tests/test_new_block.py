@@ -1,11 +1,11 @@
-"""``new_block_fraction``: the fused step's new-new block of the coefficient gradient estimated from the
-batch's first rows (float64 references)."""
+"""``new_block_fraction``: the new-new block of the coefficient gradient estimated from the batch's first rows,
+centered on the batch's means — in the fused backward, or in ``mode="parallel"``'s step from rows its backward
+kept (float64 references)."""
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from lrc import LowRankAdam, LowRankConv2d, LowRankLinear, LowRankSGD
 from lrc.layers import TuckerConv2d
@@ -13,8 +13,6 @@ from lrc.layers import TuckerConv2d
 from .conftest import rel
 from .test_optim import convnet, mlp, train, weights
 from .test_tucker import tucker_net
-
-f64 = torch.float64
 
 
 def factored_tucker_net():

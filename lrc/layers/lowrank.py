@@ -266,7 +266,8 @@ class LowRankMatrixModule(nn.Module):
     def _record_fused(self, x, g, z, gu, G_K, G_L, grad_S, U, V) -> Tensor:
         """From one batch: ``Ũ, Ṽ`` and ``G_S = Ûᵀ ∇W V̂`` (blocks), kept for ``step()``. With
         ``new_block_fraction`` below 1 the new-new block ``Ũᵀ ∇W Ṽ`` is estimated from the batch's first
-        rows (scaled to the batch), so that its two batch-sized products shrink to those rows.
+        rows (centered, scaled to the batch: :func:`centered_rows`), so that its two batch-sized products
+        shrink to those rows and one mean row.
 
         Data-parallel: ``G_K`` and ``G_L`` are averaged over processes (in place: they are
         also the grads this backward returns) before the bases are formed, then ``G_S``;
@@ -531,9 +532,10 @@ def sampled_rows(x: Tensor, fraction: float) -> int | None:
 
 def keep_for_new_block(layer, grad: Tensor, *batch: Tensor) -> None:
     """``mode="parallel"`` with a ``new_block_fraction``: ``layer`` (matrix or Tucker) keeps what the new-new
-    block ``Ũᵀ∇W Ṽ`` of this backward pass needs once ``step()`` has ``Ũ``, ``Ṽ`` — the first rows of its input
-    ``x`` and output gradient ``g`` (``batch = (x, g)``) or its whole ``∇W`` (``batch = (∇W,)``) — and the
-    coefficient gradient ``grad`` the pass returned, to follow a rescaling of the grads after the backward."""
+    block ``Ũᵀ∇W Ṽ`` of this backward pass needs once ``step()`` has ``Ũ``, ``Ṽ`` — the terms of
+    :func:`centered_rows` from its input ``x`` and output gradient ``g`` (``batch = (x, g)``; the whole batch
+    where the fraction covers it) or its whole ``∇W`` (``batch = (∇W,)``) — and the coefficient gradient
+    ``grad`` the pass returned, to follow a rescaling of the grads after the backward."""
     grad = grad.detach()
     layer._kept_S = grad.clone() if layer._kept_S is None else layer._kept_S + grad
     if len(batch) == 1:
