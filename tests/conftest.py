@@ -13,6 +13,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def preset_with(*assignments: str, preset: str = "digits-mlp") -> dict:
+    """A shipped preset with ``--set`` assignments applied in order (each checked as the CLI checks it)."""
+    from lrc.presets import apply_override, load_preset
+
+    cfg = load_preset(preset)
+    for assignment in assignments:
+        cfg = apply_override(cfg, assignment)
+    return cfg
+
+
 @pytest.fixture
 def host_reads(monkeypatch):
     """``host_reads(skip=(), svd=False)``: a context manager whose list collects, while it is open (from empty), every read of

@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 from lrc.presets import PresetError, apply_override, load_preset
 from lrc.layers import FACTORIZED
 from lrc.train import build_run, distillation_loss
+from tests.conftest import preset_with
 from tests.test_compare import SMALL, lrc
 
 
@@ -34,10 +35,8 @@ def test_distillation_loss_is_the_weighted_kl_and_its_gradient_is_the_softmax_di
     (["train.distill=0.5", "train.distill_temperature=0"], "distill_temperature = 0.0 must be > 0"),
 ])
 def test_distill_settings_are_checked(assignments, message):
-    cfg = load_preset("digits-mlp")
     with pytest.raises(PresetError, match=message):
-        for assignment in assignments:
-            cfg = apply_override(cfg, assignment)
+        preset_with(*assignments)
 
 
 def test_the_teacher_is_the_model_as_loaded_frozen_and_the_runs_use_it(tmp_path):

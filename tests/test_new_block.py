@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lrc import LowRankAdam, LowRankConv2d, LowRankLinear, LowRankSGD
 from lrc.layers import TuckerConv2d
 
-from .conftest import rel
+from .conftest import preset_with, rel
 from .test_optim import convnet, mlp, train, weights
 from .test_tucker import tucker_net
 
@@ -189,16 +189,12 @@ def test_the_default_is_the_modes_own():
     (["optimizer.mode=two_pass", "optimizer.new_block_fraction=0.5"], "does not go with optimizer.mode: two_pass"),
 ])
 def test_preset_fractions_are_checked(assignments, message):
-    from lrc.presets import PresetError, apply_override, load_preset
+    from lrc.presets import PresetError
 
-    cfg = load_preset("digits-mlp")
     with pytest.raises(PresetError, match=message):
-        for assignment in assignments:
-            cfg = apply_override(cfg, assignment)
-    cfg = apply_override(load_preset("digits-mlp"), "optimizer.new_block_fraction=0.125")
-    assert cfg["optimizer"]["new_block_fraction"] == 0.125
-    cfg = apply_override(apply_override(load_preset("digits-mlp"), "optimizer.mode=parallel"),
-                         "optimizer.new_block_fraction=0")
+        preset_with(*assignments)
+    assert preset_with("optimizer.new_block_fraction=0.125")["optimizer"]["new_block_fraction"] == 0.125
+    cfg = preset_with("optimizer.mode=parallel", "optimizer.new_block_fraction=0")
     assert cfg["optimizer"]["new_block_fraction"] == 0.0
 
 

@@ -8,7 +8,7 @@ from torch import nn
 from lrc import LowRankAdam, LowRankConv2d, LowRankLinear, LowRankSGD, factorize
 from lrc.layers import TuckerConv2d
 
-from .conftest import rel
+from .conftest import preset_with, rel
 
 f64 = torch.float64
 
@@ -1017,14 +1017,11 @@ def test_fixed_ranks_with_update_every_keep_the_rank_before_the_cycle():
     (["optimizer.basis_every=2", "optimizer.update_every=3"], "choose one"),
 ])
 def test_basis_every_preset_settings_are_checked(assignments, message):
-    from lrc.presets import PresetError, apply_override, load_preset
+    from lrc.presets import PresetError
 
-    cfg = load_preset("digits-mlp")
     with pytest.raises(PresetError, match=message):
-        for assignment in assignments:
-            cfg = apply_override(cfg, assignment)
-    cfg = apply_override(load_preset("digits-mlp"), "optimizer.basis_every=4")
-    assert cfg["optimizer"]["basis_every"] == 4
+        preset_with(*assignments)
+    assert preset_with("optimizer.basis_every=4")["optimizer"]["basis_every"] == 4
 
 
 # ---- augmentation="sync_free": CholeskyQR2 without host reads ---------------------------------------
