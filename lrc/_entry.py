@@ -4,8 +4,10 @@ command's modules are still being imported ends it with one line, not a tracebac
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
+import threading
 
 
 class Terminated(BaseException):
@@ -13,7 +15,29 @@ class Terminated(BaseException):
     that temporary files are removed, then the command exits with status 143."""
 
 
+def in_finalizer(frame) -> bool:
+    """Whether ``frame`` (where a signal handler was called) runs inside a ``__del__``: an
+    exception raised there is printed as "Exception ignored in …" with its traceback and then
+    dropped, so the signal would be lost (tqdm's bars, for one, close in ``__del__``)."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def deliver_later(signum: int, delay: float = 0.02) -> None:
+    """Send ``signum`` to this process again after ``delay`` seconds, from a daemon thread:
+    for a handler that must raise but was called inside a finalizer."""
+    timer = threading.Timer(delay, os.kill, (os.getpid(), signum))
+    timer.daemon = True
+    timer.start()
+
+
 def _on_sigterm(signum, frame) -> None:
+    if in_finalizer(frame):
+        deliver_later(signum)
+        return
     raise Terminated()
 
 

@@ -230,3 +230,40 @@ def test_compare_checks_its_arguments_before_anything_runs(tmp_path):
         with pytest.raises(PresetError, match=message):
             compare(cfg, args.pop("methods"), args.pop("seeds"), tmp_path / "cmp", **args)
         assert not (tmp_path / "cmp").exists()
+
+
+FINALIZER_SIGNAL = """
+import os, signal, sys, time
+from lrc._entry import Terminated, _on_sigterm
+from lrc.compare import _Stop, _WorkerSignals
+
+class Closing:  # like a progress bar that closes in __del__
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10000):  # the handler runs here, inside __del__
+            pass
+
+if sys.argv[1] == "worker":
+    signals, expected = _WorkerSignals(), _Stop
+    signals.install()
+    signals.armed = True
+else:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    expected = Terminated
+try:
+    Closing()
+    time.sleep(5)
+    print("lost")
+except expected:
+    print("raised")
+"""
+
+
+@pytest.mark.parametrize("handler", ["worker", "entry"])
+def test_a_signal_inside_a_finalizer_is_raised_after_it_not_printed_and_lost(handler):
+    # CI once failed on a SIGTERM that reached a compare worker inside tqdm's __del__:
+    # the handler's exception was printed as a traceback and dropped
+    proc = subprocess.run([sys.executable, "-c", FINALIZER_SIGNAL, handler], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.stdout.strip() == "raised", proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
