@@ -10,13 +10,40 @@ from torch.utils.data import DataLoader
 from .layers import FACTORIZED, LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear, TuckerConv2d
 from .surgery import compression_ratio, count_parameters
 
-__all__ = ["evaluate", "layer_ranks", "flops_per_sample", "METRICS", "classification_metrics"]
+__all__ = ["evaluate", "layer_ranks", "flops_per_sample", "METRICS", "classification_metrics", "check_model_takes"]
 
 METRICS = ("accuracy", "mcc", "f1")  # what a data set is judged by (GLUE: CoLA Matthews, QQP F1)
 
 
 def layer_ranks(model: nn.Module) -> dict[str, int]:
     return {name: m.rank for name, m in model.named_modules() if isinstance(m, FACTORIZED)}
+
+
+@torch.no_grad()
+def check_model_takes(model: nn.Module, dataset, num_classes: int, name: str,
+                      device: torch.device | str = "cpu",
+                      fix: str = "set the model's arguments to this data (e.g. model.args.in_features), "
+                                 "or use a preset made for it") -> None:
+    """Raise one ``ValueError`` line when ``model`` cannot classify ``dataset`` (a data set of
+    ``num_classes`` classes called ``name``): its forward fails on two of its samples (inputs of
+    another shape than the model's first layer takes), or it gives fewer outputs than there are
+    classes; ``fix`` ends the line. Runs the model once in eval mode on those samples, drawing no
+    random numbers."""
+    from torch.utils.data import default_collate
+
+    x = default_collate([dataset[i] for i in range(min(2, len(dataset)))])[0].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(x)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        problem = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"the model does not take the samples of {name} (each of shape {tuple(x.shape[1:])}): "
+                         f"{problem} — {fix}") from None
+    finally:
+        model.train(was_training)
+    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] < num_classes:
+        raise ValueError(f"the model gives {out.shape[1]} outputs but {name} has {num_classes} classes — {fix}")
 
 
 @torch.no_grad()

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from .data import build_data
 from .distributed import all_reduce_mean_, broadcast_
-from .evaluate import evaluate, layer_ranks
+from .evaluate import check_model_takes, evaluate, layer_ranks
 from .io import (CheckpointError, atomic_path, is_lrc_file, load_model, load_state, load_weights, read_checkpoint,
                  read_metadata, save_model, save_state)
 from .layers import FACTORIZED, TuckerConv2d
@@ -406,8 +406,14 @@ def _is_main_process() -> bool:
 def _lock_run_dir(run_dir: Path, create: bool) -> int | None:
     """Hold an exclusive lock on the run directory for the life of the run, so that a second
     ``lrc train`` into the same directory stops with a clear line instead of overwriting it."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"{run_dir} is a file; a run needs a directory: choose another --out")
     if create:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file in the way above it, no permission, a full disk
+            raise ValueError(f"cannot create the run directory {run_dir} ({e.strerror or e}); "
+                             "choose another --out") from None
     elif not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run directory to resume")
     try:
@@ -504,6 +510,9 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
     steps = tcfg["epochs"] * math.ceil(len(data.train) / batch_size)
     model, opt, arch, report, teacher = build_run(
         cfg, device, steps, calibration_batches(data.train, cfg["factorize"].get("calibration", 0)))
+    check_model_takes(model, data.test, data.num_classes, dcfg["name"], device,  # before the run directory
+                      "set the model's arguments to this data (model.args: e.g. in_features, num_classes or "
+                      "num_labels), or use a preset made for it")
     broadcast_([t.data for t in list(model.parameters()) + list(model.buffers())])  # same start everywhere
     own_averaging = isinstance(opt, LowRankOptimizer)  # else: average here for AdamW
     sampler = GlobalBatchSampler(len(data.train), tcfg["seed"], batch_size, rank, world)

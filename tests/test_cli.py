@@ -49,6 +49,31 @@ def test_evaluate_rebuilds_the_model_from_the_file_alone(run_dir):
     assert out["flops_per_sample"] == 2 * (r1 * (64 + 1024 + r1) + r3 * (1024 + 1024 + r3) + 1024 * 10)
 
 
+def test_evaluate_on_data_the_model_cannot_take_is_one_line(tmp_path):
+    lrc("factorize", "--preset", "lenet5-fashion-mnist", "--out", tmp_path / "lenet.safetensors")
+    proc = lrc("evaluate", tmp_path / "lenet.safetensors", "--data", "digits", "--no-latency", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "does not take the samples of digits" in proc.stderr
+    assert "evaluate it on data of the form it was trained on" in proc.stderr  # (a factorized file names none)
+
+
+def test_the_data_check_before_training_leaves_model_and_random_stream_as_they_were():
+    from lrc.data import build_data
+    from lrc.evaluate import check_model_takes
+
+    data = build_data("digits", None, 0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32),
+                                torch.nn.Dropout(0.5), torch.nn.Linear(32, 10))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    check_model_takes(model, data.test, data.num_classes, "digits")
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BatchNorm's statistics too
+    with pytest.raises(ValueError, match="gives 10 outputs but digits has 12 classes"):
+        check_model_takes(model, data.test, 12, "digits")
+    assert model.training
+
+
 def test_info_reads_the_file_without_data(run_dir):
     out = lrc("info", run_dir / "model.safetensors").stdout
     rank = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["ranks"]["1"]
@@ -117,6 +142,12 @@ def test_version_and_help():
      "optimizer.new_block_fraction = 2.0 must lie in [0, 1]"),
     (["train", "--set", "optimizer.mode=two_pass", "--set", "optimizer.new_block_fraction=0.5", "--out", "{tmp}/nb"],
      "does not go with optimizer.mode: two_pass"),
+    (["train", "--preset", "lenet5-fashion-mnist", "--set", "data.name=digits", "--out", "{tmp}/shape"],
+     "the model does not take the samples of digits (each of shape (1, 8, 8))"),
+    (["train", "--set", "model.args.num_classes=5", "--out", "{tmp}/shape"],
+     "the model gives 5 outputs but digits has 10 classes"),
+    (["train", "--out", "{tmp}/garbage.safetensors"], "garbage.safetensors is a file; a run needs a directory"),
+    (["train", "--out", "{tmp}/garbage.safetensors/run"], "cannot create the run directory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
@@ -127,6 +158,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     assert message.replace("{tmp}", str(tmp_path)) in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.safetensors").exists()
+    assert not (tmp_path / "shape").exists()  # a model that cannot take the data: refused before the run starts
 
 
 def test_nan_loss_stops_with_the_last_good_state(tmp_path):

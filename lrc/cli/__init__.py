@@ -383,7 +383,7 @@ def evaluate_cmd(
     Example: lrc evaluate runs/digits-mlp/model.safetensors --json
     """
     from ..data import build_data
-    from ..evaluate import evaluate
+    from ..evaluate import check_model_takes, evaluate
     from ..io import load_model
     from ..train import resolve_device
 
@@ -396,10 +396,13 @@ def evaluate_cmd(
     text = meta["summary"].get("text") if same else None  # a text data set: its tokenizer and columns
     if text and data_dir is None:
         data_dir = meta["summary"].get("data_dir")
-    _, test = build_data(name, data_dir, image_size=meta["summary"].get("image_size") if same else None,
-                         channels=meta["summary"].get("channels") if same else None,
-                         text=text, test_samples=meta["summary"].get("test_samples") if same else None
-                         ).loaders(batch_size, 0, batch_size)
+    built = build_data(name, data_dir, image_size=meta["summary"].get("image_size") if same else None,
+                       channels=meta["summary"].get("channels") if same else None,
+                       text=text, test_samples=meta["summary"].get("test_samples") if same else None)
+    check_model_takes(model, built.test, built.num_classes, name, dev,
+                      "evaluate it on data of the form it was trained on" + (f" ({meta['summary'].get('data')}: "
+                      "leave out --data)" if meta["summary"].get("data") else ""))
+    _, test = built.loaders(batch_size, 0, batch_size)
     result = evaluate(model, test, dev)
     result.update(model=str(model_path), architecture=meta["architecture"], data=name)
     sample = next(iter(test))[0]
