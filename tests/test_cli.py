@@ -148,17 +148,21 @@ def test_version_and_help():
      "the model gives 5 outputs but digits has 10 classes"),
     (["train", "--out", "{tmp}/garbage.safetensors"], "garbage.safetensors is a file; a run needs a directory"),
     (["train", "--out", "{tmp}/garbage.safetensors/run"], "cannot create the run directory"),
+    (["export", "{tmp}/garbage.safetensors", "--dense", "--out", "{tmp}/../{name}/garbage.safetensors"],
+     "is the file being read; write to another file"),
+    (["factorize", "--checkpoint", "{tmp}/garbage.pt", "--out", "{tmp}/garbage.pt"], "is the file being read"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
-    proc = lrc(*[a.replace("{tmp}", str(tmp_path)) for a in args], check=False)
+    proc = lrc(*[a.replace("{tmp}", str(tmp_path)).replace("{name}", tmp_path.name) for a in args], check=False)
     assert proc.returncode == 2, proc.stderr
     assert message.replace("{tmp}", str(tmp_path)) in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.safetensors").exists()
     assert not (tmp_path / "shape").exists()  # a model that cannot take the data: refused before the run starts
+    assert (tmp_path / "garbage.safetensors").read_bytes() == b"\x00" * 64  # never written over
 
 
 def test_nan_loss_stops_with_the_last_good_state(tmp_path):

@@ -63,6 +63,20 @@ def test_text_loader_splits_a_file_reads_a_directory_and_jsonl(tiny, tmp_path):
     assert len(split.train) == 100 and len(split.test) == 50
     with pytest.raises(ValueError, match="no column 'body'"):
         build_data("text", tiny / "tweets.csv", text={**text, "text_column": "body"})
+    (tmp_path / "rare.csv").write_text("text,sentiment\n" + "".join(f"good car,l{i}\n" for i in range(10)))
+    with pytest.raises(ValueError, match=r"rare.csv \(its held-out 20%\): labels 'l\d', 'l\d' do not occur"):
+        build_data("text", tmp_path / "rare.csv", text=text)  # every label once: the held-out two are unseen
+
+
+def test_a_text_column_given_as_the_label_is_named_in_one_short_line(tmp_path):
+    from lrc.data.text import text_data
+
+    (tmp_path / "t.csv").write_text("text,label\n" + "".join(f"tweet number {i} is {'x' * 60},1\n" for i in range(600)))
+    with pytest.raises(ValueError) as e:
+        text_data(tmp_path / "t.csv", 0, str(tmp_path), label_column="text")
+    message = str(e.value)
+    assert "and 117 more do not occur" in message and "480 distinct labels in 'text'" in message
+    assert "is it the label column (data.label_column)?" in message and len(message) < 400
 
 
 def test_adapters_from_the_cli_train_reload_evaluate_and_export_for_transformers(tiny, tmp_path):

@@ -265,6 +265,19 @@ def sweep_cmd(
                + (f", {out_dir / 'pareto.png'}" if (out_dir / "pareto.png").exists() else ""))
 
 
+def _not_the_input(out: Path | None, source: Path | str | None, option: str = "--out") -> None:
+    """Refuse to write over the file a command reads: it would be lost if anything failed, and is
+    replaced even when nothing does."""
+    if out is None or source is None:
+        return
+    try:
+        same = Path(out).exists() and Path(out).resolve() == Path(source).resolve()
+    except OSError:
+        return
+    if same:
+        raise ValueError(f"{option} {out} is the file being read; write to another file")
+
+
 def _parse_numbers(text: str, option: str, example: str) -> list[float]:
     values = []
     for item in (part.strip() for part in text.split(",")):
@@ -323,6 +336,7 @@ def factorize_cmd(
     cfg = load_preset(preset)
     for assignment in set_:
         cfg = apply_override(cfg, assignment)
+    _not_the_input(out, checkpoint if checkpoint and ":" not in checkpoint else None)
     if conv_format is not None and conv_format not in CONV_FORMATS:
         raise ValueError(f"--conv-format {conv_format!r}: choose one of {', '.join(CONV_FORMATS)}")
     cfg = _with_target_cr(cfg, target_cr)
@@ -496,6 +510,8 @@ def export_cmd(
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size}: must be ≥ 1")
     path = source / "model.safetensors" if source.is_dir() else source
+    _not_the_input(out, path)
+    _not_the_input(onnx, path, "--onnx")
     model, meta = load_model(path, trust_code=trust_code)
     example = None
     if inference or onnx is not None:

@@ -104,7 +104,12 @@ def text_data(data_dir, seed: int, tokenizer: str | None, text_column="text", la
     index = {label: i for i, label in enumerate(labels)}
     unknown = sorted({label for _, label in test_rows} - set(index))
     if unknown:
-        raise ValueError(f"{test_file}: labels {unknown[:3]} do not occur in the training data")
+        where = test_file or f"{train_file} (its held-out {test_fraction:.0%})"
+        shown = ", ".join(repr(v if len(v) <= 40 else v[:37] + "...") for v in unknown[:3])
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        hint = (f"; {len(labels)} distinct labels in {label_column!r}: is it the label column (data.label_column)?"
+                if len(labels) > 100 else "")
+        raise ValueError(f"{where}: labels {shown}{more} do not occur in the training data{hint}")
     from ..models.hf import _transformers
 
     tok_dir = resolve_path(tokenizer)
