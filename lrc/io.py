@@ -529,7 +529,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         obj = _torch_load(path)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read it as a checkpoint of tensors "
-                              f"(torch.load(weights_only=True): {_first_line(e)})") from None
+                              f"(torch.load(weights_only=True): {_load_problem(e)})") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -609,7 +609,8 @@ def load_state(path: str | Path) -> dict:
     try:
         return _torch_load(path)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot read the training state ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: cannot read the training state ({_load_problem(e)}); restore it, "
+                              "or start a new run with another --out") from None
 
 
 def _torch_load(path: Path):
@@ -618,6 +619,22 @@ def _torch_load(path: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_problem(e: BaseException) -> str:
+    """What ``torch.load(weights_only=True)`` found wrong, in a few words: torch's own message
+    for a file that is not a pickle of tensors advises loading it with ``weights_only=False``,
+    which is not what to do with a damaged file."""
+    import pickle
+
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError):
+        detail = next((ln.strip() for ln in text.split("WeightsUnpickler error:", 1)[-1].splitlines() if ln.strip()),
+                      "")
+        return ("not a file of tensors that torch.save wrote, or damaged" + (f": {detail}" if detail else ""))[:160]
+    if "central directory" in text or "zip archive" in text:
+        return "truncated or damaged: its zip archive cannot be read"
+    return _first_line(e)
 
 
 def _first_line(e: BaseException, limit: int = 160) -> str:

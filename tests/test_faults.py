@@ -105,6 +105,19 @@ def test_resume_of_an_edited_or_damaged_config_is_one_line(finished, tmp_path, e
     assert not (tmp_path / "PWNED").exists()
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: b"not a state", "not a file of tensors that torch.save wrote, or damaged"),
+    (lambda data: data[: len(data) // 2], "truncated or damaged: its zip archive cannot be read"),
+])
+def test_resume_from_a_damaged_state_says_so_without_torchs_advice(finished, tmp_path, damage, message):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "state.pt").write_bytes(damage((run / "state.pt").read_bytes()))
+    proc = lrc("train", "--resume", run, "--quiet", check=False)
+    one_line_error(proc, 2, message)
+    assert "weights_only" not in proc.stderr and "restore it, or start a new run" in proc.stderr
+
+
 def test_a_run_never_overwrites_a_model_or_a_run_in_progress(finished, tmp_path):
     exported = tmp_path / "exported"
     exported.mkdir()
