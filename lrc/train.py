@@ -510,7 +510,7 @@ def _train(cfg, run_dir, state_path, saved, rank, world, device, progress, max_s
     steps = tcfg["epochs"] * math.ceil(len(data.train) / batch_size)
     model, opt, arch, report, teacher = build_run(
         cfg, device, steps, calibration_batches(data.train, cfg["factorize"].get("calibration", 0)))
-    check_model_takes(model, data.test, data.num_classes, dcfg["name"], device,  # before the run directory
+    check_model_takes(model, data.test, data.num_classes, dcfg["name"], device,  # before any file of the run
                       "set the model's arguments to this data (model.args: e.g. in_features, num_classes or "
                       "num_labels), or use a preset made for it")
     broadcast_([t.data for t in list(model.parameters()) + list(model.buffers())])  # same start everywhere
