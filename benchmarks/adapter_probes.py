@@ -13,6 +13,11 @@ Everything after ``--`` goes to ``lrc train``.
 --adalora-fixed    PEFT AdaLoRA with ``init_r`` = ``target_r`` and its rank allocator never called:
                    its SVD-form factors (P Λ Q) and orthogonal regulariser at a fixed rank, without
                    the rank allocation
+--row-scaled-bases with ``optimizer.mode=parallel`` (matrix layers): the new directions of each
+                   augmentation come from ``G_K``, ``G_L`` with each row (an output, an input
+                   coordinate) divided by its running root mean square (β 0.999), as Adam scales
+                   each coordinate of a factor; ``G_S`` stays the gradient's projection onto the
+                   augmented bases, so only which directions enter changes
 """
 
 from __future__ import annotations
@@ -63,6 +68,44 @@ def _fix_adalora() -> None:
     hf.HFSequenceClassifier.after_step = lambda self, step: None
 
 
+def _row_scaled(G, v):
+    """``G`` with each row divided by its running root mean square ``√v``."""
+    return G / (v.sqrt() + 1e-8 * v.max().sqrt() + 1e-30)[:, None]
+
+
+def _row_scaled_bases() -> None:
+    from lrc.linalg import augment_basis
+    from lrc.optim.base import LowRankOptimizer
+
+    def parallel_grads(self) -> dict:
+        out = {}
+        scales = self.__dict__.setdefault("_row_scales", {})  # per layer: (output rows, input rows)
+        for layer in self._layers.values():
+            U, _, V = layer.factor_parameters()
+            if U.grad is None or V.grad is None:
+                continue
+            if layer.rank_mask is not None or U.dim() != 2:
+                raise SystemExit("--row-scaled-bases: matrix layers without a capacity only")
+            G_K, G_L = U.grad, V.grad
+            v_out, v_in = scales.get(layer, (torch.zeros_like(G_K[:, 0]), torch.zeros_like(G_L[:, 0])))
+            v_out = 0.999 * v_out + 0.001 * G_K.pow(2).mean(1)
+            v_in = 0.999 * v_in + 0.001 * G_L.pow(2).mean(1)
+            scales[layer] = (v_out, v_in)
+            D_K, D_L = _row_scaled(G_K, v_out), _row_scaled(G_L, v_in)
+            Ut = augment_basis(U.detach(), D_K, U.mT @ D_K, layer.sync_free_augmentation)
+            Vt = augment_basis(V.detach(), D_L, V.mT @ D_L, layer.sync_free_augmentation)
+            r, a, b = U.shape[1], Ut.shape[1], Vt.shape[1]
+            G_S = G_K.new_zeros(r + a, r + b)
+            G_S[:r, :r] = U.mT @ G_K  # Uᵀ∇W V
+            G_S[r:, :r] = Ut.mT @ G_K  # Ũᵀ∇W V
+            G_S[:r, r:] = (Vt.mT @ G_L).mT  # Uᵀ∇W Ṽ
+            out[layer] = (Ut, Vt, G_S)
+        self._fill_new_blocks(out)  # Ũᵀ∇W Ṽ from the kept rows (optimizer.new_block_fraction)
+        return out
+
+    LowRankOptimizer._parallel_grads = parallel_grads
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
@@ -70,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--head-lr-scale", type=float, default=None)
     parser.add_argument("--adalora-fixed", action="store_true")
+    parser.add_argument("--row-scaled-bases", action="store_true")
     args = parser.parse_args(argv[:split])
     if args.head_lr_scale is not None:
         if not args.head_lr_scale > 0:
@@ -77,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         _scale_head_lr(args.head_lr_scale)
     if args.adalora_fixed:
         _fix_adalora()
+    if args.row_scaled_bases:
+        _row_scaled_bases()
     from lrc.cli import main as lrc_main
 
     sys.argv = ["lrc", "train", *argv[split + 1:]]

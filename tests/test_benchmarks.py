@@ -27,3 +27,33 @@ def test_head_lr_scale_gives_the_non_factor_parameters_their_own_learning_rate(m
 def test_adapter_probes_refuses_a_scale_that_is_not_positive():
     with pytest.raises(SystemExit):
         adapter_probes.main(["--head-lr-scale", "0", "--", "--epochs", "1"])
+
+
+def test_row_scaled_bases_with_equal_scales_is_the_products_parallel_step(monkeypatch):
+    import copy
+
+    from lrc import LowRankAdam, factorize
+    from lrc.optim.base import LowRankOptimizer
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.ReLU(), torch.nn.Linear(30, 30), torch.nn.ReLU(),
+                               torch.nn.Linear(30, 5)).double()
+    factorize(base, rank=4)
+    x, y = torch.randn(64, 20, dtype=torch.float64), torch.randint(0, 5, (64,))
+
+    def train():
+        model = copy.deepcopy(base)
+        opt = LowRankAdam(model, lr=1e-2, tau=0.1, mode="parallel", new_block_fraction=1.0)
+        for _ in range(5):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return list(model.parameters())
+
+    reference = train()
+    monkeypatch.setattr(LowRankOptimizer, "_parallel_grads", LowRankOptimizer._parallel_grads)
+    monkeypatch.setattr(adapter_probes, "_row_scaled", lambda G, v: G)
+    adapter_probes._row_scaled_bases()
+    probed = train()
+    assert [p.shape for p in probed] == [p.shape for p in reference]
+    assert max((p - q).abs().max().item() for p, q in zip(probed, reference)) < 1e-9
