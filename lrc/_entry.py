@@ -59,8 +59,18 @@ def signals_noted():
         raise KeyboardInterrupt if received[0] == signal.SIGINT else Terminated()
 
 
+def _on_sigint(signum, frame) -> None:
+    """Python's own SIGINT handler, except inside a finalizer (see :func:`in_finalizer`)."""
+    if in_finalizer(frame):
+        deliver_later(signum)
+        return
+    signal.default_int_handler(signum, frame)
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored (nohup, &)
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         from .cli import main as cli_main
     except KeyboardInterrupt:

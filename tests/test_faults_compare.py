@@ -234,12 +234,14 @@ def test_compare_checks_its_arguments_before_anything_runs(tmp_path):
 
 FINALIZER_SIGNAL = """
 import os, signal, sys, time
-from lrc._entry import Terminated, _on_sigterm
+from lrc._entry import Terminated, _on_sigint, _on_sigterm
 from lrc.compare import _Stop, _WorkerSignals
+
+SIG = signal.SIGINT if sys.argv[1] == "sigint" else signal.SIGTERM
 
 class Closing:  # like a progress bar that closes in __del__
     def __del__(self):
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), SIG)
         for _ in range(10000):  # the handler runs here, inside __del__
             pass
 
@@ -247,6 +249,9 @@ if sys.argv[1] == "worker":
     signals, expected = _WorkerSignals(), _Stop
     signals.install()
     signals.armed = True
+elif sys.argv[1] == "sigint":
+    signal.signal(signal.SIGINT, _on_sigint)
+    expected = KeyboardInterrupt
 else:
     signal.signal(signal.SIGTERM, _on_sigterm)
     expected = Terminated
@@ -259,7 +264,7 @@ except expected:
 """
 
 
-@pytest.mark.parametrize("handler", ["worker", "entry"])
+@pytest.mark.parametrize("handler", ["worker", "entry", "sigint"])
 def test_a_signal_inside_a_finalizer_is_raised_after_it_not_printed_and_lost(handler):
     # CI once failed on a SIGTERM that reached a compare worker inside tqdm's __del__:
     # the handler's exception was printed as a traceback and dropped
