@@ -197,6 +197,8 @@ def factorize(model: nn.Module, rank: int | None = None, tau: float | None = Non
     Layers whose factorization would not save parameters are kept dense (unless
     ``adapter``); the report says which and why.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"factorize takes the model (an nn.Module), got {type(model).__name__}")
     if rank is None and tau is None and not ranks and target_cr is None:
         raise ValueError("factorize needs a rank, a tolerance tau, or both (or a target_cr)")
     if target_cr is not None:

@@ -393,6 +393,17 @@ def test_bad_hyperparameters_name_the_argument(cls, kwargs, name):
         cls(model, **kwargs)
 
 
+@pytest.mark.parametrize("mode", ["fused", "parallel"])
+def test_a_nan_gradient_is_named_as_such_not_as_a_failed_svd(mode):
+    model, x, y = mlp()
+    opt = LowRankAdam(model, lr=1e-3, tau=0.1, mode=mode)
+    x = x.clone()
+    x[0, 0] = float("nan")
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(FloatingPointError, match="a gradient holds NaN or inf"):
+        opt.step()
+
+
 def test_float32_and_conv_layers_train():
     torch.manual_seed(0)
     model = nn.Sequential(LowRankConv2d(3, 8, 3, rank=3, padding=1), nn.ReLU(), nn.Flatten(),

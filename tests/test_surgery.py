@@ -76,6 +76,8 @@ def test_compression_ratio_is_exact():
 def test_factorize_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         factorize(SmallNet(), **kwargs)
+    with pytest.raises(TypeError, match="takes the model"):
+        factorize(list(SmallNet().parameters()), rank=2)
 
 
 def test_factorize_by_tau_picks_rank_per_layer():

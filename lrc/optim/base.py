@@ -312,7 +312,22 @@ class LowRankOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None):
         """One step. ``closure`` (re-evaluates the model, returns the loss) is required in
-        ``mode="two_pass"``, which calls it twice; otherwise it is optional."""
+        ``mode="two_pass"``, which calls it twice; otherwise it is optional. A non-finite
+        gradient that makes a factorization fail raises ``FloatingPointError`` saying so."""
+        try:
+            return self._step(closure)
+        except torch.linalg.LinAlgError as e:
+            # only on this path: a finiteness check on every step would wait for the device
+            if any(not torch.isfinite(p.grad).all() for group in self.param_groups for p in group["params"]
+                   if p.grad is not None):
+                raise FloatingPointError(
+                    f"{type(self).__name__}.step(): a gradient holds NaN or inf (the loss was not finite?), so "
+                    f"a factorization failed ({str(e).splitlines()[0][:120]}); the parameters may hold "
+                    "non-finite values now: restore them from a checkpoint, and skip steps whose loss is not "
+                    "finite (torch.amp.GradScaler does)") from None
+            raise
+
+    def _step(self, closure: Callable[[], Tensor] | None):
         loss = None
         self.bytes_communicated = 0
         phase = self.param_groups[0].get("phase", 0) % self._cycle
