@@ -50,7 +50,7 @@ import yaml
 
 from ._entry import deliver_later, in_finalizer
 from .io import CheckpointError, is_lrc_file, read_checkpoint, read_metadata
-from .presets import DEFAULTS, METHODS, PresetError
+from .presets import DEFAULTS, METHODS, PresetError, for_method
 from .train import TrainingStopped, train
 
 __all__ = ["RunFailed", "check_arguments", "compare", "dense_checkpoint", "lr_name", "run_name"]
@@ -255,8 +255,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _run_config(cfg: dict, method: str, seed: int, out_dir: Path, lr: float | None = None) -> dict:
-    run_cfg = copy.deepcopy(cfg)
-    run_cfg["optimizer"]["method"] = method
+    run_cfg = for_method(cfg, method)  # with the preset's settings for that method (a grid's lr wins)
     run_cfg["train"]["seed"] = seed
     if lr is not None:
         run_cfg["optimizer"]["lr"] = float(lr)

@@ -21,7 +21,7 @@ from .optim.adam import COEFFICIENT_METRICS, LR_SCALINGS, NEW_MOMENTS
 from .optim.base import AUGMENTATIONS, MODES, SVD_BATCHINGS, TRUNCATIONS
 
 __all__ = ["DEFAULTS", "PresetError", "PRESET_DIR", "list_presets", "load_preset", "resolve_config",
-           "apply_override"]
+           "apply_override", "for_method"]
 
 def _preset_dir() -> Path:
     """presets/ of a source checkout (editable installs), else the copy a wheel carries."""
@@ -140,6 +140,8 @@ def resolve_config(data: dict, source: str = "config") -> dict:
     """Merge ``data`` over :data:`DEFAULTS` and validate every key and value."""
     if not isinstance(data, dict):
         raise PresetError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    data = dict(data)
+    methods = data.pop("methods", None)
     cfg = copy.deepcopy(DEFAULTS)
     for section, values in data.items():
         if section not in cfg:
@@ -149,7 +151,49 @@ def resolve_config(data: dict, source: str = "config") -> dict:
         for key, value in values.items():
             _set_checked(cfg, section, key, value, source)
     validate(cfg, source)
+    if methods is not None:
+        cfg["methods"] = _checked_methods(cfg, methods, source)
     return cfg
+
+
+def _checked_methods(cfg: dict, methods: Any, source: str) -> dict:
+    """A preset's ``methods:`` section — ``{method: {"section.key": value}}``, what each method
+    changes (its own learning rate, say) — checked as ``--set`` would check each value."""
+    if not isinstance(methods, dict):
+        raise PresetError(f"{source}: methods must map a method to its settings, e.g. "
+                          "methods: {peft-lora: {optimizer.lr: 1.0e-3}}")
+    out = {}
+    for method, settings in methods.items():
+        if method not in METHODS:
+            raise PresetError(f"{source}: methods.{method}: not a method ({', '.join(METHODS)})")
+        if not isinstance(settings, dict):
+            raise PresetError(f"{source}: methods.{method} must map section.key to a value, e.g. optimizer.lr: 1.0e-3")
+        probe = copy.deepcopy(cfg)
+        probe["optimizer"]["method"] = method
+        for dotted, value in settings.items():
+            parts = str(dotted).split(".")
+            if len(parts) != 2 or dotted == "optimizer.method":
+                raise PresetError(f"{source}: methods.{method}.{dotted}: a section.key (not optimizer.method), "
+                                  "e.g. optimizer.lr")
+            _set_checked(probe, parts[0], parts[1], value, f"{source}: methods.{method}")
+        validate(probe, f"{source}: methods.{method}")
+        out[method] = dict(settings)
+    return out
+
+
+def for_method(cfg: dict, method: str) -> dict:
+    """``cfg`` for one ``method``: ``optimizer.method`` set and the settings its preset names for
+    it under ``methods`` applied — except the keys listed in ``cfg["_user_keys"]`` (what the user
+    set on the command line wins). The result has neither of those two entries."""
+    out = copy.deepcopy(cfg)
+    methods, user = out.pop("methods", None) or {}, set(out.pop("_user_keys", ()))
+    out["optimizer"]["method"] = method
+    for dotted, value in methods.get(method, {}).items():
+        if dotted not in user:
+            section, key = dotted.split(".")
+            _set_checked(out, section, key, value, f"methods.{method}")
+    validate(out, f"methods.{method}")
+    return out
 
 
 def apply_override(cfg: dict, assignment: str, source: str | None = None) -> dict:

@@ -380,7 +380,12 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False, progress: bool =
     """Run (or resume) the configured training in ``run_dir``; ``max_steps`` stops early
     with a saved state, as an interrupt would (for tests). ``changes`` (resume only):
     ``{"train.epochs": 20, …}``, keys of :data:`RESUMABLE_CHANGES`. Under torchrun, every
-    process runs this; rank 0 alone writes files."""
+    process runs this; rank 0 alone writes files. A preset's ``methods`` settings for the
+    configured method are applied here (:func:`lrc.presets.for_method`)."""
+    if not resume and ("methods" in cfg or "_user_keys" in cfg):
+        from .presets import for_method
+
+        cfg = for_method(cfg, cfg["optimizer"]["method"])
     run_dir = Path(run_dir)
     state_path = run_dir / "state.pt"
     created = not run_dir.exists()

@@ -229,3 +229,31 @@ def test_the_allocation_rule_of_an_older_run_matters_only_under_a_budget(tmp_pat
     with pytest.raises(ValueError, match='factorize.allocation = "per-parameter", this compare asks for '
                                          'factorize.allocation = "relative"'):
         check_same_config(cfg, run)
+
+
+def test_a_presets_methods_section_reaches_compare_and_train_and_a_users_setting_wins(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("factorize: {rank: 4}\noptimizer: {lr: 2.0e-3}\n"
+                      "model: {args: {in_features: 64, hidden: [32, 32]}}\n"
+                      "methods: {dense: {optimizer.lr: 5.0e-4, train.schedule: constant}}\n")
+
+    def run_lr(run_dir):
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert "methods" not in cfg and "_user_keys" not in cfg
+        return cfg["optimizer"]["lr"], cfg["train"]["schedule"]
+
+    out = tmp_path / "cmp"
+    lrc("compare", "--preset", preset, "--methods", "dense,lowrank-adam", "--seeds", "1", "--epochs", "1", "--quiet",
+        "--out", out)
+    assert run_lr(out / "runs" / "dense-s0") == (5e-4, "constant")
+    assert run_lr(out / "runs" / "lowrank-adam-s0") == (2e-3, "cosine")
+    lrc("compare", "--preset", preset, "--methods", "dense,lowrank-adam", "--seeds", "1", "--epochs", "1", "--quiet",
+        "--out", out)  # the same settings: the runs are reused, not refused as changed
+    lrc("train", "--preset", preset, "--method", "dense", "--epochs", "1", "--quiet", "--out", tmp_path / "t1")
+    assert run_lr(tmp_path / "t1") == (5e-4, "constant")
+    lrc("train", "--preset", preset, "--method", "dense", "--lr", "1e-3", "--set", "train.schedule=cosine",
+        "--epochs", "1", "--quiet", "--out", tmp_path / "t2")
+    assert run_lr(tmp_path / "t2") == (1e-3, "cosine")
+    lrc("compare", "--preset", preset, "--methods", "dense", "--seeds", "1", "--epochs", "1", "--quiet",
+        "--lrs", "1e-2", "--out", tmp_path / "grid")  # a grid's lr wins over the section
+    assert run_lr(tmp_path / "grid" / "runs" / "dense-lr1e-2-s0") == (1e-2, "constant")

@@ -8,13 +8,14 @@ from lrc import LowRankAdam, compression_ratio, factorize
 from lrc.data import DATASETS
 from lrc.io import head_name
 from lrc.models import build_model
-from lrc.presets import DEFAULTS, PRESET_DIR, PresetError, apply_override, list_presets, load_preset, resolve_config
+from lrc.presets import (DEFAULTS, PRESET_DIR, PresetError, apply_override, for_method, list_presets, load_preset,
+                         resolve_config)
 
 
 @pytest.mark.parametrize("name", sorted(list_presets()))
 def test_every_shipped_preset_loads_and_shows_its_command(name):
     cfg = load_preset(name)
-    assert set(cfg) == set(DEFAULTS)
+    assert set(cfg) - {"methods"} == set(DEFAULTS)
     first = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0]
     assert first.startswith(f"# lrc train --preset {name}")
     assert list_presets()[name]
@@ -172,3 +173,31 @@ def test_ucm_transforms_are_the_papers():
             assert tuple(tf.transforms[0].size) == (size, size)
             assert tuple(tf.transforms[-1].mean) == (0.485, 0.456, 0.406)
             assert tuple(tf.transforms[-1].std) == (0.229, 0.224, 0.225)
+
+
+def test_a_methods_section_gives_each_method_its_settings_and_the_user_wins():
+    cfg = resolve_config({"optimizer": {"lr": 3e-3}, "factorize": {"rank": 4},
+                          "methods": {"dense": {"optimizer.lr": 1e-4, "train.warmup_epochs": 0.5}}})
+    dense = for_method(cfg, "dense")
+    assert (dense["optimizer"]["method"], dense["optimizer"]["lr"], dense["train"]["warmup_epochs"]) == (
+        "dense", 1e-4, 0.5)
+    assert "methods" not in dense and for_method(cfg, "lowrank-adam")["optimizer"]["lr"] == 3e-3
+    mine = for_method({**cfg, "_user_keys": ["optimizer.lr"]}, "dense")  # --lr or --set optimizer.lr
+    assert mine["optimizer"]["lr"] == 3e-3 and mine["train"]["warmup_epochs"] == 0.5 and "_user_keys" not in mine
+    assert for_method(load_preset("minilm-tweets"), "peft-adalora")["optimizer"]["lr"] == 1e-2
+
+
+@pytest.mark.parametrize("methods, message", [
+    ({"nosuch": {"optimizer.lr": 1e-3}}, "methods.nosuch: not a method"),
+    ({"dense": {"optimizer.lr": "fast"}}, "optimizer.lr = 'fast' has the wrong type"),
+    ({"dense": {"optimizer.bogus": 1}}, "unknown key optimizer.bogus"),
+    ({"dense": {"optimizer.method": "lora"}}, "not optimizer.method"),
+    ({"dense": {"lr": 1e-3}}, "a section.key"),
+    ({"dense": 1e-3}, "must map section.key to a value"),
+    ([1], "methods must map a method to its settings"),
+    ({"dense": {"optimizer.tau": 2.0}}, "optimizer.tau = 2.0 must lie in (0, 1)"),
+])
+def test_a_bad_methods_section_is_one_clear_line(methods, message):
+    with pytest.raises(PresetError) as e:
+        resolve_config({"factorize": {"rank": 4}, "methods": methods}, source="p.yaml")
+    assert message in str(e.value) and str(e.value).startswith("p.yaml") and "\n" not in str(e.value)

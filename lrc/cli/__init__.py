@@ -144,13 +144,14 @@ def train_cmd(
     else:
         preset = preset or "digits-mlp"
         cfg = load_preset(preset)
-        for option, key, value in (("--epochs", "train.epochs", epochs), ("--lr", "optimizer.lr", lr),
-                                   ("--tau", "optimizer.tau", tau), ("--method", "optimizer.method", method),
-                                   ("--device", "train.device", device), ("--seed", "train.seed", seed),
-                                   ("--data-dir", "data.data_dir", str(data_dir) if data_dir else None),
-                                   ("--match-cr", "factorize.match_cr", str(match_cr) if match_cr else None),
-                                   ("--conv-format", "factorize.conv_format", conv_format),
-                                   ("--checkpoint", "model.checkpoint", str(checkpoint) if checkpoint else None)):
+        flags = (("--epochs", "train.epochs", epochs), ("--lr", "optimizer.lr", lr),
+                 ("--tau", "optimizer.tau", tau), ("--method", "optimizer.method", method),
+                 ("--device", "train.device", device), ("--seed", "train.seed", seed),
+                 ("--data-dir", "data.data_dir", str(data_dir) if data_dir else None),
+                 ("--match-cr", "factorize.match_cr", str(match_cr) if match_cr else None),
+                 ("--conv-format", "factorize.conv_format", conv_format),
+                 ("--checkpoint", "model.checkpoint", str(checkpoint) if checkpoint else None))
+        for option, key, value in flags:
             if value is not None:
                 cfg = apply_override(cfg, f"{key}={json.dumps(value)}", f"{option} {value}")
         for assignment in set_:
@@ -158,6 +159,7 @@ def train_cmd(
         cfg = _with_target_cr(cfg, target_cr)
         if tau is not None and cfg["factorize"]["tau"] is None and cfg["factorize"]["rank"] is None:
             cfg = apply_override(cfg, f"factorize.tau={tau}")
+        cfg["_user_keys"] = _user_keys(set_, {key: value for _, key, value in flags})
         cfg["_preset"] = Path(preset).stem
         result = train(cfg, out or Path("runs") / Path(preset).stem, progress=not quiet)
     m = result.metrics
@@ -205,6 +207,7 @@ def compare_cmd(
     for assignment in set_:
         cfg = apply_override(cfg, assignment)
     cfg = _with_target_cr(cfg, target_cr)
+    cfg["_user_keys"] = _user_keys(set_, {"train.epochs": epochs, "data.data_dir": data_dir})
     if seeds < 1:
         raise ValueError("--seeds must be ≥ 1")
     out_dir = out or Path("runs") / f"compare-{Path(preset).stem}"
@@ -263,6 +266,13 @@ def sweep_cmd(
     typer.echo((out_dir / "sweep.md").read_text())
     typer.echo(f"wrote {out_dir / 'sweep.md'}, {out_dir / 'sweep.csv'}"
                + (f", {out_dir / 'pareto.png'}" if (out_dir / "pareto.png").exists() else ""))
+
+
+def _user_keys(assignments: list[str], flags: dict) -> list[str]:
+    """The ``section.key`` names the user set (``--set`` and the flags that set a preset field that
+    a preset's ``methods`` section may also set): they win over that section."""
+    keys = [a.split("=", 1)[0].strip() for a in assignments if "=" in a]
+    return keys + [key for key, value in flags.items() if value is not None]
 
 
 def _not_the_input(out: Path | None, source: Path | str | None, option: str = "--out") -> None:
