@@ -18,7 +18,7 @@ import statistics
 from pathlib import Path
 
 from .compare import _history, _Pool, _train_here, check_same_config, dense_checkpoint, runs_to_do
-from .presets import PresetError, with_target_cr
+from .presets import PresetError, for_method, with_target_cr
 
 __all__ = ["sweep", "pareto_front", "KNOBS"]
 
@@ -30,7 +30,7 @@ def _value_name(knob: str, value: float) -> str:
 
 
 def _run_config(cfg: dict, knob: str, value: float, seed: int) -> dict:
-    run_cfg = copy.deepcopy(cfg)
+    run_cfg = for_method(cfg, cfg["optimizer"]["method"])  # the preset's methods section, if any
     if knob == "tau":
         run_cfg["optimizer"]["tau"] = float(value)
     else:

@@ -257,3 +257,17 @@ def test_a_presets_methods_section_reaches_compare_and_train_and_a_users_setting
     lrc("compare", "--preset", preset, "--methods", "dense", "--seeds", "1", "--epochs", "1", "--quiet",
         "--lrs", "1e-2", "--out", tmp_path / "grid")  # a grid's lr wins over the section
     assert run_lr(tmp_path / "grid" / "runs" / "dense-lr1e-2-s0") == (1e-2, "constant")
+
+
+def test_sweep_applies_the_methods_section_and_reuses_its_runs(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("factorize: {rank: 4}\noptimizer: {lr: 2.0e-3}\n"
+                      "model: {args: {in_features: 64, hidden: [32, 32]}}\n"
+                      "methods: {lowrank-adam: {optimizer.lr: 5.0e-4}}\n")
+    args = ("sweep", "--preset", preset, "--taus", "0.1", "--seeds", "1", "--epochs", "1", "--quiet", "--out",
+            tmp_path / "sw")
+    lrc(*args)
+    (run_dir,) = [d for d in (tmp_path / "sw" / "runs").iterdir() if d.is_dir()]
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["optimizer"]["lr"] == 5e-4 and "methods" not in cfg
+    lrc(*args)  # the same settings: reused, not refused as changed

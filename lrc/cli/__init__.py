@@ -257,6 +257,7 @@ def sweep_cmd(
             cfg = apply_override(cfg, f"{key}={json.dumps(value)}", f"{option} {value}")
     for assignment in set_:
         cfg = apply_override(cfg, assignment)
+    cfg["_user_keys"] = _user_keys(set_, {"train.epochs": epochs, "data.data_dir": data_dir})
     if seeds < 1:
         raise ValueError("--seeds must be ≥ 1")
     out_dir = out or Path("runs") / f"sweep-{Path(preset).stem}"
