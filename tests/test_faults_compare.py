@@ -24,7 +24,10 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="re
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ENV.pop("LRC_DEBUG", None)
 # three runs of a few seconds each for two workers: one is queued while two train
-SLOW = ("--methods", "dense", "--seeds", "3", "--epochs", "30", "--jobs", "2", "--quiet",
+# an epoch takes ~0.04 s: a run must outlast the second worker's start-up (spawn, import torch: seconds on a
+# loaded machine) by far, or the first run can end about when the signal comes (CI failed twice on that)
+EPOCHS = 250
+SLOW = ("--methods", "dense", "--seeds", "3", "--epochs", str(EPOCHS), "--jobs", "2", "--quiet",
         "--set", "model.args.hidden=[256,256]")
 LOG = (": training", ": resuming", ": done already")
 
@@ -88,6 +91,8 @@ def wait_for_two_workers(proc, out):
         if len(workers) == 2 and len(runs) >= 2 and trained:
             assert len(runs) == 2, runs  # the third is queued
             assert not list((out / "runs").glob("*/model.safetensors")), "a run ended before the signal: make SLOW slower"
+            done = max(len((out / "runs" / r / "metrics.jsonl").read_text().splitlines()) for r in runs)
+            assert done < EPOCHS // 2, f"a run was at epoch {done} of {EPOCHS} already: make SLOW slower"
             return runs, kids
         time.sleep(0.05)
     raise AssertionError("two workers never trained at once")
