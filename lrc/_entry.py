@@ -15,30 +15,25 @@ class Terminated(BaseException):
     that temporary files are removed, then the command exits with status 143."""
 
 
-def in_finalizer(frame) -> bool:
-    """Whether ``frame`` (where a signal handler was called) runs inside a ``__del__``: an
-    exception raised there is printed as "Exception ignored in …" with its traceback and then
-    dropped, so the signal would be lost (tqdm's bars, for one, close in ``__del__``)."""
-    while frame is not None:
-        if frame.f_code.co_name == "__del__":
-            return True
+def deferred_past_finalizer(signum: int, frame, delay: float = 0.02) -> bool:
+    """For a handler that must raise: whether it was called inside a ``__del__`` (``frame`` and
+    its callers), where an exception is printed as "Exception ignored in …" with its traceback
+    and dropped, so the signal would be lost (tqdm's bars, for one, close in ``__del__``). If so,
+    ``signum`` is sent to this process again after ``delay`` seconds, from a daemon thread, and
+    the handler should return without raising."""
+    while frame is not None and frame.f_code.co_name != "__del__":
         frame = frame.f_back
-    return False
-
-
-def deliver_later(signum: int, delay: float = 0.02) -> None:
-    """Send ``signum`` to this process again after ``delay`` seconds, from a daemon thread:
-    for a handler that must raise but was called inside a finalizer."""
+    if frame is None:
+        return False
     timer = threading.Timer(delay, os.kill, (os.getpid(), signum))
     timer.daemon = True
     timer.start()
+    return True
 
 
 def _on_sigterm(signum, frame) -> None:
-    if in_finalizer(frame):
-        deliver_later(signum)
-        return
-    raise Terminated()
+    if not deferred_past_finalizer(signum, frame):
+        raise Terminated()
 
 
 @contextlib.contextmanager
@@ -60,11 +55,9 @@ def signals_noted():
 
 
 def _on_sigint(signum, frame) -> None:
-    """Python's own SIGINT handler, except inside a finalizer (see :func:`in_finalizer`)."""
-    if in_finalizer(frame):
-        deliver_later(signum)
-        return
-    signal.default_int_handler(signum, frame)
+    """Python's own SIGINT handler, except inside a finalizer (see :func:`deferred_past_finalizer`)."""
+    if not deferred_past_finalizer(signum, frame):
+        signal.default_int_handler(signum, frame)
 
 
 def main() -> None:

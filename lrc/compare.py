@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ._entry import deliver_later, in_finalizer
+from ._entry import deferred_past_finalizer
 from .io import CheckpointError, is_lrc_file, read_checkpoint, read_metadata
 from .presets import DEFAULTS, METHODS, PresetError, for_method
 from .train import TrainingStopped, train
@@ -535,9 +535,8 @@ class _WorkerSignals:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is None and self.armed and in_finalizer(frame):
-            deliver_later(signum)  # raised here it would be printed and dropped
-            return
+        if self.signum is None and self.armed and deferred_past_finalizer(signum, frame):
+            return  # raised here it would be printed and dropped
         first = self.signum is None
         self.signum = self.signum or signum
         if first and self.armed:
